@@ -1,0 +1,223 @@
+"""The `tuneplex` command line.
+
+`backends`, `schema` and `validate` stay on a fast path: no torch, transformers or training
+library is imported. Every input problem is printed as `where: what` lines, exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from tuneplex import __version__
+from tuneplex.errors import EXIT_USAGE, EnvironmentNotReady, TuneplexError
+
+app = typer.Typer(
+    name="tuneplex",
+    help="Fine-tune large language models from one strict job file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DEFAULT_BACKEND = "automodel"
+
+BackendOpt = Annotated[
+    str, typer.Option("--backend", "-b", help="Backend that runs the job (see `tuneplex backends`).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a job key: --set training.lora.rank=32 (value parsed as YAML). Repeatable.",
+    ),
+]
+JobArg = Annotated[Path, typer.Argument(help="Job file (.yaml, .yml or .json).")]
+
+
+def _reported(fn):
+    """Print a TuneplexError as its lines on stderr and exit with its code; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TuneplexError as exc:
+            for line in exc.lines():
+                typer.echo(line, err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tuneplex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Fine-tune large language models from one strict job file."""
+
+
+@app.command("backends")
+@_reported
+def backends_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the installed backends, their versions and whether this machine can run them."""
+    from tuneplex.plugins import registry
+
+    reg = registry()
+    rows = []
+    for name in sorted(reg.backends):
+        item = reg.backends[name]
+        status = item.backend.check_environment()
+        rows.append(
+            {
+                "name": name,
+                "distribution": item.distribution,
+                "version": item.version,
+                "description": item.backend.description,
+                "ready": status.ready,
+                "environment": status.detail,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps({"backends": rows, "plugin_failures": reg.failures}, indent=2))
+        return
+    if not rows:
+        typer.echo("no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'")
+        return
+    for row in rows:
+        typer.echo(f"{row['name']}  ({row['distribution']} {row['version']})")
+        typer.echo(f"  {row['description']}")
+        typer.echo(f"  {'ready' if row['ready'] else 'not ready'}: {row['environment']}")
+
+
+class SchemaFormat(str, Enum):
+    json = "json"
+    yaml = "yaml"
+
+
+@app.command("schema")
+@_reported
+def schema_cmd(
+    backend: Annotated[str, typer.Argument(help="Backend whose job schema to print.")],
+    fmt: Annotated[
+        SchemaFormat,
+        typer.Option("--format", "-f", help="json: JSON Schema; yaml: a commented job template."),
+    ] = SchemaFormat.json,
+) -> None:
+    """Print a backend's live job schema (JSON Schema) or a YAML job template with every default."""
+    from tuneplex.plugins import registry
+
+    schema = registry().get(backend).backend.job_schema
+    if fmt is SchemaFormat.json:
+        typer.echo(json.dumps(schema.model_json_schema(), indent=2))
+    else:
+        from tuneplex.schema.template import yaml_template
+
+        typer.echo(yaml_template(schema, backend=backend), nl=False)
+
+
+def _load(job: Path, backend: str, sets: list[str] | None):
+    from tuneplex.config_io import load_job
+    from tuneplex.plugins import registry
+
+    installed = registry().get(backend)
+    return installed, load_job(installed.backend.job_schema, job, sets or ())
+
+
+@app.command("validate")
+@_reported
+def validate_cmd(
+    job: JobArg,
+    backend: BackendOpt = DEFAULT_BACKEND,
+    sets: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check a job without running it; print the resolved job and the values derived from it."""
+    installed, parsed = _load(job, backend, sets)
+    resolved = parsed.to_public_dict()
+    derived = dict(installed.backend.derived(parsed))
+    if as_json:
+        typer.echo(json.dumps({"backend": backend, "job": resolved, "derived": derived}, indent=2))
+        return
+    import yaml
+
+    typer.echo(f"# {job}: valid {backend} job")
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None).rstrip())
+    typer.echo("# derived")
+    typer.echo(yaml.safe_dump({"derived": derived}, sort_keys=False).rstrip())
+
+
+@app.command("train")
+@_reported
+def train_cmd(
+    job: JobArg,
+    backend: BackendOpt = DEFAULT_BACKEND,
+    sets: SetOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Run directory (default: the job's output.dir)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in the output directory.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run in the output directory.")
+    ] = False,
+) -> None:
+    """Validate a job, check this machine can run it, and train."""
+    from tuneplex.runs import prepare_run_dir, resolve_run_dir
+
+    installed, parsed = _load(job, backend, sets)
+    status = installed.backend.check_environment()
+    if not status.ready:
+        raise EnvironmentNotReady(f"{backend}: {status.detail}")
+    run_dir = resolve_run_dir(flag=output, job_output_dir=parsed.output.dir, job_path=job)
+    resuming = prepare_run_dir(
+        run_dir, job=parsed.to_public_dict(), resume=resume, overwrite=overwrite
+    )
+    installed.backend.train(parsed, run_dir, resume=resuming)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Usage errors are one line, exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="tuneplex", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "tuneplex"
+        hint = exc.format_message().replace("\n", " ")
+        typer.echo(f"{where}: {hint} (see --help)", err=True)
+        return EXIT_USAGE
+    except click.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except TuneplexError as exc:  # raised outside a command, e.g. while loading plugins
+        for line in exc.lines():
+            typer.echo(line, err=True)
+        return exc.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""Job schemas shared by every backend: the strict base model and the common sections."""
+
+from tuneplex.schema.base import JobSchema, StrictModel
+from tuneplex.schema.common import IntegrationsConfig, MlflowConfig, WandbConfig
+
+__all__ = ["IntegrationsConfig", "JobSchema", "MlflowConfig", "StrictModel", "WandbConfig"]

@@ -1,0 +1,45 @@
+"""The strict, frozen pydantic base every job section derives from."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, get_args
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Rejects unknown keys, never coerces types ("16" is not an int), and is immutable.
+
+    Strict mode matches what the printed JSON Schema accepts, so a job that passes
+    `jsonschema` passes here and the other way round.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        validate_default=True,
+        use_attribute_docstrings=False,
+        populate_by_name=False,
+    )
+
+
+class JobSchema(StrictModel):
+    """Root of a backend's job. `backend_name` ties the schema to its backend for messages."""
+
+    backend_name: ClassVar[str] = ""
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The resolved job as plain JSON data, with secrets masked (for job.json and printing)."""
+        return self.model_dump(mode="json")
+
+
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`, `list[X]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = model_in(arg)
+        if found is not None:
+            return found
+    return None

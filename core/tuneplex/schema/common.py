@@ -1,0 +1,76 @@
+"""Sections with the same meaning in every backend: experiment tracking."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
+from tuneplex.schema.base import StrictModel
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases logging. The API key is read from WANDB_API_KEY unless set here."""
+
+    project: str = Field(min_length=1, description="W&B project the run is logged to.")
+    entity: str | None = Field(
+        default=None, description="W&B team or user; null: the API key's default entity."
+    )
+    name: str | None = Field(default=None, description="Run name; null: the run directory's name.")
+    tags: list[str] = Field(default_factory=list, description="Tags attached to the run.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="online",
+        description="online streams to the server; offline writes locally for a later `wandb sync`.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="API key; prefer the WANDB_API_KEY environment variable. Never printed.",
+    )
+
+
+class MlflowConfig(StrictModel):
+    """MLflow tracking. Credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD or a token."""
+
+    tracking_uri: str = Field(
+        min_length=1, description="Tracking server URI or a local path (file:./mlruns)."
+    )
+    experiment: str = Field(
+        default="tuneplex", min_length=1, description="Experiment the run is logged under."
+    )
+    run_name: str | None = Field(
+        default=None, description="Run name; null: the run directory's name."
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on the run.")
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token; prefer the MLFLOW_TRACKING_TOKEN environment variable. "
+        "Never printed.",
+    )
+
+
+class IntegrationsConfig(StrictModel):
+    """Where metrics go besides the run directory's metrics.jsonl (always written)."""
+
+    wandb: WandbConfig | None = Field(
+        default=None, description="Log metrics to Weights & Biases; null: off."
+    )
+    mlflow: MlflowConfig | None = Field(default=None, description="Log metrics to MLflow; null: off.")
+
+
+def output_dir_field():
+    """The run-directory field, worded once for every backend's output section."""
+    return Field(
+        default=None,
+        min_length=1,
+        description="Run directory (job.json, metrics.jsonl, checkpoints/, final/). "
+        "`tuneplex train --output` takes precedence; null: runs/<job file name>-<UTC time>.",
+    )
+
+
+def keep_checkpoints_field():
+    return Field(
+        default=None,
+        ge=1,
+        description="Keep only the newest N step checkpoints (older ones are deleted once a newer "
+        "one is complete); null: keep all.",
+    )

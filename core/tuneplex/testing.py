@@ -1,0 +1,244 @@
+"""Test support: the backend contract suite every backend runs, and a fake backend.
+
+A backend's test module subclasses `BackendContract`::
+
+    class TestMyBackend(BackendContract):
+        backend_name = "mine"
+        minimal_job = {...}          # the smallest valid job (required keys only)
+
+The fake backend (`FakeBackend`, registered by this module as a plugin) trains nothing: it
+writes a plausible run directory, so the CLI's train path can be tested without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+
+from tuneplex.backend import Backend, EnvironmentStatus
+from tuneplex.hookspecs import hookimpl
+from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
+from tuneplex.schema.base import model_in
+from tuneplex.schema.common import output_dir_field
+
+HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes", "datasets")
+
+
+# --------------------------------------------------------------------------- fake backend
+class FakeData(StrictModel):
+    path: str = Field(min_length=1, description="Training data file.")
+
+
+class FakeSchedule(StrictModel):
+    steps: int = Field(default=3, ge=1, description="Steps to pretend to train.")
+
+
+class FakeOutput(StrictModel):
+    dir: str | None = output_dir_field()
+
+
+class FakeJobInput(JobSchema):
+    """A job for the fake backend (tests only)."""
+
+    backend_name = "fake"
+
+    model: str = Field(min_length=1, description="Model reference.")
+    dataset: FakeData = Field(description="Data.")
+    schedule: FakeSchedule = Field(default_factory=FakeSchedule, description="Schedule.")
+    output: FakeOutput = Field(default_factory=FakeOutput, description="Output.")
+    integrations: IntegrationsConfig = Field(
+        default_factory=IntegrationsConfig, description="Tracking."
+    )
+
+
+class FakeBackend:
+    name = "fake"
+    description = "Trains nothing; writes a run directory (for tests)."
+    job_schema = FakeJobInput
+
+    def __init__(self, ready: bool = True):
+        self.ready = ready
+
+    def check_environment(self) -> EnvironmentStatus:
+        return EnvironmentStatus(self.ready, "always" if self.ready else "switched off for a test")
+
+    def derived(self, job: FakeJobInput) -> dict[str, int]:
+        return {"total_gpus": 0, "steps": job.schedule.steps}
+
+    def train(self, job: FakeJobInput, run_dir: Path, *, resume: bool = False) -> None:
+        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            for step in range(1, job.schedule.steps + 1):
+                row = {"step": step, "split": "train", "loss": 1.0 / step, "resumed": resume}
+                fh.write(json.dumps(row) + "\n")
+        (run_dir / "summary.json").write_text(
+            json.dumps({"steps": job.schedule.steps, "model": job.model}), encoding="utf-8"
+        )
+
+
+@hookimpl
+def register_backends(register) -> None:
+    register(FakeBackend())
+
+
+def fake_entry_point(name: str = "fake", value: str = "tuneplex.testing") -> metadata.EntryPoint:
+    return metadata.EntryPoint(name=name, value=value, group="tuneplex")
+
+
+# --------------------------------------------------------------------------- contract suite
+def _iter_models(model: type[BaseModel], path: str = ""):
+    yield path, model
+    for name, field in model.model_fields.items():
+        sub = model_in(field.annotation)
+        if sub is not None:
+            yield from _iter_models(sub, f"{path}.{name}" if path else name)
+
+
+def _set_path(data: dict[str, Any], path: str, key: str, value: Any) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))
+    node = data
+    for part in filter(None, path.split(".")):
+        node = node.setdefault(part, {})
+        if node is None:
+            raise AssertionError(f"{path}: cannot reach section")
+    node[key] = value
+    return data
+
+
+def imported_heavy_modules(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter; return which heavy modules it imported."""
+    probe = textwrap.dedent(code) + textwrap.dedent(
+        f"""
+        import sys, json
+        print("\\n" + json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class BackendContract:
+    """What every backend must honour. Subclass in a test module; pytest collects it."""
+
+    backend_name: ClassVar[str]
+    minimal_job: ClassVar[dict[str, Any]]
+
+    # -- helpers
+    @property
+    def backend(self) -> Backend:
+        from tuneplex.plugins import registry
+
+        return registry().get(self.backend_name).backend
+
+    def _validate(self, data):
+        from tuneplex.config_io import validate_job
+
+        return validate_job(self.backend.job_schema, data)
+
+    # -- the contract
+    def test_discovered_through_entry_point(self):
+        from tuneplex.plugins import registry
+
+        item = registry().get(self.backend_name)
+        assert isinstance(item.backend, Backend)
+        assert item.distribution != "?" and item.version != "?"
+
+    def test_identity(self):
+        b = self.backend
+        assert b.name == self.backend_name
+        assert b.name.isidentifier() and b.name.islower()
+        assert b.description.strip() and "\n" not in b.description
+
+    def test_schema_is_strict_and_documented(self):
+        schema = self.backend.job_schema
+        assert issubclass(schema, JobSchema)
+        for path, model in _iter_models(schema):
+            assert model.model_config.get("extra") == "forbid", path or "<root>"
+            for name, field in model.model_fields.items():
+                assert field.description, f"{path}.{name} has no description"
+
+    def test_json_schema_closed_everywhere(self):
+        js = self.backend.job_schema.model_json_schema()
+        assert js["title"] == self.backend.job_schema.__name__
+        objects = [js, *js.get("$defs", {}).values()]
+        for obj in objects:
+            if obj.get("type") == "object":
+                assert obj.get("additionalProperties") is False, obj.get("title")
+
+    def test_minimal_job_valid_and_round_trips(self):
+        job = self._validate(self.minimal_job)
+        dumped = job.model_dump(mode="json")
+        assert self._validate(dumped).model_dump(mode="json") == dumped
+
+    def test_unknown_key_rejected_at_every_level(self):
+        from tuneplex.errors import UsageError
+
+        full = self._validate(self.minimal_job).model_dump(mode="json")
+        for path, _ in _iter_models(self.backend.job_schema):
+            node: Any = full
+            for part in filter(None, path.split(".")):
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                continue  # an optional section that is off (null) in the minimal job
+            bad = _set_path(full, path, "zz_not_a_key", 1)
+            try:
+                self._validate(bad)
+            except UsageError as exc:
+                where = f"{path}.zz_not_a_key" if path else "zz_not_a_key"
+                assert any(str(p).startswith(f"{where}: unknown key") for p in exc.problems), (
+                    exc.lines()
+                )
+            else:
+                raise AssertionError(f"{path}: unknown key accepted")
+
+    def test_job_is_frozen(self):
+        job = self._validate(self.minimal_job)
+        try:
+            job.model = "other"  # type: ignore[misc]
+        except Exception:
+            return
+        raise AssertionError("job object is mutable")
+
+    def test_environment_check_is_cheap(self):
+        status = self.backend.check_environment()
+        assert isinstance(status, EnvironmentStatus) and status.detail
+        heavy = imported_heavy_modules(
+            f"""
+            from tuneplex.plugins import registry
+            registry().get({self.backend_name!r}).backend.check_environment()
+            """
+        )
+        assert heavy == []
+
+    def test_derived_values_are_scalars(self):
+        derived = self.backend.derived(self._validate(self.minimal_job))
+        assert derived and all(isinstance(v, int | float | str) for v in derived.values())
+
+    def test_yaml_template_is_valid_once_required_keys_filled(self):
+        import yaml
+
+        from tuneplex.schema.template import yaml_template
+
+        text = yaml_template(self.backend.job_schema, backend=self.backend_name)
+        data = yaml.safe_load(text)
+        filled = _fill(data, self.minimal_job)
+        job = self._validate(filled)
+        assert job == self._validate(self.minimal_job)
+
+
+def _fill(template: Any, minimal: Any) -> Any:
+    """The template with the minimal job's values put where the template has placeholders."""
+    if isinstance(template, dict) and isinstance(minimal, dict):
+        out = dict(template)
+        for key, value in minimal.items():
+            out[key] = _fill(template.get(key), value)
+        return out
+    return minimal

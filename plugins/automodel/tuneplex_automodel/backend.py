@@ -1,0 +1,44 @@
+"""The automodel backend object: cheap members only; training imports torch lazily."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+from tuneplex.backend import EnvironmentStatus
+from tuneplex.errors import TuneplexError
+from tuneplex.hardware import visible_cuda_gpus
+
+from tuneplex_automodel.schema import AutomodelJobInput
+
+REQUIRED_PACKAGES = ("torch", "transformers", "peft", "safetensors")
+
+
+class AutomodelBackend:
+    name = "automodel"
+    description = (
+        "Production fine-tuning on PyTorch-native distributed training (FSDP2, tensor, "
+        "pipeline, context, expert parallel); SFT and distillation; LoRA or full weights."
+    )
+    job_schema = AutomodelJobInput
+
+    def check_environment(self) -> EnvironmentStatus:
+        missing = [p for p in REQUIRED_PACKAGES if find_spec(p) is None]
+        if missing:
+            return EnvironmentStatus(
+                False,
+                f"missing packages: {', '.join(missing)} (pip install 'tuneplex[automodel]')",
+            )
+        gpus = visible_cuda_gpus()
+        if gpus:
+            return EnvironmentStatus(True, f"{gpus} CUDA GPU(s) visible (NCCL)")
+        return EnvironmentStatus(True, "no CUDA GPU: trains on CPU (gloo for several processes)")
+
+    def derived(self, job: AutomodelJobInput) -> dict[str, int]:
+        return job.parallel_dims().as_dict()
+
+    def train(self, job: AutomodelJobInput, run_dir: Path, *, resume: bool = False) -> None:
+        raise TuneplexError(
+            "automodel: the training engine is not in this version of tuneplex-automodel yet; "
+            "`tuneplex validate` checks the job"
+        )

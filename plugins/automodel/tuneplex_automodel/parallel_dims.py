@@ -1,0 +1,89 @@
+"""The parallel layout of a job, derived once from the user's numbers.
+
+The job says how many nodes and GPUs there are and how wide tensor, pipeline, context and
+expert parallelism are; everything else (data-parallel width, gradient-accumulation steps)
+follows and is computed here only. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    num_nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    global_batch_size: int
+    micro_batch_size: int
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.model_parallel_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Each broken rule as (dotted key, message naming the numbers), relative to the job."""
+        out: list[tuple[str, str]] = []
+        w, m = self.world_size, self.model_parallel_size
+        if w % m:
+            out.append(
+                (
+                    "parallelism",
+                    f"total GPUs ({self.num_nodes} nodes × {self.gpus_per_node} GPUs per node "
+                    f"= {w}) must be divisible by tensor × pipeline × context parallel size "
+                    f"({self.tp} × {self.pp} × {self.cp} = {m})",
+                )
+            )
+        elif self.global_batch_size % (self.micro_batch_size * self.dp):
+            per_step = self.micro_batch_size * self.dp
+            out.append(
+                (
+                    "batch.global_batch_size",
+                    f"{self.global_batch_size} must be divisible by micro_batch_size × "
+                    f"data_parallel_size ({self.micro_batch_size} × {self.dp} = {per_step}); "
+                    f"nearest valid: {_nearest_multiple(self.global_batch_size, per_step)}",
+                )
+            )
+        if self.ep > 1 and self.tp != 1:
+            out.append(
+                (
+                    "parallelism.tensor_parallel_size",
+                    f"must be 1 when expert_parallel_size > 1 (got tensor_parallel_size={self.tp}, "
+                    f"expert_parallel_size={self.ep})",
+                )
+            )
+        return out
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "total_gpus": self.world_size,
+            "data_parallel_size": self.dp,
+            "tensor_parallel_size": self.tp,
+            "pipeline_parallel_size": self.pp,
+            "context_parallel_size": self.cp,
+            "expert_parallel_size": self.ep,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "samples_per_micro_step": self.micro_batch_size * self.dp,
+        }
+
+
+def _nearest_multiple(value: int, unit: int) -> str:
+    lower = (value // unit) * unit
+    upper = lower + unit
+    return f"{lower} or {upper}" if lower else str(upper)

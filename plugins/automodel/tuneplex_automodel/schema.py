@@ -1,0 +1,272 @@
+"""`AutomodelJobInput`: the strict job schema of the automodel backend."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from tuneplex.errors import CrossFieldError
+from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
+from tuneplex.schema.common import keep_checkpoints_field, output_dir_field
+
+from tuneplex_automodel.parallel_dims import ParallelDims
+
+
+class AutomodelDataset(StrictModel):
+    training: str = Field(
+        min_length=1,
+        description="Training data: a local .jsonl/.json/.parquet file, a directory of them, or a "
+        "Hugging Face dataset id.",
+    )
+    validation: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Validation data, same forms as `training`; null: no validation.",
+    )
+    prompt_template: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Jinja chat template for custom dataset schemas; null: the tokenizer's own.",
+    )
+
+
+class AutomodelLora(StrictModel):
+    rank: int = Field(
+        default=16, ge=1, description="LoRA rank (low-rank dimension); higher = more capacity."
+    )
+    alpha: float = Field(
+        default=32, gt=0, description="LoRA scaling factor; updates are scaled by alpha / rank."
+    )
+    merge: bool = Field(
+        default=False,
+        description="Merge the adapter into the base model at the end of training.",
+    )
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Module name patterns to adapt; null: every linear layer except the output head.",
+    )
+
+
+class AutomodelTraining(StrictModel):
+    training_type: Literal["sft", "distillation"] = Field(
+        default="sft", description="Training method."
+    )
+    finetuning_type: Literal["lora", "lora_merged", "all_weights"] = Field(
+        default="lora",
+        description="lora trains an adapter; lora_merged trains one and merges it into the base "
+        "weights; all_weights trains every weight.",
+    )
+    lora: AutomodelLora | None = Field(
+        default=None,
+        description="LoRA settings; filled with defaults when finetuning_type is lora or "
+        "lora_merged, refused with all_weights.",
+    )
+    max_seq_length: int = Field(
+        default=2048, ge=1, description="Maximum tokens per sample (longer ones are truncated)."
+    )
+    teacher_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Teacher model (local directory or Hugging Face id); required for "
+        "distillation. Must share the student's tokenizer and vocabulary.",
+    )
+    teacher_precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Precision the frozen teacher is loaded in."
+    )
+    distillation_ratio: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation loss: 0.0 = cross-entropy only, 1.0 = KD only.",
+    )
+    distillation_temperature: float = Field(
+        default=1.0, gt=0, description="Softmax temperature for KD; higher = softer distributions."
+    )
+    offload_teacher: bool = Field(
+        default=False, description="Keep the teacher's weights off the GPU between uses."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> AutomodelTraining:
+        problems: list[tuple[str, str]] = []
+        lora_variant = self.finetuning_type in ("lora", "lora_merged")
+        if not lora_variant and self.lora not in (None, AutomodelLora()):
+            problems.append(
+                ("lora", "only used with finetuning_type lora or lora_merged (got all_weights)")
+            )
+        elif not lora_variant:
+            object.__setattr__(self, "lora", None)  # a block of pure defaults: harmless
+        elif lora_variant:
+            lora = self.lora or AutomodelLora()
+            if self.finetuning_type == "lora_merged" and not lora.merge:
+                if "merge" in lora.model_fields_set:
+                    problems.append(
+                        ("lora.merge", "false contradicts finetuning_type lora_merged; drop one")
+                    )
+                lora = lora.model_copy(update={"merge": True})
+            object.__setattr__(self, "lora", lora)
+        if self.training_type == "distillation":
+            if self.teacher_model is None:
+                problems.append(("teacher_model", "required when training_type is distillation"))
+            if self.finetuning_type != "all_weights":
+                problems.append(
+                    (
+                        "finetuning_type",
+                        "distillation trains full weights: set finetuning_type to all_weights "
+                        f"(got {self.finetuning_type})",
+                    )
+                )
+        else:
+            for key in _DISTILLATION_FIELDS:
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    problems.append((key, "only used when training_type is distillation"))
+        if problems:
+            raise CrossFieldError(problems)
+        return self
+
+    @property
+    def merges_adapter(self) -> bool:
+        """lora_merged and `lora.merge: true` both mean: merge the adapter at the end."""
+        return bool(self.lora and self.lora.merge)
+
+
+_DISTILLATION_FIELDS = (
+    "teacher_model",
+    "teacher_precision",
+    "distillation_ratio",
+    "distillation_temperature",
+    "offload_teacher",
+)
+
+
+class AutomodelSchedule(StrictModel):
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stop after this many optimizer steps even if `epochs` is not reached.",
+    )
+    val_check_interval: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Validate every this fraction of an epoch (0.5 = twice per epoch), and at "
+        "the end; null: only at the end. Needs dataset.validation.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, description="Random seed; the same seed gives the same run. null: 42."
+    )
+
+
+class AutomodelBatch(StrictModel):
+    global_batch_size: int = Field(
+        default=8, ge=1, description="Samples per optimizer step, across all data-parallel ranks."
+    )
+    micro_batch_size: int = Field(
+        default=1, ge=1, description="Samples per forward/backward pass on each device."
+    )
+    sequence_packing: bool = Field(
+        default=False,
+        description="Pack several samples into one sequence (no attention across samples).",
+    )
+
+
+class AutomodelOptimizer(StrictModel):
+    learning_rate: float = Field(default=5e-6, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW decoupled weight decay.")
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Linear warmup steps, then cosine decay to 10% of the learning rate.",
+    )
+
+
+class AutomodelParallelism(StrictModel):
+    num_nodes: int = Field(default=1, ge=1, description="Training nodes.")
+    num_gpus_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs per node (worker processes per node on a machine without CUDA).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs a layer is split across (tensor parallelism)."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="Pipeline stages the layers are split into."
+    )
+    context_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs a sequence is split across (long sequences)."
+    )
+    expert_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs the experts of a mixture-of-experts model are split across; must "
+        "divide the number of experts. null: 1.",
+    )
+
+
+class AutomodelOutput(StrictModel):
+    dir: str | None = output_dir_field()
+    checkpoint_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Save a resumable checkpoint every N optimizer steps; null: at the end of "
+        "each epoch.",
+    )
+    keep_checkpoints: int | None = keep_checkpoints_field()
+
+
+class AutomodelJobInput(JobSchema):
+    """A fine-tuning job for the automodel backend."""
+
+    backend_name = "automodel"
+
+    model: str = Field(
+        min_length=1,
+        description="Base model to fine-tune: a local directory or a Hugging Face id.",
+    )
+    dataset: AutomodelDataset = Field(description="Training and validation data.")
+    training: AutomodelTraining = Field(
+        default_factory=AutomodelTraining, description="Training method."
+    )
+    schedule: AutomodelSchedule = Field(
+        default_factory=AutomodelSchedule, description="How long to train, validate, seed."
+    )
+    batch: AutomodelBatch = Field(default_factory=AutomodelBatch, description="Batch sizes.")
+    optimizer: AutomodelOptimizer = Field(
+        default_factory=AutomodelOptimizer, description="AdamW and learning-rate schedule."
+    )
+    parallelism: AutomodelParallelism = Field(
+        default_factory=AutomodelParallelism, description="GPUs, nodes and parallel layout."
+    )
+    output: AutomodelOutput = Field(
+        default_factory=AutomodelOutput, description="Run directory and checkpoints."
+    )
+    integrations: IntegrationsConfig = Field(
+        default_factory=IntegrationsConfig, description="Experiment tracking."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> AutomodelJobInput:
+        problems = self.parallel_dims().problems()
+        if self.schedule.val_check_interval is not None and self.dataset.validation is None:
+            problems.append(
+                ("schedule.val_check_interval", "needs dataset.validation (no validation data)")
+            )
+        if problems:
+            raise CrossFieldError(problems)
+        return self
+
+    def parallel_dims(self) -> ParallelDims:
+        p = self.parallelism
+        return ParallelDims(
+            num_nodes=p.num_nodes,
+            gpus_per_node=p.num_gpus_per_node,
+            tp=p.tensor_parallel_size,
+            pp=p.pipeline_parallel_size,
+            cp=p.context_parallel_size,
+            ep=p.expert_parallel_size or 1,
+            global_batch_size=self.batch.global_batch_size,
+            micro_batch_size=self.batch.micro_batch_size,
+        )

@@ -1,0 +1,317 @@
+"""`UnslothJobInput`: the strict job schema of the unsloth backend."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
+from tuneplex.errors import CrossFieldError
+from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
+from tuneplex.schema.common import keep_checkpoints_field, output_dir_field
+
+UNSLOTH_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+_GPUS_PATTERN = r"^\s*\d+\s*(,\s*\d+\s*)*$"
+
+
+class UnslothModel(StrictModel):
+    name: str = Field(
+        min_length=1, description="Base model to fine-tune: a local directory or a Hugging Face id."
+    )
+    max_seq_length: int = Field(
+        default=2048, ge=1, description="Maximum tokens per sample (longer ones are truncated)."
+    )
+    load_in_4bit: bool = Field(
+        default=True,
+        description="Load the base model in 4-bit (bitsandbytes NF4). Exclusive with load_in_8bit.",
+    )
+    load_in_8bit: bool = Field(
+        default=False, description="Load the base model in 8-bit (bitsandbytes LLM.int8)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Compute dtype; auto: bfloat16 where the GPU supports it, else float16.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow custom model code shipped with the checkpoint."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothModel:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise CrossFieldError(
+                [
+                    (
+                        "load_in_8bit",
+                        "load_in_4bit and load_in_8bit are exclusive (load_in_4bit defaults "
+                        "to true); set load_in_4bit: false to load in 8-bit",
+                    )
+                ]
+            )
+        return self
+
+
+class UnslothDataset(StrictModel):
+    path: str = Field(
+        min_length=1,
+        description="Training data: a local .jsonl/.json/.parquet file, a directory of them, or a "
+        "Hugging Face dataset id.",
+    )
+    text_field: str = Field(
+        default="text", min_length=1, description="Row field holding the text to train on."
+    )
+    apply_chat_template: bool = Field(
+        default=False,
+        description="Render rows that have a `messages` field with the tokenizer's chat template.",
+    )
+    validation_path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Validation data, same forms as `path`; null: no validation.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several samples into one sequence (no attention across samples).",
+    )
+
+
+class UnslothLora(StrictModel):
+    rank: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(
+        default=16, gt=0, description="LoRA scaling factor; updates are scaled by alpha / rank."
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(UNSLOTH_TARGET_MODULES),
+        min_length=1,
+        description="Modules to adapt; default: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+        "up_proj, down_proj.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none", description="Which biases train: none, all, or those of adapted layers."
+    )
+    use_rslora: bool = Field(
+        default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(rank)."
+    )
+    random_state: int = Field(default=3407, ge=0, description="Seed of the adapter initialisation.")
+
+
+def _checkpointing_choice(value):
+    if isinstance(value, bool) or value == "unsloth":
+        return value
+    raise ValueError(f"must be one of: unsloth, true, false (got {value!r})")
+
+
+GradientCheckpointing = Annotated[
+    Literal["unsloth"] | bool,
+    BeforeValidator(_checkpointing_choice),
+    WithJsonSchema({"enum": ["unsloth", True, False]}),
+]
+
+
+class UnslothTraining(StrictModel):
+    training_type: Literal["sft"] = Field(default="sft", description="Training method.")
+    finetuning_type: Literal["lora", "all_weights"] = Field(
+        default="lora",
+        description="lora trains an adapter; all_weights trains every weight (unquantized).",
+    )
+    lora: UnslothLora | None = Field(
+        default=None,
+        description="LoRA settings; filled with defaults when finetuning_type is lora, refused "
+        "with all_weights.",
+    )
+    use_gradient_checkpointing: GradientCheckpointing = Field(
+        default="unsloth",
+        description="Gradient checkpointing: unsloth (its offloaded implementation), true, false.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothTraining:
+        if self.finetuning_type == "lora" and self.lora is None:
+            object.__setattr__(self, "lora", UnslothLora())
+        elif self.finetuning_type == "all_weights" and self.lora not in (None, UnslothLora()):
+            raise CrossFieldError(
+                [("lora", "only used with finetuning_type lora (got all_weights)")]
+            )
+        elif self.finetuning_type == "all_weights":
+            object.__setattr__(self, "lora", None)  # a block of pure defaults: harmless
+        return self
+
+
+class UnslothSchedule(StrictModel):
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, description="Linear warmup steps. Exclusive with warmup_ratio."
+    )
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, lt=1, description="Warmup as a fraction of the total steps."
+    )
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"
+    ] = Field(default="linear", description="Learning-rate schedule after warmup.")
+    logging_steps: int = Field(default=1, ge=1, description="Log metrics every N steps.")
+    save_steps: int | None = Field(
+        default=None, ge=1, description="Save a checkpoint every N steps; null: only at the end."
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate every N steps (needs dataset.validation_path); null: at the end.",
+    )
+    seed: int = Field(default=3407, ge=0, description="Random seed.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothSchedule:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise CrossFieldError(
+                [
+                    (
+                        "warmup_ratio",
+                        f"warmup_steps ({self.warmup_steps}) and warmup_ratio "
+                        f"({self.warmup_ratio}) are exclusive; set only one",
+                    )
+                ]
+            )
+        return self
+
+
+class UnslothBatch(StrictModel):
+    per_device_train_batch_size: int = Field(
+        default=1, ge=1, description="Samples per forward/backward pass on the GPU."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Passes accumulated before each optimizer step."
+    )
+
+
+class UnslothOptimizer(StrictModel):
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = (
+        Field(
+            default="adamw_8bit",
+            description="Optimizer; the 8-bit ones keep optimizer state in 8 bits (less memory).",
+        )
+    )
+
+
+def _gpus_to_text(value):
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+GpuList = Annotated[
+    str,
+    BeforeValidator(_gpus_to_text),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "pattern": _GPUS_PATTERN}, {"type": "integer", "minimum": 0}]}
+    ),
+]
+
+
+class UnslothHardware(StrictModel):
+    gpus: GpuList | None = Field(
+        default=None,
+        description="Comma-separated GPU indices for CUDA_VISIBLE_DEVICES (\"0\" or \"0,1\"); "
+        "null: leave CUDA_VISIBLE_DEVICES as it is.",
+    )
+    precision: Literal["bf16", "fp16"] = Field(
+        default="bf16", description="Mixed-precision dtype; bf16 needs an Ampere or newer GPU."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"expected comma-separated GPU indices like '0' or '0,1' (got {value!r})"
+            )
+        dupes = sorted({p for p in parts if parts.count(p) > 1}, key=int)
+        if dupes:
+            raise ValueError(f"GPU index {', '.join(dupes)} listed twice (got {value!r})")
+        return ",".join(str(int(p)) for p in parts)
+
+    def gpu_indices(self) -> list[int]:
+        return [int(p) for p in self.gpus.split(",")] if self.gpus else []
+
+
+class UnslothOutput(StrictModel):
+    dir: str | None = output_dir_field()
+    save_method: Literal["lora", "merged_16bit", "merged_4bit"] = Field(
+        default="lora",
+        description="Shape of final/: lora = the adapter; merged_16bit / merged_4bit = the adapter "
+        "merged into the base, saved in 16 or 4 bits. With all_weights the trained full model "
+        "is saved (only lora is accepted there).",
+    )
+    keep_checkpoints: int | None = keep_checkpoints_field()
+
+
+class UnslothJobInput(JobSchema):
+    """A fine-tuning job for the unsloth backend (one GPU)."""
+
+    backend_name = "unsloth"
+
+    model: UnslothModel = Field(description="Base model and how it is loaded.")
+    dataset: UnslothDataset = Field(description="Training and validation data.")
+    training: UnslothTraining = Field(
+        default_factory=UnslothTraining, description="Training method."
+    )
+    schedule: UnslothSchedule = Field(
+        default_factory=UnslothSchedule, description="Length, warmup, logging and checkpoints."
+    )
+    batch: UnslothBatch = Field(default_factory=UnslothBatch, description="Batch sizes.")
+    optimizer: UnslothOptimizer = Field(
+        default_factory=UnslothOptimizer, description="Optimizer and learning rate."
+    )
+    hardware: UnslothHardware = Field(
+        default_factory=UnslothHardware, description="GPU selection and precision."
+    )
+    output: UnslothOutput = Field(
+        default_factory=UnslothOutput, description="Run directory and what is saved."
+    )
+    integrations: IntegrationsConfig = Field(
+        default_factory=IntegrationsConfig, description="Experiment tracking."
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothJobInput:
+        problems: list[tuple[str, str]] = []
+        if self.training.finetuning_type == "all_weights":
+            quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(self.model, k)]
+            if quantized:
+                problems.append(
+                    (
+                        f"model.{quantized[0]}",
+                        "full-weight training (finetuning_type all_weights) cannot use quantized "
+                        "loading; set model.load_in_4bit and model.load_in_8bit to false "
+                        "(load_in_4bit defaults to true)",
+                    )
+                )
+            if self.output.save_method != "lora":
+                problems.append(
+                    (
+                        "output.save_method",
+                        f"{self.output.save_method} merges an adapter, so it needs "
+                        "finetuning_type lora (got all_weights)",
+                    )
+                )
+        if self.schedule.eval_steps is not None and self.dataset.validation_path is None:
+            problems.append(
+                ("schedule.eval_steps", "needs dataset.validation_path (no validation data)")
+            )
+        if problems:
+            raise CrossFieldError(problems)
+        return self

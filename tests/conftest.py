@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """The installed backends plus the fake one, as the CLI will see them."""
+    from importlib import metadata
+
+    from tuneplex import plugins
+    from tuneplex.testing import fake_entry_point
+
+    eps = [*metadata.entry_points(group=plugins.ENTRY_POINT_GROUP), fake_entry_point()]
+    reg = plugins.load_registry(eps)
+    monkeypatch.setattr(plugins, "registry", lambda: reg)
+    return reg
+
+
+@pytest.fixture
+def write(tmp_path):
+    """write("name.yaml", text) -> path, in the test's temporary directory."""
+
+    def _write(name: str, text: str):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return _write

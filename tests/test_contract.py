@@ -1,0 +1,30 @@
+"""Every installed backend runs the core's contract suite."""
+
+import pytest
+
+from tuneplex.testing import BackendContract
+
+
+class TestAutomodelContract(BackendContract):
+    backend_name = "automodel"
+    minimal_job = {"model": "org/base", "dataset": {"training": "train.jsonl"}}
+
+
+class TestUnslothContract(BackendContract):
+    backend_name = "unsloth"
+    minimal_job = {"model": {"name": "org/base"}, "dataset": {"path": "train.jsonl"}}
+
+
+class TestFakeContract(BackendContract):
+    backend_name = "fake"
+    minimal_job = {"model": "m", "dataset": {"path": "d.jsonl"}}
+
+    @pytest.fixture(autouse=True)
+    def _fake(self, fake_registry):
+        return fake_registry
+
+    def test_discovered_through_entry_point(self, fake_registry):
+        assert fake_registry.get("fake").plugin == "fake"
+
+    def test_environment_check_is_cheap(self):
+        assert self.backend.check_environment().ready
