@@ -13,7 +13,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from tuneplex import __version__
@@ -203,18 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="tuneplex", standalone_mode=False)
-    except click.UsageError as exc:
-        where = exc.ctx.command_path if exc.ctx is not None else "tuneplex"
-        hint = exc.format_message().replace("\n", " ")
-        typer.echo(f"{where}: {hint} (see --help)", err=True)
-        return EXIT_USAGE
-    except click.Abort:
-        typer.echo("aborted", err=True)
-        return 130
     except TuneplexError as exc:  # raised outside a command, e.g. while loading plugins
         for line in exc.lines():
             typer.echo(line, err=True)
         return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as exc:
+        # click's UsageError family (vendored inside newer typer): bad flag, missing argument
+        if not (hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            return 0
+        where = ctx.command_path if ctx is not None else "tuneplex"
+        msg = exc.format_message().replace("Value error, ", "").replace("\n", " ")
+        typer.echo(f"{where}: {msg} (see --help)", err=True)
+        return EXIT_USAGE
     return rv if isinstance(rv, int) else 0
 
 

@@ -150,7 +150,8 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
         if err.get("input", ...) is None and kind.endswith("_type"):
             problems.append(Problem(path, "must be set (got null)"))
             continue
-        msg = _MESSAGES[kind].format(**ctx) if kind in _MESSAGES else err["msg"]
+        nums = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+        msg = _MESSAGES[kind].format(**nums) if kind in _MESSAGES else err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if kind not in ("value_error", "assertion_error") and "input" in err:
