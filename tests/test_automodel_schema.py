@@ -1,7 +1,6 @@
 """AutomodelJobInput: the spec's defaults, bounds and cross-field rules."""
 
 import pytest
-
 from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
 from tuneplex_automodel.schema import AutomodelJobInput
@@ -66,17 +65,17 @@ def test_spec_defaults(path, expected):
     node = ok(MINIMAL).model_dump()
     for part in path.split("."):
         node = node[part]
-    assert node == expected and type(node) is type(expected) or (
+    assert (node == expected and type(node) is type(expected)) or (
         isinstance(expected, int) and isinstance(node, float) and node == expected
     )
 
 
 def test_required_keys():
     assert problems({}) == ["model: required key is missing", "dataset: required key is missing"]
-    assert problems({"model": "m", "dataset": {}}) == [
-        "dataset.training: required key is missing"
+    assert problems({"model": "m", "dataset": {}}) == ["dataset.training: required key is missing"]
+    assert problems({"model": None, "dataset": {"training": "d"}}) == [
+        "model: must be set (got null)"
     ]
-    assert problems({"model": None, "dataset": {"training": "d"}}) == ["model: must be set (got null)"]
 
 
 @pytest.mark.parametrize(
@@ -86,13 +85,25 @@ def test_required_keys():
         (job(training={"lora": {"alpha": 0}}), "training.lora.alpha: must be > 0 (got 0)"),
         (job(training={"max_seq_length": 0}), "training.max_seq_length: must be >= 1 (got 0)"),
         (
-            job(training={"training_type": "distillation", "finetuning_type": "all_weights",
-                          "teacher_model": "t", "distillation_ratio": 1.5}),
+            job(
+                training={
+                    "training_type": "distillation",
+                    "finetuning_type": "all_weights",
+                    "teacher_model": "t",
+                    "distillation_ratio": 1.5,
+                }
+            ),
             "training.distillation_ratio: must be <= 1 (got 1.5)",
         ),
         (
-            job(training={"training_type": "distillation", "finetuning_type": "all_weights",
-                          "teacher_model": "t", "distillation_temperature": 0}),
+            job(
+                training={
+                    "training_type": "distillation",
+                    "finetuning_type": "all_weights",
+                    "teacher_model": "t",
+                    "distillation_temperature": 0,
+                }
+            ),
             "training.distillation_temperature: must be > 0 (got 0)",
         ),
         (job(schedule={"epochs": 0}), "schedule.epochs: must be >= 1 (got 0)"),
@@ -112,8 +123,14 @@ def test_required_keys():
             "parallelism.expert_parallel_size: must be >= 1 (got 0)",
         ),
         (job(model=""), "model: must not be empty (got '')"),
-        (job(training={"lora": {"rank": "16"}}), "training.lora.rank: expected an integer (got '16')"),
-        (job(batch={"sequence_packing": "yes"}), "batch.sequence_packing: expected true or false (got 'yes')"),
+        (
+            job(training={"lora": {"rank": "16"}}),
+            "training.lora.rank: expected an integer (got '16')",
+        ),
+        (
+            job(batch={"sequence_packing": "yes"}),
+            "batch.sequence_packing: expected true or false (got 'yes')",
+        ),
         (
             job(training={"lora": {"target_modules": []}}),
             "training.lora.target_modules: needs at least 1 item(s) (got [])",
@@ -127,15 +144,22 @@ def test_bounds_and_types(data, line):
 @pytest.mark.parametrize(
     "value,choices",
     [
-        ({"training_type": "dpo"}, "training.training_type: must be one of: sft, distillation (got 'dpo')"),
+        (
+            {"training_type": "dpo"},
+            "training.training_type: must be one of: sft, distillation (got 'dpo')",
+        ),
         (
             {"finetuning_type": "lora_merge"},
             "training.finetuning_type: must be one of: lora, lora_merged, all_weights "
             "(got 'lora_merge'); did you mean 'lora_merged'?",
         ),
         (
-            {"training_type": "distillation", "finetuning_type": "all_weights", "teacher_model": "t",
-             "teacher_precision": "fp8"},
+            {
+                "training_type": "distillation",
+                "finetuning_type": "all_weights",
+                "teacher_model": "t",
+                "teacher_precision": "fp8",
+            },
             "training.teacher_precision: must be one of: bf16, fp16, fp32 (got 'fp8')",
         ),
     ],
@@ -158,9 +182,13 @@ def test_enums_list_choices(value, choices):
 def test_derived_sizes(nodes, gpus, tp, pp, cp, gbs, mbs, dp, accum):
     parsed = ok(
         job(
-            parallelism={"num_nodes": nodes, "num_gpus_per_node": gpus,
-                         "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
-                         "context_parallel_size": cp},
+            parallelism={
+                "num_nodes": nodes,
+                "num_gpus_per_node": gpus,
+                "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp,
+                "context_parallel_size": cp,
+            },
             batch={"global_batch_size": gbs, "micro_batch_size": mbs},
         )
     )
@@ -180,7 +208,10 @@ def test_gpus_not_divisible_by_model_parallel():
 
 def test_global_batch_not_divisible():
     lines = problems(
-        job(parallelism={"num_gpus_per_node": 4}, batch={"global_batch_size": 10, "micro_batch_size": 2})
+        job(
+            parallelism={"num_gpus_per_node": 4},
+            batch={"global_batch_size": 10, "micro_batch_size": 2},
+        )
     )
     assert lines == [
         "batch.global_batch_size: 10 must be divisible by micro_batch_size × data_parallel_size "
@@ -195,14 +226,28 @@ def test_global_batch_smaller_than_one_step():
 
 def test_tp_must_be_one_with_expert_parallel():
     lines = problems(
-        job(parallelism={"num_gpus_per_node": 4, "tensor_parallel_size": 2, "expert_parallel_size": 2})
+        job(
+            parallelism={
+                "num_gpus_per_node": 4,
+                "tensor_parallel_size": 2,
+                "expert_parallel_size": 2,
+            }
+        )
     )
     assert lines == [
         "parallelism.tensor_parallel_size: must be 1 when expert_parallel_size > 1 "
         "(got tensor_parallel_size=2, expert_parallel_size=2)"
     ]
     ok(job(parallelism={"num_gpus_per_node": 4, "expert_parallel_size": 4}))
-    ok(job(parallelism={"num_gpus_per_node": 4, "tensor_parallel_size": 2, "expert_parallel_size": 1}))
+    ok(
+        job(
+            parallelism={
+                "num_gpus_per_node": 4,
+                "tensor_parallel_size": 2,
+                "expert_parallel_size": 1,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ training method
@@ -215,7 +260,10 @@ def test_lora_autofilled_for_lora_variants_and_dropped_for_full():
     full = ok(job(training={"finetuning_type": "all_weights"})).training
     assert full.lora is None
     # a block of pure defaults is harmless (e.g. the YAML template with finetuning_type changed)
-    assert ok(job(training={"finetuning_type": "all_weights", "lora": {"rank": 16}})).training.lora is None
+    assert (
+        ok(job(training={"finetuning_type": "all_weights", "lora": {"rank": 16}})).training.lora
+        is None
+    )
 
 
 def test_lora_settings_refused_with_full_weights():
@@ -236,9 +284,18 @@ def test_distillation_needs_teacher_and_full_weights():
         "training.finetuning_type: distillation trains full weights: set finetuning_type to "
         "all_weights (got lora)",
     ]
-    parsed = ok(job(training={"training_type": "distillation", "finetuning_type": "all_weights",
-                              "teacher_model": "org/teacher", "distillation_ratio": 1.0,
-                              "teacher_precision": "fp32", "offload_teacher": True}))
+    parsed = ok(
+        job(
+            training={
+                "training_type": "distillation",
+                "finetuning_type": "all_weights",
+                "teacher_model": "org/teacher",
+                "distillation_ratio": 1.0,
+                "teacher_precision": "fp32",
+                "offload_teacher": True,
+            }
+        )
+    )
     assert parsed.training.teacher_model == "org/teacher"
     assert parsed.training.distillation_ratio == 1.0
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from tuneplex.cli import app, main
 from tuneplex.testing import imported_heavy_modules
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -48,7 +47,10 @@ def test_backends_lists_name_version_description_status():
     assert result.exit_code == 0
     assert "automodel  (tuneplex-automodel 0.1.0)" in result.output
     assert "unsloth  (tuneplex-unsloth 0.1.0)" in result.output
-    assert "ready: no CUDA GPU: trains on CPU" in result.output or "CUDA GPU(s) visible" in result.output
+    assert (
+        "ready: no CUDA GPU: trains on CPU" in result.output
+        or "CUDA GPU(s) visible" in result.output
+    )
 
 
 def test_backends_json():
@@ -66,16 +68,20 @@ def test_backends_shows_unsloth_needs_gpu(monkeypatch):
 
 
 # ------------------------------------------------------------------ schema
-@pytest.mark.parametrize("backend,title", [("automodel", "AutomodelJobInput"),
-                                           ("unsloth", "UnslothJobInput")])
+@pytest.mark.parametrize(
+    "backend,title", [("automodel", "AutomodelJobInput"), ("unsloth", "UnslothJobInput")]
+)
 def test_schema_json(backend, title):
     result = invoke("schema", backend)
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert schema["title"] == title
     assert schema["additionalProperties"] is False
-    assert all(d["additionalProperties"] is False for d in schema["$defs"].values()
-               if d.get("type") == "object")
+    assert all(
+        d["additionalProperties"] is False
+        for d in schema["$defs"].values()
+        if d.get("type") == "object"
+    )
 
 
 def test_schema_yaml_template_has_every_default():
@@ -83,8 +89,12 @@ def test_schema_yaml_template_has_every_default():
     assert result.exit_code == 0
     data = yaml.safe_load(result.output)
     assert data["optimizer"]["learning_rate"] == 5e-6
-    assert data["training"]["lora"] == {"rank": 16, "alpha": 32, "merge": False,
-                                         "target_modules": None}
+    assert data["training"]["lora"] == {
+        "rank": 16,
+        "alpha": 32,
+        "merge": False,
+        "target_modules": None,
+    }
     assert data["parallelism"]["expert_parallel_size"] is None
     assert "# REQUIRED. Base model to fine-tune" in result.output
     assert "#   project: null" in result.output  # integrations shown, commented out
@@ -100,7 +110,9 @@ def test_schema_bad_format_is_one_line(capsys):
     code, _, err = run_main(capsys, "schema", "automodel", "--format", "toml")
     assert code == 2
     assert err.count("\n") == 1
-    assert err.startswith("tuneplex schema: Invalid value for '--format' / '-f': 'toml' is not one of")
+    assert err.startswith(
+        "tuneplex schema: Invalid value for '--format' / '-f': 'toml' is not one of"
+    )
 
 
 # ------------------------------------------------------------------ validate
@@ -117,8 +129,15 @@ def test_validate_prints_resolved_job_and_derived(write):
 
 def test_validate_json_with_overrides(write):
     path = write("job.yaml", AUTOMODEL_JOB)
-    result = invoke("validate", path, "--json", "--set", "batch.global_batch_size=64",
-                    "--set", "training.lora.rank=4")
+    result = invoke(
+        "validate",
+        path,
+        "--json",
+        "--set",
+        "batch.global_batch_size=64",
+        "--set",
+        "training.lora.rank=4",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["job"]["training"]["lora"]["rank"] == 4
@@ -133,7 +152,9 @@ def test_validate_unsloth(write):
 
 
 def test_validate_reports_every_problem_one_line_each(capsys, write):
-    path = write("job.yaml", AUTOMODEL_JOB + "training:\n  lora:\n    rnak: 8\nschedule:\n  epochs: 0\n")
+    path = write(
+        "job.yaml", AUTOMODEL_JOB + "training:\n  lora:\n    rnak: 8\nschedule:\n  epochs: 0\n"
+    )
     code, out, err = run_main(capsys, "validate", path, "--set", "batch.micro_batch_size=3")
     assert code == 2 and out == ""
     assert err.splitlines() == [
@@ -168,7 +189,10 @@ def test_backend_fields_do_not_cross(capsys, write):
         (["validate", "JOB", "--bogus"], "tuneplex validate: No such option: --bogus"),
         (["validate"], "tuneplex validate: missing argument 'job'."),
         (["frobnicate"], "tuneplex: No such command 'frobnicate'."),
-        (["validate", "JOB", "--backend", "unslot"], "--backend: unknown backend 'unslot'; did you mean 'unsloth'?"),
+        (
+            ["validate", "JOB", "--backend", "unslot"],
+            "--backend: unknown backend 'unslot'; did you mean 'unsloth'?",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, write, args, first_line):
@@ -189,7 +213,9 @@ def test_help_and_version(capsys):
 def test_train_hands_job_to_backend_and_writes_run_dir(fake_registry, tmp_path, write):
     path = write("fake.yaml", FAKE_JOB)
     out = tmp_path / "run"
-    result = invoke("train", path, "--backend", "fake", "--output", out, "--set", "schedule.steps=4")
+    result = invoke(
+        "train", path, "--backend", "fake", "--output", out, "--set", "schedule.steps=4"
+    )
     assert result.exit_code == 0, result.output
     job = json.loads((out / "job.json").read_text())
     assert job["schedule"]["steps"] == 4 and job["model"] == "m"
@@ -197,15 +223,19 @@ def test_train_hands_job_to_backend_and_writes_run_dir(fake_registry, tmp_path, 
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_train_refuses_occupied_dir_then_resume_and_overwrite(fake_registry, tmp_path, write, capsys):
+def test_train_refuses_occupied_dir_then_resume_and_overwrite(
+    fake_registry, tmp_path, write, capsys
+):
     path = write("fake.yaml", FAKE_JOB)
     out = tmp_path / "run"
     assert main(["train", str(path), "-b", "fake", "-o", str(out)]) == 0
     capsys.readouterr()
     code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", out)
     assert code == 2
-    assert err == (f"--output {out}: directory is not empty; pass --resume to continue that run "
-                   "or --overwrite to replace it\n")
+    assert err == (
+        f"--output {out}: directory is not empty; pass --resume to continue that run "
+        "or --overwrite to replace it\n"
+    )
     assert main(["train", str(path), "-b", "fake", "-o", str(out), "--resume"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["resumed"] for r in rows] == [False] * 3 + [True] * 3
@@ -219,8 +249,9 @@ def test_train_resume_with_a_changed_job_is_refused(fake_registry, tmp_path, wri
     out = tmp_path / "run"
     assert main(["train", str(path), "-b", "fake", "-o", str(out)]) == 0
     capsys.readouterr()
-    code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", out, "--resume",
-                            "--set", "model=other")
+    code, _, err = run_main(
+        capsys, "train", path, "-b", "fake", "-o", out, "--resume", "--set", "model=other"
+    )
     assert code == 2
     assert err.splitlines() == [
         "model: was 'm' in the run being resumed, now 'other'",
@@ -235,7 +266,10 @@ def test_train_never_deletes_a_foreign_directory(fake_registry, tmp_path, write,
     (precious / "thesis.tex").write_text("years of work")
     code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", precious, "--overwrite")
     assert code == 2
-    assert err == f"--output {precious}: not a tuneplex run directory (no job.json); refusing to delete it\n"
+    assert (
+        err == f"--output {precious}: not a tuneplex run directory (no job.json); "
+        "refusing to delete it\n"
+    )
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
@@ -279,8 +313,9 @@ def test_train_unsloth_without_gpu_stops_before_loading(tmp_path, write, capsys,
 
 def test_train_resume_and_overwrite_together(fake_registry, tmp_path, write, capsys):
     path = write("fake.yaml", FAKE_JOB)
-    code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", tmp_path / "r",
-                            "--resume", "--overwrite")
+    code, _, err = run_main(
+        capsys, "train", path, "-b", "fake", "-o", tmp_path / "r", "--resume", "--overwrite"
+    )
     assert code == 2 and err.startswith("--resume, --overwrite: choose one")
 
 
@@ -306,16 +341,24 @@ def test_fast_commands_import_no_heavy_library(tmp_path, write):
 
 # ------------------------------------------------------------------ installed console script
 def test_console_script(tmp_path, write):
-    exe = shutil.which("tuneplex", path=str(Path(sys.executable).parent)) or shutil.which("tuneplex")
+    exe = shutil.which("tuneplex", path=str(Path(sys.executable).parent)) or shutil.which(
+        "tuneplex"
+    )
     assert exe, "the tuneplex console script is not installed"
     path = write("job.yaml", AUTOMODEL_JOB)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    ok = subprocess.run([exe, "validate", str(path), "--json"], capture_output=True, text=True,
-                        env=env, timeout=60)
+    ok = subprocess.run(
+        [exe, "validate", str(path), "--json"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["derived"]["data_parallel_size"] == 4
-    bad = subprocess.run([exe, "validate", str(path), "--set", "training.lora.rank=0"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    bad = subprocess.run(
+        [exe, "validate", str(path), "--set", "training.lora.rank=0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert bad.returncode == 2
     assert bad.stderr == "training.lora.rank: must be >= 1 (got 0)\n"
     schema = subprocess.run([exe, "schema", "unsloth"], capture_output=True, text=True, timeout=60)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from tuneplex.config_io import apply_overrides, load_job, load_job_file, parse_yaml
 from tuneplex.errors import UsageError
 from tuneplex_automodel.schema import AutomodelJobInput
@@ -16,14 +15,29 @@ def lines(fn, *args):
 
 
 def test_yaml_and_json_give_the_same_job(write):
-    y = write("job.yaml", "model: m\ndataset:\n  training: d.jsonl\noptimizer:\n  learning_rate: 1e-4\n")
-    j = write("job.json", json.dumps({"model": "m", "dataset": {"training": "d.jsonl"},
-                                      "optimizer": {"learning_rate": 1e-4}}))
+    y = write(
+        "job.yaml", "model: m\ndataset:\n  training: d.jsonl\noptimizer:\n  learning_rate: 1e-4\n"
+    )
+    j = write(
+        "job.json",
+        json.dumps(
+            {"model": "m", "dataset": {"training": "d.jsonl"}, "optimizer": {"learning_rate": 1e-4}}
+        ),
+    )
     assert load_job(AutomodelJobInput, y) == load_job(AutomodelJobInput, j)
 
 
-@pytest.mark.parametrize("text,value", [("5e-6", 5e-6), ("1E-4", 1e-4), ("3.0e-5", 3e-5),
-                                        ("2e+3", 2000.0), (".5", 0.5), ("-1.5", -1.5)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("5e-6", 5e-6),
+        ("1E-4", 1e-4),
+        ("3.0e-5", 3e-5),
+        ("2e+3", 2000.0),
+        (".5", 0.5),
+        ("-1.5", -1.5),
+    ],
+)
 def test_scientific_notation_is_a_number(text, value):
     # YAML 1.1 (PyYAML's default) would read `5e-6` as a string
     assert parse_yaml(f"x: {text}", source="t")["x"] == value
@@ -35,7 +49,9 @@ def test_plain_scalars_unchanged():
 
 
 def test_missing_file(tmp_path):
-    assert lines(load_job_file, tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: no such file"]
+    assert lines(load_job_file, tmp_path / "nope.yaml") == [
+        f"{tmp_path / 'nope.yaml'}: no such file"
+    ]
 
 
 def test_directory_instead_of_file(tmp_path):
@@ -59,8 +75,10 @@ def test_json_syntax_error(write):
     assert line.startswith(f"{path}:2:13: Expecting value")
 
 
-@pytest.mark.parametrize("text,kind", [("", "empty job file"), ("- a\n- b\n", "got a list"),
-                                       ("just a string", "got a str")])
+@pytest.mark.parametrize(
+    "text,kind",
+    [("", "empty job file"), ("- a\n- b\n", "got a list"), ("just a string", "got a str")],
+)
 def test_not_a_mapping(write, text, kind):
     path = write("x.yaml", text)
     (line,) = lines(load_job_file, path)
@@ -78,9 +96,15 @@ def test_overrides_set_nested_values_parsed_as_yaml():
     data = {"model": "m", "training": {"lora": {"rank": 8}}}
     out = apply_overrides(
         data,
-        ["training.lora.rank=32", "optimizer.learning_rate=1e-5", "batch.sequence_packing=true",
-         "training.lora.target_modules=[q_proj, v_proj]", "model=org/other", "dataset.validation=",
-         "output.dir=runs/a=b"],
+        [
+            "training.lora.rank=32",
+            "optimizer.learning_rate=1e-5",
+            "batch.sequence_packing=true",
+            "training.lora.target_modules=[q_proj, v_proj]",
+            "model=org/other",
+            "dataset.validation=",
+            "output.dir=runs/a=b",
+        ],
     )
     assert out == {
         "model": "org/other",

@@ -1,7 +1,6 @@
 """Every installed backend runs the core's contract suite."""
 
 import pytest
-
 from tuneplex.testing import BackendContract
 
 

@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-
 from tuneplex.errors import UsageError
 from tuneplex.plugins import load_registry, registry, unknown_backend_message
 from tuneplex.testing import fake_entry_point
@@ -42,13 +41,18 @@ def run_cli(site, *args):
         "import sys; sys.path.insert(0, sys.argv[1]); from tuneplex.cli import main; "
         "sys.exit(main(sys.argv[2:]))"
     )
-    return subprocess.run([sys.executable, "-c", code, str(site), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(site), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_third_party_plugin_discovered(tmp_path):
-    make_dist(tmp_path, "tuneplex-hello", entry_points={"hello": "hello_plugin"},
-              modules={"hello_plugin": PLUGIN.format(cls="Hello", name="hello")})
+    make_dist(
+        tmp_path,
+        "tuneplex-hello",
+        entry_points={"hello": "hello_plugin"},
+        modules={"hello_plugin": PLUGIN.format(cls="Hello", name="hello")},
+    )
     out = run_cli(tmp_path, "backends", "--json")
     assert out.returncode == 0, out.stderr
     rows = {r["name"]: r for r in json.loads(out.stdout)["backends"]}
@@ -58,8 +62,12 @@ def test_third_party_plugin_discovered(tmp_path):
 
 
 def test_broken_plugin_warns_in_one_line_and_others_work(tmp_path):
-    make_dist(tmp_path, "tuneplex-broken", entry_points={"broken": "broken_plugin"},
-              modules={"broken_plugin": "import no_such_module_xyz\n"})
+    make_dist(
+        tmp_path,
+        "tuneplex-broken",
+        entry_points={"broken": "broken_plugin"},
+        modules={"broken_plugin": "import no_such_module_xyz\n"},
+    )
     out = run_cli(tmp_path, "backends")
     assert out.returncode == 0
     assert out.stderr.strip() == (
@@ -70,10 +78,18 @@ def test_broken_plugin_warns_in_one_line_and_others_work(tmp_path):
 
 
 def test_two_plugins_same_backend_name_is_an_error(tmp_path):
-    make_dist(tmp_path, "tuneplex-one", entry_points={"one": "one_plugin"},
-              modules={"one_plugin": PLUGIN.format(cls="One", name="twin")})
-    make_dist(tmp_path, "tuneplex-two", entry_points={"two": "two_plugin"},
-              modules={"two_plugin": PLUGIN.format(cls="Two", name="twin")})
+    make_dist(
+        tmp_path,
+        "tuneplex-one",
+        entry_points={"one": "one_plugin"},
+        modules={"one_plugin": PLUGIN.format(cls="One", name="twin")},
+    )
+    make_dist(
+        tmp_path,
+        "tuneplex-two",
+        entry_points={"two": "two_plugin"},
+        modules={"two_plugin": PLUGIN.format(cls="Two", name="twin")},
+    )
     out = run_cli(tmp_path, "backends")
     assert out.returncode == 2
     assert out.stderr.strip() == (

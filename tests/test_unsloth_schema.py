@@ -1,7 +1,6 @@
 """UnslothJobInput: the spec's defaults, bounds and cross-field rules."""
 
 import pytest
-
 from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
 from tuneplex_unsloth.schema import UNSLOTH_TARGET_MODULES, UnslothJobInput
@@ -77,7 +76,13 @@ def test_spec_defaults(path, expected):
 
 def test_seven_module_set():
     assert UNSLOTH_TARGET_MODULES == (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     )
 
 
@@ -87,7 +92,10 @@ def test_seven_module_set():
         (job(model={"max_seq_length": 0}), "model.max_seq_length: must be >= 1 (got 0)"),
         (job(training={"lora": {"rank": 0}}), "training.lora.rank: must be >= 1 (got 0)"),
         (job(training={"lora": {"dropout": 1.0}}), "training.lora.dropout: must be < 1 (got 1.0)"),
-        (job(training={"lora": {"dropout": -0.1}}), "training.lora.dropout: must be >= 0 (got -0.1)"),
+        (
+            job(training={"lora": {"dropout": -0.1}}),
+            "training.lora.dropout: must be >= 0 (got -0.1)",
+        ),
         (job(schedule={"warmup_ratio": 1.0}), "schedule.warmup_ratio: must be < 1 (got 1.0)"),
         (job(schedule={"logging_steps": 0}), "schedule.logging_steps: must be >= 1 (got 0)"),
         (job(schedule={"save_steps": 0}), "schedule.save_steps: must be >= 1 (got 0)"),
@@ -134,7 +142,10 @@ def test_bounds_types_enums(data, line):
 
 @pytest.mark.parametrize("value", ["unsloth", True, False])
 def test_gradient_checkpointing_modes(value):
-    assert ok(job(training={"use_gradient_checkpointing": value})).training.use_gradient_checkpointing == value
+    assert (
+        ok(job(training={"use_gradient_checkpointing": value})).training.use_gradient_checkpointing
+        == value
+    )
 
 
 def test_4bit_and_8bit_exclusive():
@@ -154,7 +165,10 @@ def test_full_weights_forbid_quantized_loading():
         "(load_in_4bit defaults to true)"
     ]
     lines = problems(
-        job(training={"finetuning_type": "all_weights"}, model={"load_in_4bit": False, "load_in_8bit": True})
+        job(
+            training={"finetuning_type": "all_weights"},
+            model={"load_in_4bit": False, "load_in_8bit": True},
+        )
     )
     assert lines[0].startswith("model.load_in_8bit: full-weight training")
     parsed = ok(job(training={"finetuning_type": "all_weights"}, **FULL_16BIT))
@@ -169,7 +183,8 @@ def test_lora_settings_refused_with_full_weights():
 
 def test_warmup_steps_and_ratio_exclusive():
     assert problems(job(schedule={"warmup_steps": 10, "warmup_ratio": 0.1})) == [
-        "schedule.warmup_ratio: warmup_steps (10) and warmup_ratio (0.1) are exclusive; set only one"
+        "schedule.warmup_ratio: warmup_steps (10) and warmup_ratio (0.1) are exclusive; "
+        "set only one"
     ]
     assert ok(job(schedule={"warmup_ratio": 0.1})).schedule.warmup_ratio == 0.1
     assert ok(job(schedule={"warmup_steps": 10})).schedule.warmup_steps == 10
@@ -179,7 +194,11 @@ def test_warmup_steps_and_ratio_exclusive():
 def test_merged_save_methods_need_lora(method):
     assert ok(job(output={"save_method": method})).output.save_method == method
     assert problems(
-        job(training={"finetuning_type": "all_weights"}, output={"save_method": method}, **FULL_16BIT)
+        job(
+            training={"finetuning_type": "all_weights"},
+            output={"save_method": method},
+            **FULL_16BIT,
+        )
     ) == [
         f"output.save_method: {method} merges an adapter, so it needs finetuning_type lora "
         "(got all_weights)"
@@ -188,7 +207,13 @@ def test_merged_save_methods_need_lora(method):
 
 @pytest.mark.parametrize(
     "value,normalised,indices",
-    [("0", "0", [0]), ("0,1", "0,1", [0, 1]), (" 2 , 3 ", "2,3", [2, 3]), (1, "1", [1]), ("07", "7", [7])],
+    [
+        ("0", "0", [0]),
+        ("0,1", "0,1", [0, 1]),
+        (" 2 , 3 ", "2,3", [2, 3]),
+        (1, "1", [1]),
+        ("07", "7", [7]),
+    ],
 )
 def test_gpu_list_valid(value, normalised, indices):
     hw = ok(job(hardware={"gpus": value})).hardware
@@ -220,7 +245,11 @@ def test_eval_steps_need_validation_data():
 def test_derived_values():
     from tuneplex_unsloth.backend import UnslothBackend
 
-    parsed = ok(job(batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8},
-                    hardware={"gpus": "1"}))
+    parsed = ok(
+        job(
+            batch={"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8},
+            hardware={"gpus": "1"},
+        )
+    )
     d = UnslothBackend().derived(parsed)
     assert d["total_gpus"] == 1 and d["effective_batch_size"] == 32 and d["visible_gpus"] == "1"

@@ -30,7 +30,8 @@ app = typer.Typer(
 DEFAULT_BACKEND = "automodel"
 
 BackendOpt = Annotated[
-    str, typer.Option("--backend", "-b", help="Backend that runs the job (see `tuneplex backends`).")
+    str,
+    typer.Option("--backend", "-b", help="Backend that runs the job (see `tuneplex backends`)."),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -101,7 +102,9 @@ def backends_cmd(
         typer.echo(json.dumps({"backends": rows, "plugin_failures": reg.failures}, indent=2))
         return
     if not rows:
-        typer.echo("no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'")
+        typer.echo(
+            "no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'"
+        )
         return
     for row in rows:
         typer.echo(f"{row['name']}  ({row['distribution']} {row['version']})")

@@ -58,7 +58,7 @@ _JobLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _cons
 def parse_yaml(text: str, *, source: str) -> Any:
     """Parse YAML text; syntax errors become `source:line:col: reason`."""
     try:
-        return yaml.load(text, Loader=_JobLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_JobLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -120,9 +120,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                problems.append(
-                    Problem(f"--set {key}", f"'{where}' is a value, not a section")
-                )
+                problems.append(Problem(f"--set {key}", f"'{where}' is a value, not a section"))
                 break
             node = child
         else:

@@ -88,7 +88,9 @@ def load_registry(entry_points: Iterable[metadata.EntryPoint], *, warn=None) -> 
             continue
         for backend in registered:
             if not isinstance(backend, Backend):
-                line = f"tuneplex: warning: plugin '{ep.name}' registered {backend!r}, not a Backend"
+                line = (
+                    f"tuneplex: warning: plugin '{ep.name}' registered {backend!r}, not a Backend"
+                )
                 failures.append(line)
                 warn(line)
                 continue

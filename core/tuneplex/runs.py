@@ -36,9 +36,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(
-    run_dir: Path, *, job: dict[str, Any], resume: bool, overwrite: bool
-) -> bool:
+def prepare_run_dir(run_dir: Path, *, job: dict[str, Any], resume: bool, overwrite: bool) -> bool:
     """Make `run_dir` ready and write job.json. Returns whether training resumes.
 
     A non-empty directory is refused unless --resume (same job, continue) or --overwrite
@@ -90,7 +88,10 @@ def _check_same_job(run_dir: Path, job: dict[str, Any]) -> None:
     ]
     if diffs:
         raise UsageError(
-            [*diffs, Problem("--resume", "the job differs from the run it resumes; start a new run")]
+            [
+                *diffs,
+                Problem("--resume", "the job differs from the run it resumes; start a new run"),
+            ]
         )
 
 

@@ -20,7 +20,7 @@ class WandbConfig(StrictModel):
     tags: list[str] = Field(default_factory=list, description="Tags attached to the run.")
     mode: Literal["online", "offline", "disabled"] = Field(
         default="online",
-        description="online streams to the server; offline writes locally for a later `wandb sync`.",
+        description="online streams to the server; offline writes locally (`wandb sync` later).",
     )
     api_key: SecretStr | None = Field(
         default=None,
@@ -54,7 +54,9 @@ class IntegrationsConfig(StrictModel):
     wandb: WandbConfig | None = Field(
         default=None, description="Log metrics to Weights & Biases; null: off."
     )
-    mlflow: MlflowConfig | None = Field(default=None, description="Log metrics to MLflow; null: off.")
+    mlflow: MlflowConfig | None = Field(
+        default=None, description="Log metrics to MLflow; null: off."
+    )
 
 
 def output_dir_field():

@@ -70,5 +70,3 @@ def _render(model: type[BaseModel], lines: list[str], *, indent: int, prefix: st
             continue
         lines.append(f"{prefix}{pad}{name}:")
         _render(sub, lines, indent=indent + 2, prefix=prefix)
-
-

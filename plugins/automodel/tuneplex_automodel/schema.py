@@ -44,7 +44,7 @@ class AutomodelLora(StrictModel):
     target_modules: list[str] | None = Field(
         default=None,
         min_length=1,
-        description="Module name patterns to adapt; null: every linear layer except the output head.",
+        description="Module name patterns to adapt; null: all linear layers but the output head.",
     )
 
 

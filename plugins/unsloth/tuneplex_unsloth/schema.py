@@ -222,7 +222,7 @@ GpuList = Annotated[
 class UnslothHardware(StrictModel):
     gpus: GpuList | None = Field(
         default=None,
-        description="Comma-separated GPU indices for CUDA_VISIBLE_DEVICES (\"0\" or \"0,1\"); "
+        description='Comma-separated GPU indices for CUDA_VISIBLE_DEVICES ("0" or "0,1"); '
         "null: leave CUDA_VISIBLE_DEVICES as it is.",
     )
     precision: Literal["bf16", "fp16"] = Field(
