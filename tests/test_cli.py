@@ -363,3 +363,14 @@ def test_console_script(tmp_path, write):
     assert bad.stderr == "training.lora.rank: must be >= 1 (got 0)\n"
     schema = subprocess.run([exe, "schema", "unsloth"], capture_output=True, text=True, timeout=60)
     jsonschema.Draft202012Validator.check_schema(json.loads(schema.stdout))
+
+
+@pytest.mark.parametrize("backend", ["automodel", "unsloth"])
+def test_docs_match_live_schema(backend):
+    """docs/<backend>-job.md is the committed output of `schema --format markdown`."""
+    result = invoke("schema", backend, "--format", "markdown")
+    assert result.exit_code == 0
+    doc = Path(__file__).parents[1] / "docs" / f"{backend}-job.md"
+    assert doc.read_text() == result.output, (
+        f"regenerate: tuneplex schema {backend} --format markdown > {doc}"
+    )

@@ -115,6 +115,7 @@ def backends_cmd(
 class SchemaFormat(str, Enum):
     json = "json"
     yaml = "yaml"
+    markdown = "markdown"
 
 
 @app.command("schema")
@@ -123,7 +124,11 @@ def schema_cmd(
     backend: Annotated[str, typer.Argument(help="Backend whose job schema to print.")],
     fmt: Annotated[
         SchemaFormat,
-        typer.Option("--format", "-f", help="json: JSON Schema; yaml: a commented job template."),
+        typer.Option(
+            "--format",
+            "-f",
+            help="json: JSON Schema; yaml: a commented job template; markdown: a reference table.",
+        ),
     ] = SchemaFormat.json,
 ) -> None:
     """Print a backend's live job schema (JSON Schema) or a YAML job template with every default."""
@@ -132,10 +137,14 @@ def schema_cmd(
     schema = registry().get(backend).backend.job_schema
     if fmt is SchemaFormat.json:
         typer.echo(json.dumps(schema.model_json_schema(), indent=2))
-    else:
+    elif fmt is SchemaFormat.yaml:
         from tuneplex.schema.template import yaml_template
 
         typer.echo(yaml_template(schema, backend=backend), nl=False)
+    else:
+        from tuneplex.schema.docs import markdown_reference
+
+        typer.echo(markdown_reference(schema, backend=backend), nl=False)
 
 
 def _load(job: Path, backend: str, sets: list[str] | None):
