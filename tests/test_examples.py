@@ -1,0 +1,16 @@
+"""Every example job in examples/ is valid for its backend."""
+
+from pathlib import Path
+
+import pytest
+
+from tuneplex.config_io import load_job
+from tuneplex.plugins import registry
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_is_valid(path):
+    backend = path.name.split("-")[0]
+    load_job(registry().get(backend).backend.job_schema, path)
