@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from tuneplex.config_io import load_job
 from tuneplex.plugins import registry
 

@@ -5,12 +5,11 @@ import json
 import jsonschema
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from tuneplex.cli import app
 from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
 from tuneplex.plugins import registry
+from typer.testing import CliRunner
 
 
 def printed_schema(backend):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from tuneplex.data.spec import DataSpec
     from tuneplex.schema.base import JobSchema
 
 
@@ -43,6 +44,10 @@ class Backend(Protocol):
 
     def derived(self, job: JobSchema) -> Mapping[str, int | float | str]:
         """Values computed from the validated job (data-parallel size, accumulation steps...)."""
+        ...
+
+    def data_spec(self, job: JobSchema) -> DataSpec:
+        """What the shared data pipeline must build for this job (files, tokenizer, format)."""
         ...
 
     def train(self, job: JobSchema, run_dir: Path, *, resume: bool = False) -> None:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, Field
 
 from tuneplex.backend import Backend, EnvironmentStatus
+from tuneplex.data.spec import DataSpec
 from tuneplex.hookspecs import hookimpl
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
 from tuneplex.schema.base import model_in
@@ -71,6 +72,11 @@ class FakeBackend:
 
     def derived(self, job: FakeJobInput) -> dict[str, int]:
         return {"total_gpus": 0, "steps": job.schedule.steps}
+
+    def data_spec(self, job: FakeJobInput) -> DataSpec:
+        return DataSpec(
+            train=job.dataset.path, tokenizer=job.model, max_seq_length=64, train_key="dataset.path"
+        )
 
     def train(self, job: FakeJobInput, run_dir: Path, *, resume: bool = False) -> None:
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
@@ -217,6 +223,11 @@ class BackendContract:
             """
         )
         assert heavy == []
+
+    def test_data_spec_names_the_job_keys(self):
+        spec = self.backend.data_spec(self._validate(self.minimal_job))
+        assert isinstance(spec, DataSpec)
+        assert spec.train_key.startswith("dataset.") and spec.max_seq_length >= 1
 
     def test_derived_values_are_scalars(self):
         derived = self.backend.derived(self._validate(self.minimal_job))

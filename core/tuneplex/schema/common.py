@@ -76,3 +76,42 @@ def keep_checkpoints_field():
         description="Keep only the newest N step checkpoints (older ones are deleted once a newer "
         "one is complete); null: keep all.",
     )
+
+
+DataFormatName = Literal["auto", "prompt_completion", "column_mapped", "chat", "text"]
+
+
+def data_format_field():
+    return Field(
+        default="auto",
+        description="Row format: auto (detected per row: messages -> chat, input/output or "
+        "prompt/completion -> prompt_completion, column_mapping -> column_mapped, the text "
+        "field -> text), or one of them forced.",
+    )
+
+
+class ColumnMapping(StrictModel):
+    """Which columns of an instruction dataset hold the context, question and answer."""
+
+    context: str | None = Field(
+        default=None, min_length=1, description="Column with optional context (prepended)."
+    )
+    question: str = Field(min_length=1, description="Column with the instruction / question.")
+    answer: str = Field(min_length=1, description="Column with the answer (the trained part).")
+
+
+def column_mapping_field():
+    return Field(
+        default=None,
+        description="Map your columns to context / question / answer (column_mapped format); "
+        "null: use input/output, prompt/completion or messages as found.",
+    )
+
+
+def data_format_problems(fmt: str, mapping: ColumnMapping | None) -> list[tuple[str, str]]:
+    """The rules between `format` and `column_mapping`, worded once for both backends."""
+    if fmt == "column_mapped" and mapping is None:
+        return [("column_mapping", "required when format is column_mapped")]
+    if mapping is not None and fmt not in ("auto", "column_mapped"):
+        return [("column_mapping", f"only used with format auto or column_mapped (got {fmt})")]
+    return []

@@ -6,6 +6,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from tuneplex.backend import EnvironmentStatus
+from tuneplex.data.spec import DataSpec
 from tuneplex.errors import TuneplexError
 from tuneplex.hardware import visible_cuda_gpus
 
@@ -36,6 +37,22 @@ class AutomodelBackend:
 
     def derived(self, job: AutomodelJobInput) -> dict[str, int]:
         return job.parallel_dims().as_dict()
+
+    def data_spec(self, job: AutomodelJobInput) -> DataSpec:
+        d = job.dataset
+        return DataSpec(
+            train=d.training,
+            validation=d.validation,
+            tokenizer=job.model,
+            max_seq_length=job.training.max_seq_length,
+            format=d.format,
+            column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
+            text_field=d.text_field,
+            chat_template=d.prompt_template or d.chat_template,
+            packing=job.batch.sequence_packing,
+            train_key="dataset.training",
+            validation_key="dataset.validation",
+        )
 
     def train(self, job: AutomodelJobInput, run_dir: Path, *, resume: bool = False) -> None:
         raise TuneplexError(

@@ -7,7 +7,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 from tuneplex.errors import CrossFieldError
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
-from tuneplex.schema.common import keep_checkpoints_field, output_dir_field
+from tuneplex.schema.common import (
+    ColumnMapping,
+    DataFormatName,
+    column_mapping_field,
+    data_format_field,
+    data_format_problems,
+    keep_checkpoints_field,
+    output_dir_field,
+)
 
 from tuneplex_automodel.parallel_dims import ParallelDims
 
@@ -28,6 +36,27 @@ class AutomodelDataset(StrictModel):
         min_length=1,
         description="Jinja chat template for custom dataset schemas; null: the tokenizer's own.",
     )
+    format: DataFormatName = data_format_field()
+    column_mapping: ColumnMapping | None = column_mapping_field()
+    text_field: str = Field(
+        default="text", min_length=1, description="Row field of the text format (all trained)."
+    )
+    chat_template: Literal["tokenizer", "passthrough"] = Field(
+        default="tokenizer",
+        description="tokenizer: render chats with the tokenizer's template (or prompt_template); "
+        "passthrough: concatenate message contents as they are (data already rendered).",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> AutomodelDataset:
+        problems = data_format_problems(self.format, self.column_mapping)
+        if self.prompt_template is not None and self.chat_template == "passthrough":
+            problems.append(
+                ("prompt_template", "a template contradicts chat_template: passthrough")
+            )
+        if problems:
+            raise CrossFieldError(problems)
+        return self
 
 
 class AutomodelLora(StrictModel):

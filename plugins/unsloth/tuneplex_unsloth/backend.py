@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneplex.backend import EnvironmentStatus
+from tuneplex.data.spec import DataSpec
 from tuneplex.errors import TuneplexError
 
 from tuneplex_unsloth import env
@@ -29,6 +30,23 @@ class UnslothBackend:
             "visible_gpus": job.hardware.gpus or "(unchanged CUDA_VISIBLE_DEVICES)",
             "effective_batch_size": b.per_device_train_batch_size * b.gradient_accumulation_steps,
         }
+
+    def data_spec(self, job: UnslothJobInput) -> DataSpec:
+        d = job.dataset
+        return DataSpec(
+            train=d.path,
+            validation=d.validation_path,
+            tokenizer=job.model.name,
+            max_seq_length=job.model.max_seq_length,
+            format=d.format,
+            column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
+            text_field=d.text_field,
+            chat_template="tokenizer" if d.apply_chat_template else "none",
+            packing=d.packing,
+            trust_remote_code=job.model.trust_remote_code,
+            train_key="dataset.path",
+            validation_key="dataset.validation_path",
+        )
 
     def train(self, job: UnslothJobInput, run_dir: Path, *, resume: bool = False) -> None:
         raise TuneplexError(

@@ -7,7 +7,15 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 from tuneplex.errors import CrossFieldError
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
-from tuneplex.schema.common import keep_checkpoints_field, output_dir_field
+from tuneplex.schema.common import (
+    ColumnMapping,
+    DataFormatName,
+    column_mapping_field,
+    data_format_field,
+    data_format_problems,
+    keep_checkpoints_field,
+    output_dir_field,
+)
 
 UNSLOTH_TARGET_MODULES = (
     "q_proj",
@@ -81,6 +89,17 @@ class UnslothDataset(StrictModel):
         default=False,
         description="Pack several samples into one sequence (no attention across samples).",
     )
+    format: DataFormatName = data_format_field()
+    column_mapping: ColumnMapping | None = column_mapping_field()
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothDataset:
+        problems = data_format_problems(self.format, self.column_mapping)
+        if self.format == "chat" and not self.apply_chat_template:
+            problems.append(("format", "chat needs apply_chat_template: true"))
+        if problems:
+            raise CrossFieldError(problems)
+        return self
 
 
 class UnslothLora(StrictModel):

@@ -1,0 +1,124 @@
+"""Recognising a row's format and checking its structure, before any tokenization.
+
+Four formats, detected per row (or forced by `format` in the job):
+  chat               `messages` (system/user/assistant/tool roles, tool_calls) + optional `tools`
+  column_mapped      any columns mapped to context / question / answer
+  prompt_completion  input/output or prompt/completion
+  text               `text_field`: every token trained
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneplex.data.spec import DEFAULT_PAIRS, DataSpec
+from tuneplex.errors import Problem, UsageError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def detect(row: dict[str, Any], where: str, spec: DataSpec) -> str:
+    """The row's format name; raises a UsageError naming the row and its columns if unknown."""
+    if spec.format != "auto":
+        return spec.format
+    if spec.messages_field in row:
+        return "chat"
+    if spec.column_mapping is not None:
+        return "column_mapped"
+    for prompt_key, completion_key in DEFAULT_PAIRS:
+        if prompt_key in row and completion_key in row:
+            return "prompt_completion"
+    if spec.text_field in row:
+        return "text"
+    raise UsageError(
+        Problem(
+            where,
+            f"cannot tell this row's format (columns: {_cols(row)}); expected "
+            f"'{spec.messages_field}', 'input'/'output', 'prompt'/'completion' or "
+            f"'{spec.text_field}' (or set dataset.format / dataset.column_mapping)",
+        )
+    )
+
+
+def normalise(row: dict[str, Any], where: str, spec: DataSpec) -> tuple[str, dict[str, Any]]:
+    """(format, example). Examples: {"messages", "tools"} | {"prompt", "completion"} | {"text"}."""
+    fmt = detect(row, where, spec)
+    if fmt == "chat":
+        return fmt, _chat(row, where, spec)
+    if fmt == "text":
+        return fmt, {"text": _string(row, spec.text_field, where, "dataset.text_field")}
+    if fmt == "column_mapped":
+        mapping = spec.column_mapping or {}
+        parts = []
+        for role in ("context", "question"):
+            col = mapping.get(role)
+            if col is not None:
+                value = _string(row, col, where, f"dataset.column_mapping.{role}")
+                if value.strip():
+                    parts.append(value)
+        answer = _string(row, mapping["answer"], where, "dataset.column_mapping.answer")
+        return fmt, {"prompt": "\n\n".join(parts), "completion": answer}
+    # prompt_completion
+    for prompt_key, completion_key in DEFAULT_PAIRS:
+        if prompt_key in row and completion_key in row:
+            return fmt, {
+                "prompt": _string(row, prompt_key, where, None),
+                "completion": _string(row, completion_key, where, None),
+            }
+    raise UsageError(
+        Problem(
+            where,
+            f"no input/output or prompt/completion columns (columns: {_cols(row)}); map yours "
+            "with dataset.column_mapping",
+        )
+    )
+
+
+def _string(row: dict[str, Any], col: str, where: str, setting: str | None) -> str:
+    if col not in row:
+        via = f" ({setting})" if setting else ""
+        raise UsageError(Problem(where, f"column '{col}'{via} missing; row has: {_cols(row)}"))
+    value = row[col]
+    if not isinstance(value, str):
+        raise UsageError(Problem(where, f"column '{col}' must be a string, got {_kind(value)}"))
+    return value
+
+
+def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
+    key = spec.messages_field
+    if key not in row:
+        raise UsageError(Problem(where, f"no '{key}' field (columns: {_cols(row)})"))
+    messages = row[key]
+    if not isinstance(messages, list) or not messages:
+        raise UsageError(Problem(where, f"'{key}' must be a non-empty list of messages"))
+    for i, msg in enumerate(messages):
+        at = f"{key}[{i}]"
+        if not isinstance(msg, dict):
+            raise UsageError(Problem(where, f"{at}: expected an object, got {_kind(msg)}"))
+        role = msg.get("role")
+        if role not in ROLES:
+            raise UsageError(
+                Problem(where, f"{at}.role: must be one of {', '.join(ROLES)} (got {role!r})")
+            )
+        content = msg.get("content")
+        has_calls = bool(msg.get("tool_calls"))
+        if content is None and not (role == "assistant" and has_calls):
+            raise UsageError(Problem(where, f"{at}.content: missing"))
+        if content is not None and not isinstance(content, str):
+            raise UsageError(
+                Problem(where, f"{at}.content: must be a string, got {_kind(content)}")
+            )
+        if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
+            raise UsageError(Problem(where, f"{at}.tool_calls: must be a list"))
+    tools = row.get(spec.tools_field)
+    if tools is not None and not isinstance(tools, list):
+        raise UsageError(Problem(where, f"'{spec.tools_field}' must be a list"))
+    return {"messages": messages, "tools": tools or None}
+
+
+def _cols(row: dict[str, Any]) -> str:
+    return ", ".join(map(str, row)) or "(none)"
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__ if value is not None else "null"

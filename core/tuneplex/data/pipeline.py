@@ -1,0 +1,285 @@
+"""prepare(): a DataSpec in, tokenized (and packed) train/validation splits out, cached on disk.
+
+The cache key covers the data files' content, the tokenizer (vocabulary, special tokens, chat
+template), the template and format options, max_seq_length and this pipeline's version, so a
+rerun loads Arrow files in a moment and any change rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneplex.data import formats, sources
+from tuneplex.data.packing import pack
+from tuneplex.data.spec import DataSpec, DataStats
+from tuneplex.data.templates import IGNORE_INDEX, Encoder, TemplateMismatch
+from tuneplex.errors import Problem, UsageError
+
+PIPELINE_VERSION = "1"
+MAX_REPORTED = 20
+CHUNK = 1024
+
+
+@dataclass
+class Split:
+    examples: Any
+    """datasets.Dataset of input_ids/labels, one example per row (after truncation/drops)."""
+    packed: Any | None
+    """datasets.Dataset of packed rows (input_ids/labels/position_ids/seq_lens), if packing."""
+    stats: DataStats
+
+    @property
+    def rows(self):
+        """What the trainer iterates: packed rows when packing, else the examples."""
+        return self.packed if self.packed is not None else self.examples
+
+
+@dataclass
+class Prepared:
+    train: Split
+    validation: Split | None
+    tokenizer: Any
+
+
+def cache_root() -> Path:
+    env = os.environ.get("TUNEPLEX_CACHE")
+    if env:
+        return Path(env) / "data"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tuneplex" / "data"
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False, key: str = "model"):
+    from transformers import AutoTokenizer
+
+    local = Path(ref).expanduser().is_dir()
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(Path(ref).expanduser()) if local else ref,
+            local_files_only=local or sources.hub_offline(),
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = (
+            "not a local directory, and the Hub is offline"
+            if (not local and sources.hub_offline())
+            else first
+        )
+        raise UsageError(Problem(key, f"{ref}: cannot load a tokenizer ({where})")) from None
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tok, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tok.get_vocab())).encode())
+    h.update(
+        json.dumps(
+            {
+                "cls": type(tok).__name__,
+                "special": tok.special_tokens_map,
+                "template": tok.chat_template,
+                "bos": tok.bos_token_id,
+                "eos": tok.eos_token_id,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def prepare(spec: DataSpec, *, tokenizer=None, use_cache: bool = True) -> Prepared:
+    tok = tokenizer or load_tokenizer(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+    tok_fp = tokenizer_fingerprint(tok)
+    train = _split(spec, tok, tok_fp, "train", use_cache=use_cache)
+    validation = None
+    if spec.validation is not None:
+        validation = _split(spec, tok, tok_fp, "validation", use_cache=use_cache)
+    return Prepared(train=train, validation=validation, tokenizer=tok)
+
+
+def _split(spec: DataSpec, tok, tok_fp: str, split: str, *, use_cache: bool) -> Split:
+    ref = spec.train if split == "train" else spec.validation
+    key = spec.train_key if split == "train" else spec.validation_key
+    source = sources.resolve(ref, key=key)
+    cache_key = hashlib.sha256(
+        json.dumps(
+            {
+                "v": PIPELINE_VERSION,
+                "spec": spec.key_dict(split),
+                "data": source.fingerprint(),
+                "tokenizer": tok_fp,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
+    where = cache_root() / cache_key
+    if use_cache and (where / "stats.json").is_file():
+        return _load(where)
+    rows = sources.read_rows(source, key=key)
+    if not rows:
+        raise UsageError(Problem(key, f"{ref}: no rows"))
+    split_data = build(rows, spec, tok, key=key)
+    if use_cache:
+        _save(split_data, where)
+    return split_data
+
+
+def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Split:
+    """Rows -> examples -> tokens and labels -> truncated, filtered, packed. No caching."""
+
+    stats = DataStats(rows=len(rows))
+    problems: list[Problem] = []
+    normalised: list[tuple[str, str, dict]] = []
+    for where, row in rows:
+        try:
+            fmt, example = formats.normalise(row, where, spec)
+        except UsageError as exc:
+            problems.extend(exc.problems)
+            if len(problems) >= MAX_REPORTED:
+                break
+            continue
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        normalised.append((where, fmt, example))
+    if problems:
+        raise UsageError(problems[:MAX_REPORTED])
+
+    encoder = Encoder(tok, spec)
+    encoder.calibrate([(fmt, ex) for _, fmt, ex in normalised[:64]])
+    limit = spec.max_seq_length
+    input_ids: list = []
+    labels: list = []
+    for ids, lab in _encode_all(encoder, normalised):
+        if len(ids) > limit:
+            stats.truncated += 1
+            ids, lab = ids[:limit], lab[:limit]
+        trained = int((lab != IGNORE_INDEX).sum())
+        if trained == 0:
+            stats.dropped_no_trained_tokens += 1
+            continue
+        stats.tokens += len(ids)
+        stats.trained_tokens += trained
+        input_ids.append(ids)
+        labels.append(lab)
+    stats.examples = len(input_ids)
+    if not input_ids:
+        raise UsageError(
+            Problem(
+                key,
+                (
+                    f"no example has a trained token ({stats.rows} rows, "
+                    f"{stats.dropped_no_trained_tokens} without an answer after truncation to "
+                    f"{limit} tokens)"
+                ),
+            )
+        )
+    examples = _dataset({"input_ids": input_ids, "labels": labels})
+    packed = None
+    if spec.packing:
+        rows = pack(list(zip(input_ids, labels, strict=True)), limit)
+        packed = _dataset(
+            {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids", "seq_lens")}
+        )
+        stats.packed_rows = len(rows)
+        stats.packing_efficiency = round(stats.tokens / (len(rows) * limit), 4)
+    return Split(examples=examples, packed=packed, stats=stats)
+
+
+# -- encoding, in worker processes when there is enough work ---------------------------
+_WORK: tuple[Encoder, list] | None = None
+PARALLEL_MIN_ROWS = 4096
+
+
+def _encode_range(bounds: tuple[int, int]):
+    encoder, items = _WORK
+    rendered = []
+    for where, fmt, example in items[bounds[0] : bounds[1]]:
+        try:
+            rendered.append(encoder.render(fmt, example))
+        except TemplateMismatch as exc:
+            return Problem(
+                where,
+                (
+                    f"the chat template does not render turn {exc.args[0]} of this conversation as "
+                    "a prefix of the whole (it rewrites earlier turns), so the loss mask cannot be "
+                    "exact; split the conversation or use another template"
+                ),
+            )
+        except UsageError as exc:
+            return exc.problems[0]
+        except Exception as exc:  # jinja raise_exception and friends
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return Problem(where, f"chat template error: {msg}")
+    return encoder.encode_many(rendered)
+
+
+def _encode_all(encoder: Encoder, items: list):
+    global _WORK
+    bounds = [(i, min(i + CHUNK, len(items))) for i in range(0, len(items), CHUNK)]
+    workers = min(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        8,
+    )
+    _WORK = (encoder, items)
+    try:
+        if workers > 1 and len(items) >= PARALLEL_MIN_ROWS and "fork" in mp.get_all_start_methods():
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+                results = list(pool.map(_encode_range, bounds))
+        else:
+            results = [_encode_range(b) for b in bounds]
+    finally:
+        _WORK = None
+    for result in results:
+        if isinstance(result, Problem):
+            raise UsageError(result)
+        yield from result
+
+
+def _dataset(columns: dict[str, list]):
+    """A datasets.Dataset built straight from int32 arrays (no per-element Python work)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    arrays = {}
+    for name, values in columns.items():
+        lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+        offsets = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(values).astype(np.int32) if values else np.zeros(0, np.int32)
+        if offsets[-1] < 2**31:
+            arrays[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
+        else:
+            arrays[name] = pa.LargeListArray.from_arrays(pa.array(offsets), flat)
+    return datasets.Dataset(pa.table(arrays))
+
+
+def _save(split: Split, where: Path) -> None:
+    tmp = where.with_name(where.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    split.examples.save_to_disk(str(tmp / "examples"))
+    if split.packed is not None:
+        split.packed.save_to_disk(str(tmp / "packed"))
+    (tmp / "stats.json").write_text(json.dumps(split.stats.as_dict()))
+    shutil.rmtree(where, ignore_errors=True)
+    os.replace(tmp, where)
+
+
+def _load(where: Path) -> Split:
+    import datasets
+
+    stats = DataStats(**json.loads((where / "stats.json").read_text()))
+    examples = datasets.load_from_disk(str(where / "examples"))
+    packed = datasets.load_from_disk(str(where / "packed")) if (where / "packed").is_dir() else None
+    return Split(examples=examples, packed=packed, stats=stats)

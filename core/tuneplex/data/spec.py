@@ -1,0 +1,62 @@
+"""What the pipeline is asked to do (from a job), and what it reports back."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Format = Literal["auto", "prompt_completion", "column_mapped", "chat", "text"]
+FORMATS: tuple[str, ...] = ("auto", "prompt_completion", "column_mapped", "chat", "text")
+
+# prompt/completion key pairs recognised without configuration, in order of preference
+DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("input", "output"), ("prompt", "completion"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that decides the tokens and masks of a dataset (and so its cache key)."""
+
+    train: str
+    """Dataset reference: a .jsonl/.json/.parquet file, a directory of them, or a hub id."""
+    tokenizer: str
+    """Tokenizer reference: a local directory or a hub id (the model's)."""
+    max_seq_length: int
+    validation: str | None = None
+    format: Format = "auto"
+    column_mapping: dict[str, str] | None = None
+    """{"context": col, "question": col, "answer": col}; context optional."""
+    text_field: str = "text"
+    messages_field: str = "messages"
+    tools_field: str = "tools"
+    chat_template: Literal["tokenizer", "passthrough", "none"] | str = "tokenizer"
+    """tokenizer: the tokenizer's own; passthrough: contents concatenated; none: rows with
+    messages are refused; any other string: a custom Jinja template."""
+    packing: bool = False
+    trust_remote_code: bool = False
+    train_key: str = "dataset.training"
+    validation_key: str = "dataset.validation"
+    """Job keys named in error messages about the two references."""
+
+    def key_dict(self, split: str) -> dict:
+        data = asdict(self)
+        for name in ("train", "validation", "train_key", "validation_key"):
+            data.pop(name)
+        data["source"] = self.train if split == "train" else self.validation
+        return data
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_no_trained_tokens: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    packed_rows: int | None = None
+    packing_efficiency: float | None = None
+    """Real tokens / (packed rows × max_seq_length)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,182 @@
+"""Tiny tokenizers and models built locally, for the demo, the tests and the CPU benchmarks.
+
+Nothing is downloaded: a byte-level BPE is trained with `tokenizers` on generated text and
+wrapped as a transformers fast tokenizer with one of three real-world chat template styles.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+WORDS = ["the", "a", "model", "learns", "data", "token", "answer", "question", "river", "mountain", "blue", "green", "small", "large", "fast", "slow", "code", "python", "function", "returns", "value", "list", "sum", "add", "multiply", "weather", "city", "paris", "london", "sunny", "rainy", "today", "tomorrow", "please", "thanks", "hello", "world", "why", "how", "what", "when", "where", "who", "because", "train", "test", "loss", "rate", "step", "batch", "number", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+CHATML = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n' }}{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content %}{{- message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{{- '\\n<tool_call>' }}{{- (call.function or call) | tojson }}{{- '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3 = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}"
+    "{{- message.content or '' }}"
+    "{%- for call in message.tool_calls or [] %}{{- (call.function or call) | tojson }}"
+    "{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+
+# Mistral-7B-Instruct-v0.1's template, verbatim in behaviour: [INST] ... [/INST] answer</s>
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+STYLES = {
+    "chatml": {"template": CHATML, "bos": None, "eos": "<|im_end|>", "add_bos": False},
+    "llama3": {
+        "template": LLAMA3,
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "add_bos": True,
+    },
+    "mistral": {"template": MISTRAL, "bos": "<s>", "eos": "</s>", "add_bos": True},
+}
+SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+
+def sentence(rng: random.Random, n: int | None = None) -> str:
+    words = [rng.choice(WORDS) for _ in range(n or rng.randint(4, 14))]
+    return " ".join(words).capitalize() + rng.choice([".", "?", "!"])
+
+
+def corpus(rng: random.Random, lines: int = 3000) -> list[str]:
+    extra = [
+        "[INST]",
+        "[/INST]",
+        "<tool_call>",
+        "</tool_call>",
+        '{"name": "get_weather"}',
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "# Tools",
+    ]
+    return [sentence(rng) + " " + rng.choice(extra) + " " + sentence(rng) for _ in range(lines)]
+
+
+def build_tokenizer(
+    out_dir: str | Path, *, style: str = "chatml", vocab_size: int = 512, seed: int = 0
+):
+    """Train a byte-level BPE on generated text; save a fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = STYLES[style]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(corpus(random.Random(seed)), trainer=trainer)
+    if cfg["add_bos"]:
+        bos = cfg["bos"]
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tk.token_to_id(bos))],
+        )
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=cfg["bos"],
+        eos_token=cfg["eos"],
+        pad_token="<pad>",
+        chat_template=cfg["template"],
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    return tok
+
+
+def build_llama(
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    max_positions: int = 4096,
+):
+    """A random-init LlamaForCausalLM (fp32, safetensors) sized for CPU tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = len(tokenizer) if tokenizer is not None else 512
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return model
