@@ -32,3 +32,18 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory):
+    """Three locally trained tokenizers, one per chat template style: {style: (path, tok)}."""
+    from tuneplex.tiny import STYLES, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {s: (str(root / s), build_tokenizer(root / s, style=s)) for s in STYLES}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own token cache directory."""
+    monkeypatch.setenv("TUNEPLEX_CACHE", str(tmp_path / "cache"))

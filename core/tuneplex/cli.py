@@ -209,6 +209,49 @@ def train_cmd(
     installed.backend.train(parsed, run_dir, resume=resuming)
 
 
+data_app = typer.Typer(
+    help="Look at what the data pipeline makes of a job's data.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+@_reported
+def data_inspect_cmd(
+    job: JobArg,
+    backend: BackendOpt = DEFAULT_BACKEND,
+    sets: SetOpt = None,
+    n: Annotated[int, typer.Option("-n", min=0, help="How many examples to show.")] = 3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print examples (input_ids, labels) and stats as JSON.")
+    ] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Rebuild instead of reading the token cache.")
+    ] = False,
+) -> None:
+    """Tokenize a job's data (tokenizer only, no weights); show examples with the trained tokens
+    highlighted, and counts: rows, tokens, trained tokens, truncated, dropped, packing."""
+    import os
+    import sys
+
+    from tuneplex.data import inspect as data_inspect
+    from tuneplex.data.pipeline import prepare
+
+    installed, parsed = _load(job, backend, sets)
+    prepared = prepare(installed.backend.data_spec(parsed), use_cache=not no_cache)
+    if as_json:
+        typer.echo(json.dumps(data_inspect.examples_json(prepared, n)))
+        return
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    text = data_inspect.render(prepared, n, color=color)
+    if color:
+        from rich.console import Console
+
+        Console(highlight=False).print(text)
+    else:
+        typer.echo(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Usage errors are one line, exit code 2."""
     command = typer.main.get_command(app)

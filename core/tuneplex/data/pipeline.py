@@ -265,6 +265,9 @@ def _dataset(columns: dict[str, list]):
 
 
 def _save(split: Split, where: Path) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
     tmp = where.with_name(where.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -194,8 +194,10 @@ class Encoder:
             ids = np.asarray(enc.ids, dtype=np.int32)
             offsets = enc.offsets
             labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-            for a, b in r.spans:  # offsets never decrease: two binary searches per span
-                lo = bisect.bisect_left(offsets, a, key=_start)
+            for a, b in r.spans:
+                # a token is trained if it holds any answer character (the model must emit it);
+                # offsets never decrease, so two binary searches find the range
+                lo = bisect.bisect_right(offsets, a, key=_end)
                 hi = bisect.bisect_left(offsets, b, lo=lo, key=_start)
                 labels[lo:hi] = ids[lo:hi]
             if r.add_bos:
@@ -210,6 +212,10 @@ class Encoder:
 
 def _start(offset: tuple[int, int]) -> int:
     return offset[0]
+
+
+def _end(offset: tuple[int, int]) -> int:
+    return offset[1]
 
 
 def _leading_specials(text: str, tok: Any) -> int:

@@ -1,0 +1,76 @@
+"""`tuneplex data inspect`: what the model will see, and which tokens it learns from."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tuneplex.data.pipeline import Prepared
+from tuneplex.data.templates import IGNORE_INDEX
+
+
+def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
+    split = prepared.train
+    head = split.examples.select(range(min(n, len(split.examples))))
+    out: dict[str, Any] = {
+        "examples": [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head],
+        "stats": split.stats.as_dict(),
+    }
+    if prepared.validation is not None:
+        out["validation_stats"] = prepared.validation.stats.as_dict()
+    return out
+
+
+def _segments(tok, ids: list[int], labels: list[int]):
+    """Runs of (trained?, text), decoded run by run so multi-byte characters stay whole."""
+    runs: list[tuple[bool, list[int]]] = []
+    for tid, lab in zip(ids, labels, strict=True):
+        trained = lab != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((trained, [tid]))
+    return [(t, tok.decode(run, skip_special_tokens=False)) for t, run in runs]
+
+
+def render(prepared: Prepared, n: int, *, color: bool) -> str:
+    """Plain text (trained parts in ⟦ ⟧) or rich markup (trained parts green)."""
+    from rich.markup import escape
+
+    tok = prepared.tokenizer
+    split = prepared.train
+    lines = []
+    for i, row in enumerate(split.examples.select(range(min(n, len(split.examples))))):
+        trained = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
+        head = f"── example {i}: {len(row['input_ids'])} tokens, {trained} trained "
+        lines.append(f"[bold]{escape(head)}[/bold]" if color else head)
+        text = ""
+        for is_trained, seg in _segments(tok, row["input_ids"], row["labels"]):
+            if color:
+                text += (
+                    f"[bold green]{escape(seg)}[/bold green]"
+                    if is_trained
+                    else (f"[dim]{escape(seg)}[/dim]")
+                )
+            else:
+                text += f"⟦{seg}⟧" if is_trained else seg
+        lines += [text, ""]
+    lines.append(_stats_block("train", split.stats.as_dict()))
+    if prepared.validation is not None:
+        lines.append(_stats_block("validation", prepared.validation.stats.as_dict()))
+    return "\n".join(lines)
+
+
+def _stats_block(name: str, stats: dict[str, Any]) -> str:
+    eff = stats.get("packing_efficiency")
+    parts = [
+        f"{name}: {stats['rows']} rows -> {stats['examples']} examples",
+        f"tokens {stats['tokens']}",
+        f"trained {stats['trained_tokens']}",
+        f"truncated {stats['truncated']}",
+        f"dropped (no trained token) {stats['dropped_no_trained_tokens']}",
+        f"formats {json.dumps(stats['formats'])}",
+    ]
+    if eff is not None:
+        parts.append(f"packed rows {stats['packed_rows']}, packing efficiency {eff:.1%}")
+    return " | ".join(parts)
