@@ -165,7 +165,8 @@ def test_missing_mapped_column_names_the_row_columns(tokenizers):
             column_mapping={"question": "question", "answer": "answer"},
         )
     assert info.value.lines() == [
-        "t.jsonl:2: column 'answer' (dataset.column_mapping.answer) missing; row has: question, reply"
+        "t.jsonl:2: column 'answer' (dataset.column_mapping.answer) missing; "
+        "row has: question, reply"
     ]
 
 
@@ -283,13 +284,14 @@ def test_no_trainable_token_at_all_fails_clearly(tokenizers):
         (
             {"foo": 1},
             "t.jsonl:1: cannot tell this row's format (columns: foo); expected "
-            "'messages', 'input'/'output', 'prompt'/'completion' or 'text' (or set dataset.format / "
-            "dataset.column_mapping)",
+            "'messages', 'input'/'output', 'prompt'/'completion' or 'text' "
+            "(or set dataset.format / dataset.column_mapping)",
         ),
         ({"messages": []}, "t.jsonl:1: 'messages' must be a non-empty list of messages"),
         (
             {"messages": [{"role": "robot", "content": "x"}]},
-            "t.jsonl:1: messages[0].role: must be one of system, user, assistant, tool (got 'robot')",
+            "t.jsonl:1: messages[0].role: must be one of system, user, assistant, tool "
+            "(got 'robot')",
         ),
         ({"messages": [{"role": "user"}]}, "t.jsonl:1: messages[0].content: missing"),
         (
