@@ -46,7 +46,11 @@ class Split:
 class Prepared:
     train: Split
     validation: Split | None
-    tokenizer: Any
+    _tokenizer: Any
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer.get()
 
 
 def cache_root() -> Path:
@@ -97,17 +101,52 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+def tokenizer_files_fingerprint(ref: str) -> str | None:
+    """Content hash of a local tokenizer directory's files (weights skipped), so a cached run
+    needs no tokenizer load at all; None for a hub id (then the loaded tokenizer is hashed)."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        if f.suffix.lower() in WEIGHT_SUFFIXES or f.name.startswith("."):
+            continue
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return "files:" + h.hexdigest()
+
+
+class _LazyTokenizer:
+    def __init__(self, spec: DataSpec, tokenizer=None):
+        self.spec, self._tok = spec, tokenizer
+
+    def get(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(
+                self.spec.tokenizer, trust_remote_code=self.spec.trust_remote_code
+            )
+        return self._tok
+
+
 def prepare(spec: DataSpec, *, tokenizer=None, use_cache: bool = True) -> Prepared:
-    tok = tokenizer or load_tokenizer(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
-    tok_fp = tokenizer_fingerprint(tok)
-    train = _split(spec, tok, tok_fp, "train", use_cache=use_cache)
+    """Tokenized splits for `spec`. The tokenizer is loaded only if something must be built
+    (or when `Prepared.tokenizer` is first used)."""
+    lazy = _LazyTokenizer(spec, tokenizer)
+    tok_fp = None if tokenizer is not None else tokenizer_files_fingerprint(spec.tokenizer)
+    if tok_fp is None:
+        tok_fp = tokenizer_fingerprint(lazy.get())
+    train = _split(spec, lazy, tok_fp, "train", use_cache=use_cache)
     validation = None
     if spec.validation is not None:
-        validation = _split(spec, tok, tok_fp, "validation", use_cache=use_cache)
-    return Prepared(train=train, validation=validation, tokenizer=tok)
+        validation = _split(spec, lazy, tok_fp, "validation", use_cache=use_cache)
+    return Prepared(train=train, validation=validation, _tokenizer=lazy)
 
 
-def _split(spec: DataSpec, tok, tok_fp: str, split: str, *, use_cache: bool) -> Split:
+def _split(
+    spec: DataSpec, lazy: _LazyTokenizer, tok_fp: str, split: str, *, use_cache: bool
+) -> Split:
     ref = spec.train if split == "train" else spec.validation
     key = spec.train_key if split == "train" else spec.validation_key
     source = sources.resolve(ref, key=key)
@@ -128,7 +167,7 @@ def _split(spec: DataSpec, tok, tok_fp: str, split: str, *, use_cache: bool) -> 
     rows = sources.read_rows(source, key=key)
     if not rows:
         raise UsageError(Problem(key, f"{ref}: no rows"))
-    split_data = build(rows, spec, tok, key=key)
+    split_data = build(rows, spec, lazy.get(), key=key)
     if use_cache:
         _save(split_data, where)
     return split_data
