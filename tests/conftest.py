@@ -47,3 +47,13 @@ def tokenizers(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own token cache directory."""
     monkeypatch.setenv("TUNEPLEX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizers, tmp_path_factory):
+    """A random-init 2-layer Llama (fp32, safetensors) with the ChatML tokenizer: its path."""
+    from tuneplex.tiny import build_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    build_llama(out, tokenizer=tokenizers["chatml"][1], hidden=64, layers=2, init_std=0.1)
+    return str(out)

@@ -56,6 +56,16 @@ class EnvironmentNotReady(TuneplexError):
     exit_code = EXIT_USAGE
 
 
+class TrainingStopped(TuneplexError):
+    """Training stopped on its own (a NaN loss, a diverged step). Exit 1; checkpoints intact."""
+
+
+class Interrupted(TuneplexError):
+    """Ctrl-C during training: the run can be resumed. Exit 130, as for SIGINT."""
+
+    exit_code = 130
+
+
 class CrossFieldError(ValueError):
     """Raised by schema validators for rules spanning several fields.
 

@@ -101,3 +101,137 @@ def _diff(old: Any, new: Any, prefix: str = ""):
             yield from _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
     elif old != new:
         yield prefix, old, new
+
+
+# -- what a backend writes into the run directory -------------------------------------------
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+COMPLETE_MARKER = "trainer_state.json"
+"""Written last into a checkpoint: a directory without it was never finished."""
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per event (train step, validation, ...).
+
+    Opened for a resumed run, events after the checkpoint's step are dropped first, so the
+    file always tells the story of one run without duplicated or orphaned steps.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None):
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.is_file():
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _event_step(line) <= resume_step
+            ]
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def write(self, **event: Any) -> None:
+        self._fh.write(json.dumps(event) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _event_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut by a crash
+        return float("inf")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"step_{step}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint, oldest first."""
+    root = run_dir / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            name = p.name
+            if name.startswith("step_") and name[5:].isdigit() and (p / COMPLETE_MARKER).is_file():
+                found.append((int(name[5:]), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+class AtomicDir:
+    """Build a directory under a temporary name, then rename it into place.
+
+    `with AtomicDir(target) as tmp: ...write into tmp...` — on success `target` appears whole
+    (an older `target` is replaced); on an exception the temporary directory is removed and
+    `target` is untouched. A crash leaves only a `.name.tmp-PID` directory, ignored by
+    `complete_checkpoints` and removed by `remove_stale_temporaries`.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.tmp = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        _fsync_tree(self.tmp)
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Half-written checkpoints or final/ left by a crash (never complete, never resumed)."""
+    for parent in (run_dir, run_dir / CHECKPOINTS_DIR):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                debris = ".tmp-" in p.name or ".old-" in p.name
+                if p.is_dir() and p.name.startswith(".") and debris:
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints (None: keep all)."""
+    if keep is None:
+        return
+    found = complete_checkpoints(run_dir)
+    for _, path in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -216,8 +216,13 @@ def build_llama(
     intermediate: int = 128,
     seed: int = 0,
     max_positions: int = 4096,
+    init_std: float = 0.02,
 ):
-    """A random-init LlamaForCausalLM (fp32, safetensors) sized for CPU tests."""
+    """A random-init LlamaForCausalLM (fp32, safetensors) sized for CPU tests.
+
+    `init_std` above the usual 0.02 gives the random output head a logit range like a trained
+    model's, so an adapter (which cannot rescale the head) has room to learn on it.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -230,6 +235,7 @@ def build_llama(
         num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=max_positions,
+        initializer_range=init_std,
         tie_word_embeddings=False,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
         eos_token_id=getattr(tokenizer, "eos_token_id", None),
@@ -242,3 +248,38 @@ def build_llama(
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tuneplex.tiny DIR`: a tiny tokenizer + Llama model directory, built locally."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tuneplex.tiny", description=main.__doc__)
+    ap.add_argument("out", help="directory to write (config.json, safetensors, tokenizer)")
+    ap.add_argument("--style", default="chatml", choices=sorted(STYLES))
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=128)
+    ap.add_argument("--init-std", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    tok = build_tokenizer(args.out, style=args.style, vocab_size=args.vocab, seed=args.seed)
+    build_llama(
+        args.out,
+        tokenizer=tok,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        seed=args.seed,
+        init_std=args.init_std,
+    )
+    print(f"tiny model and tokenizer in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

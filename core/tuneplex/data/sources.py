@@ -41,7 +41,11 @@ class Source:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE (or the older TRANSFORMERS_OFFLINE) is set: never contact the Hub."""
+    return any(
+        os.environ.get(var, "").lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def resolve(ref: str, *, key: str) -> Source:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from tuneplex.backend import EnvironmentStatus
 from tuneplex.data.spec import DataSpec
-from tuneplex.errors import TuneplexError
 from tuneplex.hardware import visible_cuda_gpus
 
 from tuneplex_automodel.schema import AutomodelJobInput
@@ -50,12 +49,12 @@ class AutomodelBackend:
             text_field=d.text_field,
             chat_template=d.prompt_template or d.chat_template,
             packing=job.batch.sequence_packing,
+            trust_remote_code=job.training.trust_remote_code,
             train_key="dataset.training",
             validation_key="dataset.validation",
         )
 
     def train(self, job: AutomodelJobInput, run_dir: Path, *, resume: bool = False) -> None:
-        raise TuneplexError(
-            "automodel: the training engine is not in this version of tuneplex-automodel yet; "
-            "`tuneplex validate` checks the job"
-        )
+        from tuneplex_automodel.trainer import train
+
+        train(job, run_dir, resume=resume, data_spec=self.data_spec(job))

@@ -115,6 +115,11 @@ class AutomodelTraining(StrictModel):
     offload_teacher: bool = Field(
         default=False, description="Keep the teacher's weights off the GPU between uses."
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run modelling and tokenizer code shipped with the model (and teacher) "
+        "checkpoints; leave off unless you trust their source.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> AutomodelTraining:

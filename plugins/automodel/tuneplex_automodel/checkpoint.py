@@ -1,0 +1,166 @@
+"""Resumable checkpoints and the final export, written atomically, read without unpickling.
+
+A checkpoint directory `checkpoints/step_N/` holds:
+- `model.safetensors`   the trained weights (the adapter for LoRA, every weight otherwise),
+                         keyed by parameter name;
+- `optimizer.safetensors` AdamW moments and step counts, keyed `<parameter>::<name>`;
+- `rng.safetensors`     torch CPU (and CUDA) generator states;
+- `trainer_state.json`  step, data position, schedule, optimizer hyper-parameters, Python and
+                         numpy RNG, counters — written last, so its presence marks a whole
+                         checkpoint.
+State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers full tensors
+from sharded (FSDP2/DTensor) models as well as plain ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from tuneplex.errors import Problem, UsageError
+from tuneplex.runs import COMPLETE_MARKER, AtomicDir, checkpoint_path
+
+SEP = "::"
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def _dedupe(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """safetensors refuses shared storage (tied embeddings): keep one name, note the aliases."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.contiguous()
+    return out, aliases
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, state: dict[str, Any]) -> Path:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
+    weights, aliases = _dedupe(msd)
+    moments = {
+        f"{fqn}{SEP}{name}": t.detach().reshape(t.shape).contiguous()
+        for fqn, entries in osd["state"].items()
+        for name, t in entries.items()
+        if isinstance(t, torch.Tensor)
+    }
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    full_state = {
+        **state,
+        "step": step,
+        "aliases": aliases,
+        "param_groups": [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+            for g in osd["param_groups"]
+        ],
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    target = checkpoint_path(run_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicDir(target) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+    return target
+
+
+def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from `path`; return its trainer state."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_state_dict
+
+    try:
+        state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        weights = load_file(str(path / "model.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(Problem(str(path), f"unreadable checkpoint: {exc}")) from None
+    for name, target in state["aliases"].items():
+        weights[name] = weights[target]
+    expected = set(get_model_state_dict(model, options=_options(ignore_frozen_params=True)))
+    if set(weights) != expected:
+        missing = sorted(expected - set(weights))[:3]
+        extra = sorted(set(weights) - expected)[:3]
+        raise UsageError(
+            Problem(
+                str(path),
+                f"checkpoint does not fit this model (missing {missing}, unexpected {extra})",
+            )
+        )
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, t in moments.items():
+        fqn, name = key.rsplit(SEP, 1)
+        per_param.setdefault(fqn, {})[name] = t
+    osd = {"state": per_param, "param_groups": state["param_groups"]}
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=osd,
+        options=_options(strict=False),
+    )
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_tupled(state["python_rng"]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return state
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def export_final(
+    target: Path, *, model, tokenizer, merge: bool, lora: bool, dtype: Any | None
+) -> str:
+    """Write `final/` in the ecosystem's formats; returns a phrase saying what it holds.
+
+    LoRA: adapter_config.json + adapter_model.safetensors (peft). Merged LoRA: the merged
+    model (config.json + safetensors) and, under adapter/, the adapter it was made from.
+    Full weights: the model. Weights are cast to `dtype` (the base checkpoint's) when given.
+    """
+    with AtomicDir(target) as tmp:
+        if lora and not merge:
+            model.save_pretrained(str(tmp))
+            what = "LoRA adapter: peft.PeftModel.from_pretrained(base, path)"
+        else:
+            if lora:
+                model.save_pretrained(str(tmp / "adapter"))
+                model = model.merge_and_unload()
+                what = "merged model (adapter in adapter/): AutoModelForCausalLM.from_pretrained"
+            else:
+                what = "full model: AutoModelForCausalLM.from_pretrained(path)"
+            if dtype is not None:
+                model = model.to(dtype)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return what

@@ -1,0 +1,110 @@
+"""Loading the base model (safetensors only) and wrapping it with a LoRA adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuneplex.data.sources import hub_offline
+from tuneplex.errors import Problem, UsageError
+
+MODEL_KEY = "model"
+
+
+def check_model_ref(ref: str, *, key: str = MODEL_KEY) -> None:
+    """Fail early, in one line, on a model reference that cannot load (before data work)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(Problem(key, f"{ref}: not a directory (a model is a directory)"))
+        if not (path / "config.json").is_file():
+            raise UsageError(Problem(key, f"{ref}: no config.json (not a model directory)"))
+        if not any(path.glob("*.safetensors")):
+            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            why = f" (found {pickled[0]}; pickled weights are not loaded)" if pickled else ""
+            raise UsageError(Problem(key, f"{ref}: no .safetensors weights{why}"))
+    elif hub_offline():
+        raise UsageError(
+            Problem(key, f"{ref}: no such local directory, and the Hub is offline (HF_HUB_OFFLINE)")
+        )
+
+
+def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, key: str = MODEL_KEY):
+    """AutoModelForCausalLM from a local directory or a Hub id, weights from safetensors only.
+
+    Returns (model, the dtype the checkpoint declares or None): `final/` is saved in the
+    latter, so a bf16 model trained with fp32 master weights comes back as bf16.
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(ref).expanduser()
+    local = path.is_dir()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    where = str(path) if local else ref
+    offline = local or hub_offline()
+    try:
+        config = AutoConfig.from_pretrained(
+            where, local_files_only=offline, trust_remote_code=trust_remote_code
+        )
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = getattr(torch, declared, None)
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            config=config,
+            dtype=dtype,
+            local_files_only=offline,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(Problem(key, f"{ref}: cannot load the model ({first})")) from None
+    model.config.use_cache = False
+    base_dtype = declared if isinstance(declared, torch.dtype) else None
+    return model.to(device), base_dtype
+
+
+def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
+    """A peft LoRA adapter; target_modules None = every linear layer but the output head."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=target_modules if target_modules is not None else "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, mod in model.named_modules()
+                if type(mod).__name__ == "Linear" and "lm_head" not in name
+            }
+        )
+        first = str(exc).splitlines()[0]
+        raise UsageError(
+            Problem(
+                "training.lora.target_modules",
+                f"{target_modules} does not fit {type(model).__name__} ({first}); its linear "
+                f"layers: {', '.join(linear)}",
+            )
+        ) from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total

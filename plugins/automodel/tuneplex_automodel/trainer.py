@@ -1,0 +1,488 @@
+"""The automodel training loop: one process on CPU or one CUDA GPU.
+
+Each optimizer step takes `global_batch_size` rows (the last step of an epoch the rows left),
+split into micro-batches; the loss is the mean over every counted token of the whole step, so
+any split into micro-batches (or data-parallel ranks) gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneplex.data.collate import RowTable, collate
+from tuneplex.data.pipeline import prepare
+from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
+from tuneplex.progress import Progress
+from tuneplex.runs import (
+    FINAL_DIR,
+    MetricsLog,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    write_summary,
+)
+
+from tuneplex_automodel.checkpoint import export_final, load_checkpoint, save_checkpoint
+from tuneplex_automodel.model import apply_lora, check_model_ref, load_model, parameter_counts
+from tuneplex_automodel.plan import TrainPlan, learning_rate
+from tuneplex_automodel.schema import AutomodelJobInput
+
+DEFAULT_SEED = 42
+GRAD_CLIP = 1.0
+
+
+@dataclass
+class Runtime:
+    """Where this process trains. One process here; the distributed launcher fills in more."""
+
+    device: Any
+    dtype: Any
+    """Dtype the weights are loaded in (frozen base for LoRA, master weights otherwise)."""
+    autocast: Any | None
+    """Compute dtype under torch.autocast, or None."""
+
+    @property
+    def label(self) -> str:
+        import torch
+
+        if self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            return f"{self.device} ({name}), bf16"
+        return f"{self.device}, fp32"
+
+
+def pick_runtime(job: AutomodelJobInput) -> Runtime:
+    """bf16 on a CUDA GPU (full weights: fp32 master weights, bf16 autocast); fp32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        lora = job.training.finetuning_type != "all_weights"
+        return Runtime(
+            device=torch.device("cuda", torch.cuda.current_device()),
+            dtype=torch.bfloat16 if lora else torch.float32,
+            autocast=torch.bfloat16,
+        )
+    return Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=None)
+
+
+def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
+    """Train `job` into `run_dir`; returns the summary (also written to summary.json)."""
+    dims = job.parallel_dims()
+    if dims.world_size > 1:
+        raise UsageError(
+            Problem(
+                "parallelism",
+                f"{dims.world_size} GPUs requested; this version of tuneplex-automodel trains in "
+                "one process (num_nodes: 1, num_gpus_per_node: 1)",
+            )
+        )
+    check_model_ref(job.model)
+    prepared = prepare(data_spec)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    rt = pick_runtime(job)
+    seed = job.schedule.seed if job.schedule.seed is not None else DEFAULT_SEED
+    _seed_everything(seed)
+    tokenizer = prepared.tokenizer
+    model, base_dtype = load_model(
+        job.model,
+        dtype=rt.dtype,
+        device=rt.device,
+        trust_remote_code=job.training.trust_remote_code,
+    )
+    lora = job.training.lora
+    if lora is not None:
+        model = apply_lora(
+            model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
+        )
+    model.train()
+    optimizer = build_optimizer(
+        model,
+        lr=job.optimizer.learning_rate,
+        weight_decay=job.optimizer.weight_decay,
+        fused=rt.device.type == "cuda",
+    )
+    train_rows = RowTable(prepared.train.rows)
+    val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
+    plan = TrainPlan(
+        rows=len(train_rows),
+        global_batch=job.batch.global_batch_size,
+        micro_batch=job.batch.micro_batch_size,
+        epochs=job.schedule.epochs,
+        max_steps=job.schedule.max_steps,
+        seed=seed,
+        val_check_interval=job.schedule.val_check_interval,
+        checkpoint_steps=job.output.checkpoint_steps,
+        dp_size=dims.dp,
+    )
+    loop = _Loop(
+        job=job,
+        run_dir=run_dir,
+        rt=rt,
+        model=model,
+        optimizer=optimizer,
+        plan=plan,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        pad_id=_pad_id(tokenizer),
+    )
+    remove_stale_temporaries(run_dir)
+    if resume:
+        loop.restore()
+    trainable, total = parameter_counts(model)
+    loop.header = {
+        "model": job.model,
+        "model_class": type(model.get_base_model() if lora else model).__name__,
+        "device": rt.label,
+        "finetuning_type": job.training.finetuning_type,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "data": {
+            "train": prepared.train.stats.as_dict(),
+            "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
+        },
+    }
+    say = loop.progress_line
+    say(
+        f"automodel: {job.model} ({loop.header['model_class']}, {total:,} parameters, "
+        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {rt.label}"
+    )
+    say(
+        f"data: {len(train_rows):,} training rows"
+        + (f", {len(val_rows):,} validation rows" if val_rows is not None else "")
+        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
+        f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
+    )
+    say(f"run directory: {run_dir}")
+    loop.run()
+    what = None
+    if loop.step == plan.total_steps:
+        final_dtype = base_dtype if base_dtype not in (None, rt.dtype) else None
+        what = export_final(
+            run_dir / FINAL_DIR,
+            model=model,
+            tokenizer=tokenizer,
+            merge=job.training.merges_adapter,
+            lora=lora is not None,
+            dtype=final_dtype,
+        )
+    summary = loop.summary("completed")
+    write_summary(run_dir, summary)
+    if what:
+        say(f"final: {run_dir / FINAL_DIR} ({what})")
+    loop.close()
+    return summary
+
+
+def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+
+
+def loss_sum(model, batch: dict[str, Any], *, autocast=None):
+    """Summed cross-entropy over the batch's counted targets (float32)."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    ctx = (
+        torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
+        if autocast is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        out = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        )
+    logits = out.logits
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        batch["targets"].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def evaluate(model, rows: RowTable, *, micro: int, pad_id: int, rt: Runtime) -> float:
+    """Mean loss over every counted token of the validation rows."""
+    import torch
+
+    count = int(rows.target_counts.sum())
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), micro):
+            chunk = rows.rows(range(start, min(start + micro, len(rows))))
+            batch = _to(collate(chunk, pad_id=pad_id), rt)
+            total += loss_sum(model, batch, autocast=rt.autocast).double()
+    model.train(was_training)
+    return total.item() / max(count, 1)
+
+
+class _Loop:
+    def __init__(self, *, job, run_dir, rt, model, optimizer, plan, train_rows, val_rows, pad_id):
+        self.job, self.run_dir, self.rt = job, run_dir, rt
+        self.model, self.optimizer, self.plan = model, optimizer, plan
+        self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0
+        self.last_train_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.best_val_loss: float | None = None
+        self.last_checkpoint: str | None = None
+        self.resumed_from: int | None = None
+        self.header: dict[str, Any] = {}
+        self.metrics: MetricsLog | None = None
+        self.progress: Progress | None = None
+        self._t0 = time.perf_counter()
+
+    # -- resume ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            print(
+                f"tuneplex: no complete checkpoint in {self.run_dir}; starting from step 0",
+                file=sys.stderr,
+            )
+            return
+        step, path = found
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        if state["data"]["rows"] != self.plan.rows:
+            raise UsageError(
+                Problem(
+                    "--resume",
+                    f"the training data has {self.plan.rows} rows, the checkpoint was made with "
+                    f"{state['data']['rows']}; start a new run",
+                )
+            )
+        self.step = step
+        self.resumed_from = step
+        self.tokens_seen = state["tokens_seen"]
+        self.elapsed_before = state["elapsed_s"]
+        self.last_train_loss = state.get("train_loss")
+        self.last_val_loss = state.get("val_loss")
+        self.best_val_loss = state.get("best_val_loss")
+        self.last_checkpoint = str(path)
+
+    # -- the loop --------------------------------------------------------------------------
+    def progress_line(self, text: str) -> None:
+        if self.progress is None:
+            print(text, flush=True)
+        else:
+            self.progress.line(text)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._t0
+
+    def run(self) -> None:
+        plan = self.plan
+        self.metrics = MetricsLog(self.run_dir, resume_step=self.resumed_from)
+        self.progress = Progress(total=plan.total_steps, start=self.step)
+        if self.resumed_from is not None:
+            self.progress_line(f"resuming from {self.last_checkpoint} (step {self.step})")
+        elif self.val_rows is not None:
+            self._validate()  # the starting point, so the curve shows what training changed
+        try:
+            while self.step < plan.total_steps:
+                epoch, within = plan.position(self.step)
+                micro_plan = plan.epoch_steps(epoch)
+                step_rows = plan.step_rows(epoch)
+                for i in range(within, len(micro_plan)):
+                    if self.step >= plan.total_steps:
+                        break
+                    n_targets = int(self.train_rows.target_counts[step_rows[i]].sum())
+                    self._train_step(micro_plan[i], n_targets)
+        except KeyboardInterrupt:
+            self.progress.close()
+            write_summary(self.run_dir, self.summary("interrupted"))
+            raise Interrupted(
+                f"interrupted at step {self.step}; `tuneplex train ... --resume` continues from "
+                + (self.last_checkpoint or "the start (no checkpoint yet)")
+            ) from None
+        finally:
+            self.progress.close()
+
+    def _train_step(self, micro_batches: list[list[int]], n_targets: int) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        lr = learning_rate(
+            self.step,
+            peak=self.job.optimizer.learning_rate,
+            warmup_steps=self.job.optimizer.warmup_steps,
+            total_steps=self.plan.total_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
+        tokens = 0
+        for rows in micro_batches:
+            if not rows:
+                continue
+            tokens += int(self.train_rows.lengths[rows].sum())
+            batch = _to(collate(self.train_rows.rows(rows), pad_id=self.pad_id), self.rt)
+            loss = loss_sum(self.model, batch, autocast=self.rt.autocast) / max(n_targets, 1)
+            loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        loss_value, norm_value = torch.stack([total, grad_norm.float()]).tolist()
+        step = self.step + 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            value = loss_value if what == "loss" else norm_value
+            write_summary(self.run_dir, self.summary("diverged", failed_step=step))
+            raise TrainingStopped(
+                f"step {step}: {what} is {value}; training stopped, nothing of this step was "
+                "saved (last good checkpoint: "
+                + (self.last_checkpoint or "none yet")
+                + "); lower optimizer.learning_rate or check the data"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        self.tokens_seen += tokens
+        self.last_train_loss = loss_value
+        dt = time.perf_counter() - t0
+        event = {
+            "step": step,
+            "epoch": round(self.plan.epoch_of(step), 4),
+            "split": "train",
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": norm_value,
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
+            "elapsed_s": round(self.elapsed(), 3),
+        }
+        self.metrics.write(**event)
+        self.progress.train(step, event)
+        if self.val_rows is not None and self.plan.validate_after(step):
+            self._validate()
+        if self.plan.checkpoint_after(step):
+            self._checkpoint()
+
+    def _validate(self) -> None:
+        loss = evaluate(
+            self.model,
+            self.val_rows,
+            micro=self.plan.micro_batch,
+            pad_id=self.pad_id,
+            rt=self.rt,
+        )
+        self.last_val_loss = loss
+        if self.best_val_loss is None or loss < self.best_val_loss:
+            self.best_val_loss = loss
+        epoch = self.plan.epoch_of(self.step)
+        self.metrics.write(
+            step=self.step,
+            epoch=round(epoch, 4),
+            split="val",
+            loss=loss,
+            tokens=int(self.val_rows.lengths.sum()),
+            elapsed_s=round(self.elapsed(), 3),
+        )
+        self.progress.val(self.step, epoch, loss)
+
+    def _checkpoint(self) -> None:
+        state = {
+            "epoch": self.plan.position(self.step)[0],
+            "step_in_epoch": self.plan.position(self.step)[1],
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed(),
+            "train_loss": self.last_train_loss,
+            "val_loss": self.last_val_loss,
+            "best_val_loss": self.best_val_loss,
+            "data": {"rows": self.plan.rows},
+            "schedule": {
+                "kind": "linear warmup, cosine decay to 10%",
+                "peak_lr": self.job.optimizer.learning_rate,
+                "warmup_steps": self.job.optimizer.warmup_steps,
+                "total_steps": self.plan.total_steps,
+            },
+        }
+        path = save_checkpoint(
+            self.run_dir, self.step, model=self.model, optimizer=self.optimizer, state=state
+        )
+        self.last_checkpoint = str(path)
+        prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
+
+    # -- reporting -------------------------------------------------------------------------
+    def summary(self, status: str, **extra: Any) -> dict[str, Any]:
+        elapsed = self.elapsed()
+        return {
+            "status": status,
+            "backend": "automodel",
+            **self.header,
+            "steps": self.step,
+            "total_steps": self.plan.total_steps,
+            "epochs": round(self.plan.epoch_of(self.step), 4),
+            "train_loss": self.last_train_loss,
+            "val_loss": self.last_val_loss,
+            "best_val_loss": self.best_val_loss,
+            "tokens": self.tokens_seen,
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(self.tokens_seen / elapsed, 1) if elapsed > 0 else None,
+            **_peak_memory(self.rt),
+            "last_checkpoint": self.last_checkpoint,
+            "final": FINAL_DIR if status == "completed" else None,
+            **extra,
+        }
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+    non_blocking = rt.device.type == "cuda"
+    return {k: v.to(rt.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_memory(rt: Runtime) -> dict[str, Any]:
+    import torch
+
+    if rt.device.type == "cuda":
+        return {
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3),
+            "peak_memory_kind": "cuda max allocated",
+        }
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}

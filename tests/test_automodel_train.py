@@ -1,0 +1,338 @@
+"""`tuneplex train --backend automodel` for real on CPU: tiny local model, real data files."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from tuneplex.cli import main  # noqa: E402
+from tuneplex.runs import read_metrics  # noqa: E402
+
+
+def chat_rows(n: int, *, seed: int = 0) -> list[dict]:
+    import random
+
+    from tuneplex.tiny import WORDS
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS[:30]) for _ in range(rng.randint(3, 6))]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "Reverse: " + " ".join(words)},
+                    {"role": "assistant", "content": " ".join(reversed(words))},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def data(tmp_path):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
+    val.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(6, seed=1)))
+    return train, val
+
+
+@pytest.fixture
+def job(tmp_path, tiny_model, data):
+    """job(**sections) -> path of a job file; defaults: LoRA, 4 epochs of 4 steps."""
+
+    def _job(extra: str = "", name: str = "job.yaml"):
+        text = f"""\
+model: {tiny_model}
+dataset:
+  training: {data[0]}
+  validation: {data[1]}
+training:
+  max_seq_length: 128
+schedule:
+  epochs: 4
+  seed: 7
+batch:
+  global_batch_size: 4
+  micro_batch_size: 2
+optimizer:
+  learning_rate: 1.0e-2
+  warmup_steps: 2
+"""
+        path = tmp_path / name
+        path.write_text(_merge(text, extra))
+        return path
+
+    return _job
+
+
+def _merge(base: str, extra: str) -> str:
+    import yaml
+
+    doc = yaml.safe_load(base)
+    for key, value in (yaml.safe_load(extra) or {}).items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key].update(value)
+        else:
+            doc[key] = value
+    return yaml.safe_dump(doc)
+
+
+def train(capsys, *args) -> tuple[int, str, str]:
+    code = main(["train", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def losses(run, split="train"):
+    return [e["loss"] for e in read_metrics(run) if e["split"] == split]
+
+
+def val_loss_of(model, run) -> float:
+    """Mean loss over every answer token of the validation rows, one row at a time (no
+    padding, no packing): an implementation independent of the trainer's."""
+    from tuneplex.data.pipeline import prepare
+    from tuneplex.plugins import registry
+
+    backend = registry().backends["automodel"].backend
+    job = backend.job_schema.model_validate(json.loads((run / "job.json").read_text()))
+    split = prepare(backend.data_spec(job)).validation.examples
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for row in split:
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor(row["labels"])
+            logits = model(input_ids=ids).logits[0]
+            keep = labels[1:] != -100
+            total += torch.nn.functional.cross_entropy(
+                logits[:-1][keep].double(), labels[1:][keep], reduction="sum"
+            ).item()
+            count += int(keep.sum())
+    return total / count
+
+
+def test_lora_learns_and_final_adapter_reproduces_the_validation_loss(
+    capsys, job, tmp_path, tiny_model
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    code, out, err = train(capsys, job(), "-o", run)
+    assert code == 0, err
+    train_losses = losses(run)
+    assert len(train_losses) == 16
+    assert sum(train_losses[-4:]) / 4 < sum(train_losses[:4]) / 4 - 0.5
+    val = losses(run, "val")
+    assert val[-1] < val[0] - 0.3  # step 0 baseline, then the end
+    assert "[val] step 16 | epoch 4.00 | loss" in out
+    assert f"final: {run / 'final'}" in out
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file()
+    assert (final / "adapter_model.safetensors").is_file()
+    assert not (final / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, str(final))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == summary["total_steps"] == 16
+    assert abs(val_loss_of(model, run) - summary["val_loss"]) < 1e-4
+    events = read_metrics(run)
+    assert {
+        "step",
+        "epoch",
+        "split",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "elapsed_s",
+    } <= set(events[1])
+
+
+def test_lora_merged_equals_base_plus_adapter(capsys, job, tmp_path, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    code, _, err = train(
+        capsys, job("training: {finetuning_type: lora_merged}\nschedule: {epochs: 2}"), "-o", run
+    )
+    assert code == 0, err
+    final = run / "final"
+    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    adapted = PeftModel.from_pretrained(base, str(final / "adapter")).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, a, atol=1e-3)  # it did train
+    summary = json.loads((run / "summary.json").read_text())
+    assert abs(val_loss_of(merged, run) - summary["val_loss"]) < 1e-4
+
+
+def test_full_weights_with_packing(capsys, job, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    extra = (
+        "training: {finetuning_type: all_weights, max_seq_length: 64}\n"
+        "batch: {sequence_packing: true}\nschedule: {epochs: 6}\noptimizer: {learning_rate: 3.0e-3}"
+    )
+    code, _, err = train(capsys, job(extra), "-o", run)
+    assert code == 0, err
+    val = losses(run, "val")
+    assert val[-1] < val[0] - 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["train"]["packed_rows"] < 16
+    model = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    assert summary["trainable_parameters"] == summary["total_parameters"]
+    assert abs(val_loss_of(model, run) - summary["val_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "all_weights"])
+def test_resume_after_an_interruption_continues_the_same_losses(
+    capsys, job, tmp_path, monkeypatch, finetuning
+):
+    import tuneplex_automodel.trainer as trainer
+
+    path = job(f"training: {{finetuning_type: {finetuning}}}\noutput: {{checkpoint_steps: 3}}")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    code, _, err = train(capsys, path, "-o", whole)
+    assert code == 0, err
+
+    calls = {"n": 0}
+    real = trainer.loss_sum
+
+    def interrupt_in_step_5(model, batch, **kw):  # 2 micro-batches per step
+        calls["n"] += model.training
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(trainer, "loss_sum", interrupt_in_step_5)
+    code, _, err = train(capsys, path, "-o", broken)
+    assert code == 130
+    assert "interrupted at step 4" in err and "checkpoints/step_3" in err
+    assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
+    assert not (broken / "final").exists()
+    monkeypatch.setattr(trainer, "loss_sum", real)
+
+    # a crash while writing a later checkpoint leaves only ignorable debris
+    (broken / "checkpoints" / ".step_6.tmp-4242").mkdir()
+    (broken / "checkpoints" / "step_9").mkdir()  # no trainer_state.json: never completed
+    code, out, err = train(capsys, path, "-o", broken, "--resume")
+    assert code == 0, err
+    assert "resuming from" in out and "step_3" in out
+    assert not (broken / "checkpoints" / ".step_6.tmp-4242").exists()
+    a, b = read_metrics(whole), read_metrics(broken)
+    assert [(e["step"], e["split"]) for e in a] == [(e["step"], e["split"]) for e in b]
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6, abs_tol=1e-7), (x, y)
+    assert json.loads((broken / "summary.json").read_text())["status"] == "completed"
+
+
+def test_nan_stops_at_the_step_and_keeps_the_last_good_checkpoint(capsys, job, tmp_path):
+    run = tmp_path / "run"
+    path = job(
+        "optimizer: {learning_rate: 1.0e+30, warmup_steps: 0}\noutput: {checkpoint_steps: 1}\n"
+        "training: {finetuning_type: all_weights}"
+    )
+    code, _, err = train(capsys, path, "-o", run)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(("step 2: loss is ", "step 2: gradient norm is ")), err
+    assert "checkpoints/step_1" in lines[0]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_1"]
+    assert (run / "checkpoints" / "step_1" / "trainer_state.json").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["failed_step"] == 2
+    assert not (run / "final").exists()
+
+
+def test_nan_loss_names_the_step(capsys, job, tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    run = tmp_path / "run"
+    code, _, err = train(capsys, job(f"model: {broken}\ndataset: {{validation: null}}"), "-o", run)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "step 1: loss is nan; training stopped, nothing of this step was saved (last good "
+        "checkpoint: none yet); lower optimizer.learning_rate or check the data"
+    ]
+
+
+def test_keep_checkpoints_prunes_older_ones(capsys, job, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = train(
+        capsys, job("output: {checkpoint_steps: 2, keep_checkpoints: 2}"), "-o", run
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_14", "step_16"]
+
+
+def test_bad_model_path_is_one_line(capsys, job, tmp_path):
+    code, _, err = train(capsys, job(f"model: {tmp_path / 'nope'}"), "-o", tmp_path / "r")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"model: {tmp_path / 'nope'}: no such local directory, and the Hub is offline "
+        "(HF_HUB_OFFLINE)"
+    ]
+
+
+def test_model_without_safetensors_is_refused(capsys, job, tmp_path, tiny_model):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    code, _, err = train(capsys, job(f"model: {pickled}"), "-o", tmp_path / "r")
+    assert code == 2
+    assert err.strip() == (
+        f"model: {pickled}: no .safetensors weights (found pytorch_model.bin; pickled weights "
+        "are not loaded)"
+    )
+
+
+def test_bad_dataset_line_is_one_line(capsys, job, data, tmp_path):
+    with data[0].open("a") as fh:
+        fh.write('{"messages": [\n')
+    code, _, err = train(capsys, job(), "-o", tmp_path / "r")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{data[0]}:17: invalid JSON: "), err
+
+
+def test_occupied_output_directory_is_refused(capsys, job, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    code, _, err = train(capsys, job(), "-o", run)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "directory is not empty" in err
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_same_seed_same_losses(capsys, job, tmp_path):
+    path = job("schedule: {epochs: 1}")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        assert train(capsys, path, "-o", run)[0] == 0
+    assert losses(runs[0]) == losses(runs[1])
