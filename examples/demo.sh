@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Demo on a fresh machine: install tuneplex with its backends into .venv, then walk through the
-# example automodel job.
+# Demo on a fresh machine: install tuneplex with its backends into .venv, build a tiny model and
+# tokenizer locally (no downloads), and fine-tune it with LoRA on the bundled chat data on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/tuneplex ] || bash scripts/setup.sh
@@ -8,7 +8,20 @@ export HF_HUB_OFFLINE=1
 tp=.venv/bin/tuneplex
 set -x
 $tp backends
+[ -f models/tiny-llama/model.safetensors ] ||
+  .venv/bin/python -m tuneplex.tiny models/tiny-llama --hidden 128 --intermediate 256 --init-std 0.1
 $tp validate examples/automodel-lora.yaml
-$tp validate examples/automodel-multinode.yaml --set parallelism.tensor_parallel_size=4
 # a mistake is reported with its key and a suggestion (exit code 2)
 $tp validate examples/automodel-lora.yaml --set training.lora.rnak=8 || true
+# what the model is trained on: answer tokens highlighted, everything else masked
+$tp data inspect examples/automodel-lora.yaml -n 1
+$tp train examples/automodel-lora.yaml --output runs/demo --overwrite
+set +x
+.venv/bin/python - <<'PY'
+import json
+events = [json.loads(line) for line in open("runs/demo/metrics.jsonl")]
+val = [e for e in events if e["split"] == "val"]
+print("validation loss:", "  ".join(f"step {e['step']}: {e['loss']:.3f}" for e in val))
+summary = json.load(open("runs/demo/summary.json"))
+print(f"{summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; adapter in runs/demo/final")
+PY
