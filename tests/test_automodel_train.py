@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 
 from tuneplex.cli import main  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
+from tuneplex.testing import assert_run_directory  # noqa: E402
 
 
 def chat_rows(n: int, *, seed: int = 0) -> list[dict]:
@@ -134,6 +135,7 @@ def test_lora_learns_and_final_adapter_reproduces_the_validation_loss(
     assert val[-1] < val[0] - 0.3  # step 0 baseline, then the end
     assert "[val] step 16 | epoch 4.00 | loss" in out
     assert f"final: {run / 'final'}" in out
+    assert_run_directory(run)
     final = run / "final"
     assert (final / "adapter_config.json").is_file()
     assert (final / "adapter_model.safetensors").is_file()
@@ -167,6 +169,7 @@ def test_lora_merged_equals_base_plus_adapter(capsys, job, tmp_path, tiny_model)
         capsys, job("training: {finetuning_type: lora_merged}\nschedule: {epochs: 2}"), "-o", run
     )
     assert code == 0, err
+    assert_run_directory(run)
     final = run / "final"
     assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(str(final)).eval()
@@ -241,7 +244,7 @@ def test_resume_after_an_interruption_continues_the_same_losses(
     assert [(e["step"], e["split"]) for e in a] == [(e["step"], e["split"]) for e in b]
     for x, y in zip(a, b, strict=True):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6, abs_tol=1e-7), (x, y)
-    assert json.loads((broken / "summary.json").read_text())["status"] == "completed"
+    assert_run_directory(broken)
 
 
 def test_nan_stops_at_the_step_and_keeps_the_last_good_checkpoint(capsys, job, tmp_path):

@@ -131,6 +131,49 @@ def imported_heavy_modules(code: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+TRAIN_EVENT_KEYS = frozenset(
+    {"step", "epoch", "split", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+)
+VAL_EVENT_KEYS = frozenset({"step", "epoch", "split", "loss"})
+
+
+def assert_run_directory(run_dir, *, completed: bool = True) -> None:
+    """The run-directory format every backend writes (see README, "the run directory")."""
+    import json
+    from pathlib import Path
+
+    from tuneplex.runs import (
+        FINAL_DIR,
+        JOB_FILE,
+        SUMMARY_FILE,
+        complete_checkpoints,
+        read_metrics,
+    )
+
+    run_dir = Path(run_dir)
+    json.loads((run_dir / JOB_FILE).read_text())
+    events = read_metrics(run_dir)
+    train = [e for e in events if e["split"] == "train"]
+    assert train, "metrics.jsonl has no train event"
+    for e in events:
+        need = TRAIN_EVENT_KEYS if e["split"] == "train" else VAL_EVENT_KEYS
+        assert need <= set(e), f"event lacks {sorted(need - set(e))}: {e}"
+    steps = [e["step"] for e in train]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), "train steps repeat"
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    assert summary["status"] == ("completed" if completed else summary["status"])
+    if completed:
+        assert summary["steps"] == steps[-1]
+        final = run_dir / FINAL_DIR
+        adapter = (final / "adapter_config.json").is_file() and (
+            final / "adapter_model.safetensors"
+        ).is_file()
+        full = (final / "config.json").is_file() and any(final.glob("*.safetensors"))
+        assert adapter or full, "final/ holds neither an adapter nor a model"
+    for _, path in complete_checkpoints(run_dir):
+        assert any(path.glob("*.safetensors")), f"{path} holds no weights"
+
+
 class BackendContract:
     """What every backend must honour. Subclass in a test module; pytest collects it."""
 

@@ -1,0 +1,5 @@
+"""`python -m tuneplex` is the `tuneplex` command."""
+
+from tuneplex.cli import run
+
+run()

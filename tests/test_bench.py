@@ -1,0 +1,38 @@
+"""The training benchmark keeps working: its tiny shape runs on CPU in seconds."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+
+
+def test_train_throughput_tiny(tmp_path, capsys):
+    import train_throughput
+
+    results = train_throughput.main(
+        [
+            "--shape",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--seq",
+            "64",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
+    assert [r["setup"] for r in results] == ["lora", "full"]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["final_loss"])
+        assert r["peak_memory_gib"] > 0
+    assert results[1]["trainable_parameters"] == results[1]["total_parameters"]
+    assert results[0]["trainable_parameters"] < results[0]["total_parameters"]
+    assert "tokens/s" in capsys.readouterr().out
