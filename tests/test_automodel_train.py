@@ -350,7 +350,7 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(data, tiny_model):
     from tuneplex.data.collate import RowTable
     from tuneplex.data.pipeline import prepare
     from tuneplex.data.spec import DataSpec
-    from tuneplex_automodel.trainer import Runtime, evaluate
+    from tuneplex.evaluation import evaluate
 
     spec = DataSpec(train=str(data[0]), tokenizer=tiny_model, max_seq_length=96)
     plain = RowTable(prepare(spec).train.rows)
@@ -358,7 +358,6 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(data, tiny_model):
     assert len(packed) < len(plain)
     assert packed.target_counts.sum() == plain.target_counts.sum()
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=None)
-    a = evaluate(model, plain, micro=3, pad_id=0, rt=rt)
-    b = evaluate(model, packed, micro=2, pad_id=0, rt=rt)
+    a = evaluate(model, plain, micro=3, pad_id=0, device="cpu")
+    b = evaluate(model, packed, micro=2, pad_id=0, device="cpu")
     assert math.isclose(a, b, rel_tol=1e-5), (a, b)

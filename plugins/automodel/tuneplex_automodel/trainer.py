@@ -19,8 +19,8 @@ from typing import Any
 
 from tuneplex.data.collate import RowTable, collate
 from tuneplex.data.pipeline import prepare
-from tuneplex.data.templates import IGNORE_INDEX
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
+from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
 from tuneplex.progress import Progress
 from tuneplex.runs import (
     FINAL_DIR,
@@ -132,7 +132,7 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
         plan=plan,
         train_rows=train_rows,
         val_rows=val_rows,
-        pad_id=_pad_id(tokenizer),
+        pad_id=pad_id_of(tokenizer),
     )
     remove_stale_temporaries(run_dir)
     if resume:
@@ -194,48 +194,6 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
-
-
-def loss_sum(model, batch: dict[str, Any], *, autocast=None):
-    """Summed cross-entropy over the batch's counted targets (float32)."""
-    import contextlib
-
-    import torch
-    import torch.nn.functional as F
-
-    ctx = (
-        torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        out = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        )
-    logits = out.logits
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        batch["targets"].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def evaluate(model, rows: RowTable, *, micro: int, pad_id: int, rt: Runtime) -> float:
-    """Mean loss over every counted token of the validation rows."""
-    import torch
-
-    count = int(rows.target_counts.sum())
-    total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(rows), micro):
-            chunk = rows.rows(range(start, min(start + micro, len(rows))))
-            batch = _to(collate(chunk, pad_id=pad_id), rt)
-            total += loss_sum(model, batch, autocast=rt.autocast).double()
-    model.train(was_training)
-    return total.item() / max(count, 1)
 
 
 class _Loop:
@@ -389,7 +347,8 @@ class _Loop:
             self.val_rows,
             micro=self.plan.micro_batch,
             pad_id=self.pad_id,
-            rt=self.rt,
+            device=self.rt.device,
+            autocast=self.rt.autocast,
         )
         self.last_val_loss = loss
         if self.best_val_loss is None or loss < self.best_val_loss:
@@ -458,13 +417,6 @@ class _Loop:
 def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:
     non_blocking = rt.device.type == "cuda"
     return {k: v.to(rt.device, non_blocking=non_blocking) for k, v in batch.items()}
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
 
 
 def _seed_everything(seed: int) -> None:
