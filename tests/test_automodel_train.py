@@ -11,36 +11,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from tuneplex.cli import main  # noqa: E402
+from helpers import chat_rows, losses, merge_yaml, train, write_rows  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
-from tuneplex.testing import assert_run_directory  # noqa: E402
-
-
-def chat_rows(n: int, *, seed: int = 0) -> list[dict]:
-    import random
-
-    from tuneplex.tiny import WORDS
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(WORDS[:30]) for _ in range(rng.randint(3, 6))]
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": "Reverse: " + " ".join(words)},
-                    {"role": "assistant", "content": " ".join(reversed(words))},
-                ]
-            }
-        )
-    return rows
+from tuneplex.testing import assert_run_directory, reference_val_loss  # noqa: E402
 
 
 @pytest.fixture
 def data(tmp_path):
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(16)))
-    val.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(6, seed=1)))
+    write_rows(train, chat_rows(16))
+    write_rows(val, chat_rows(6, seed=1))
     return train, val
 
 
@@ -67,56 +47,14 @@ optimizer:
   warmup_steps: 2
 """
         path = tmp_path / name
-        path.write_text(_merge(text, extra))
+        path.write_text(merge_yaml(text, extra))
         return path
 
     return _job
 
 
-def _merge(base: str, extra: str) -> str:
-    import yaml
-
-    doc = yaml.safe_load(base)
-    for key, value in (yaml.safe_load(extra) or {}).items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict):
-            doc[key].update(value)
-        else:
-            doc[key] = value
-    return yaml.safe_dump(doc)
-
-
-def train(capsys, *args) -> tuple[int, str, str]:
-    code = main(["train", *map(str, args)])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def losses(run, split="train"):
-    return [e["loss"] for e in read_metrics(run) if e["split"] == split]
-
-
 def val_loss_of(model, run) -> float:
-    """Mean loss over every answer token of the validation rows, one row at a time (no
-    padding, no packing): an implementation independent of the trainer's."""
-    from tuneplex.data.pipeline import prepare
-    from tuneplex.plugins import registry
-
-    backend = registry().backends["automodel"].backend
-    job = backend.job_schema.model_validate(json.loads((run / "job.json").read_text()))
-    split = prepare(backend.data_spec(job)).validation.examples
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for row in split:
-            ids = torch.tensor([row["input_ids"]])
-            labels = torch.tensor(row["labels"])
-            logits = model(input_ids=ids).logits[0]
-            keep = labels[1:] != -100
-            total += torch.nn.functional.cross_entropy(
-                logits[:-1][keep].double(), labels[1:][keep], reduction="sum"
-            ).item()
-            count += int(keep.sum())
-    return total / count
+    return reference_val_loss(model, run, "automodel")
 
 
 def test_lora_learns_and_final_adapter_reproduces_the_validation_loss(

@@ -174,6 +174,36 @@ def assert_run_directory(run_dir, *, completed: bool = True) -> None:
         assert any(path.glob("*.safetensors")), f"{path} holds no weights"
 
 
+def reference_val_loss(model, run_dir, backend: str) -> float:
+    """Mean loss over every answer token of a run's validation rows, one row at a time (no
+    padding, no packing, the model's logits only): independent of any trainer's loss code."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from tuneplex.data.pipeline import prepare
+    from tuneplex.plugins import registry
+
+    b = registry().backends[backend].backend
+    job = b.job_schema.model_validate(json.loads((Path(run_dir) / "job.json").read_text()))
+    split = prepare(b.data_spec(job)).validation.examples
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for row in split:
+            ids = torch.tensor([row["input_ids"]], device=device)
+            labels = torch.tensor(row["labels"], device=device)
+            logits = model(input_ids=ids).logits[0].double()
+            keep = labels[1:] != -100
+            total += torch.nn.functional.cross_entropy(
+                logits[:-1][keep], labels[1:][keep], reduction="sum"
+            ).item()
+            count += int(keep.sum())
+    return total / count
+
+
 class BackendContract:
     """What every backend must honour. Subclass in a test module; pytest collects it."""
 

@@ -46,6 +46,20 @@ def collate(rows: Sequence[dict[str, Any]], *, pad_id: int, pad_to_multiple_of: 
     }
 
 
+def collate_for_hf(rows: Sequence[dict[str, Any]], *, pad_id: int) -> dict[str, Any]:
+    """A batch for a transformers model that shifts `labels` itself (Trainer, TRL): the labels
+    are `targets` moved back one place, so the model's own shift yields exactly `targets`,
+    and its count of labels != -100 is the count of trained predictions."""
+    import torch
+
+    batch = collate(rows, pad_id=pad_id)
+    targets = batch.pop("targets")
+    labels = torch.full_like(targets, IGNORE_INDEX)
+    labels[:, 1:] = targets[:, :-1]
+    batch["labels"] = labels
+    return batch
+
+
 class RowTable:
     """Rows of a prepared split as numpy views over its Arrow columns (no per-row copies).
 

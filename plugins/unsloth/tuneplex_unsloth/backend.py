@@ -6,7 +6,6 @@ from pathlib import Path
 
 from tuneplex.backend import EnvironmentStatus
 from tuneplex.data.spec import DataSpec
-from tuneplex.errors import TuneplexError
 
 from tuneplex_unsloth import env
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -49,7 +48,6 @@ class UnslothBackend:
         )
 
     def train(self, job: UnslothJobInput, run_dir: Path, *, resume: bool = False) -> None:
-        raise TuneplexError(
-            "unsloth: the training engine is not in this version of tuneplex-unsloth yet; "
-            "`tuneplex validate --backend unsloth` checks the job"
-        )
+        from tuneplex_unsloth.trainer import train
+
+        train(job, run_dir, resume=resume, data_spec=self.data_spec(job))

@@ -1,0 +1,398 @@
+"""The unsloth backend's training: the core data pipeline, TRL's SFTTrainer, our run directory.
+
+Order matters: CUDA_VISIBLE_DEVICES is set first, then unsloth is imported (through the
+loader) before transformers, peft and trl, all in the process that trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneplex.data.collate import RowTable, collate_for_hf
+from tuneplex.data.pipeline import prepare
+from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
+from tuneplex.evaluation import evaluate, pad_id_of
+from tuneplex.progress import Progress
+from tuneplex.runs import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    MetricsLog,
+    checkpoint_path,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    write_summary,
+)
+
+from tuneplex_unsloth.model import Loader, UnslothLoader
+from tuneplex_unsloth.schema import UnslothJobInput
+
+LOADER: type[Loader] = UnslothLoader
+"""The loader class `train` uses; tests put `PeftLoader` here to run on CPU."""
+
+
+def select_gpus(job: UnslothJobInput) -> None:
+    """hardware.gpus -> CUDA_VISIBLE_DEVICES, which only counts before CUDA initialises."""
+    gpus = job.hardware.gpus
+    if gpus is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        if os.environ.get("CUDA_VISIBLE_DEVICES") != gpus:
+            raise UsageError(
+                Problem(
+                    "hardware.gpus",
+                    "CUDA was initialised in this process before training started, so the GPU "
+                    "choice cannot apply; run `tuneplex train` in a fresh process",
+                )
+            )
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+
+
+def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
+    """SFTConfig from the job, key by key (the data arrives tokenized, masked and packed)."""
+    from trl import SFTConfig
+
+    s, b, o = job.schedule, job.batch, job.optimizer
+    trackers = [name for name in ("wandb", "mlflow") if getattr(job.integrations, name)]
+    return SFTConfig(
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps or -1,
+        per_device_train_batch_size=b.per_device_train_batch_size,
+        per_device_eval_batch_size=b.per_device_train_batch_size,
+        gradient_accumulation_steps=b.gradient_accumulation_steps,
+        learning_rate=o.learning_rate,
+        weight_decay=o.weight_decay,
+        optim=o.optim,
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=s.warmup_ratio if s.warmup_ratio is not None else s.warmup_steps,
+        max_grad_norm=1.0,
+        logging_strategy="steps",
+        logging_steps=s.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="steps" if s.save_steps else "no",
+        save_steps=s.save_steps or 1,
+        eval_strategy="no",  # validation runs in RunDirCallback, the same way for every backend
+        seed=s.seed,
+        data_seed=s.seed,
+        **precision_flags(job, cuda=cuda),
+        report_to=trackers or "none",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=job.model.max_seq_length,
+        packing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def precision_flags(job: UnslothJobInput, *, cuda: bool) -> dict[str, bool]:
+    """hardware.precision on a GPU; plain fp32 on CPU (the test seam's machine)."""
+    if not cuda:
+        return {"bf16": False, "fp16": False, "use_cpu": True}
+    bf16 = job.hardware.precision == "bf16"
+    return {"bf16": bf16, "fp16": not bf16, "use_cpu": False}
+
+
+class TokenCounter:
+    """Counts real (non-padding) tokens of every training batch the collator builds."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id, self.total = pad_id, 0
+
+    def __call__(self, rows):
+        self.total += sum(len(r["input_ids"]) for r in rows)
+        return collate_for_hf(rows, pad_id=self.pad_id)
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+def make_callback(**kw):
+    class RunDirCallback(_callback_base()):
+        """metrics.jsonl, progress, validation, NaN stop and step_N checkpoints for HF's loop."""
+
+        def __init__(self, *, job, run_dir, val_rows, pad_id, counter, resumed_from, header):
+            self.job, self.run_dir, self.val_rows = job, run_dir, val_rows
+            self.pad_id, self.counter, self.header = pad_id, counter, header
+            self.resumed_from = resumed_from
+            self.metrics = MetricsLog(run_dir, resume_step=resumed_from)
+            self.progress: Progress | None = None
+            self.t0 = time.perf_counter()
+            self.elapsed_before = 0.0
+            self.last_log = (0, time.perf_counter())
+            self.step = resumed_from or 0
+            self.total_steps = 0
+            self.steps_per_epoch = 1.0
+            self.train_loss = self.val_loss = self.best_val_loss = None
+            self.failed_step: int | None = None
+            self.failed_value: float | None = None
+            self.last_checkpoint: str | None = None
+            self.val_pending = False
+
+        def elapsed(self):
+            return self.elapsed_before + time.perf_counter() - self.t0
+
+        def on_train_begin(self, args, state, control, model=None, **_):
+            self.total_steps = state.max_steps
+            self.steps_per_epoch = state.max_steps / max(args.num_train_epochs, 1)
+            if args.max_steps and args.max_steps > 0 and state.num_train_epochs:
+                self.steps_per_epoch = state.max_steps / state.num_train_epochs
+            self.progress = Progress(total=state.max_steps, start=state.global_step)
+            if self.resumed_from is not None:
+                self.progress.line(f"resuming from {self.last_checkpoint} (step {self.step})")
+            elif self.val_rows is not None:
+                self._validate(model, 0, 0.0)
+
+        def on_step_end(self, args, state, control, model=None, **_):
+            self.step = state.global_step
+            if self.val_rows is None:
+                return
+            every = self.job.schedule.eval_steps
+            due = (every and state.global_step % every == 0) or state.global_step == state.max_steps
+            if due and control.should_log:
+                self.val_pending = True  # after this step's train line
+            elif due:
+                self._validate(model, state.global_step, state.epoch or 0.0)
+
+        def on_log(self, args, state, control, logs=None, model=None, **_):
+            logs = logs or {}
+            if "loss" in logs:
+                now = time.perf_counter()
+                tokens = self.counter.total - self.last_log[0]
+                dt = now - self.last_log[1]
+                self.last_log = (self.counter.total, now)
+                loss = float(logs["loss"])
+                event = {
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 4),
+                    "split": "train",
+                    "loss": loss,
+                    "lr": logs.get("learning_rate"),
+                    "grad_norm": _float(logs.get("grad_norm")),
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
+                    "elapsed_s": round(self.elapsed(), 3),
+                }
+                self.metrics.write(**event)
+                self.progress.train(state.global_step, event)
+                self.train_loss = loss
+                if not math.isfinite(loss):
+                    self.failed_step, self.failed_value = state.global_step, loss
+                    control.should_training_stop = True
+                    control.should_save = False
+                    self.val_pending = False
+                    return
+            if self.val_pending:
+                self.val_pending = False
+                self._validate(model, state.global_step, state.epoch or 0.0)
+
+        def on_save(self, args, state, control, **_):
+            written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            target = checkpoint_path(self.run_dir, state.global_step)
+            if written.is_dir():
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(written, target)  # complete now: only whole checkpoints get this name
+                self.last_checkpoint = str(target)
+                prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
+
+        def on_train_end(self, args, state, control, **_):
+            if self.progress is not None:
+                self.progress.close()
+
+        def _validate(self, model, step, epoch):
+            import torch
+
+            device = next(model.parameters()).device
+            autocast = None
+            if device.type == "cuda":
+                autocast = (
+                    torch.bfloat16 if self.job.hardware.precision == "bf16" else torch.float16
+                )
+            loss = evaluate(
+                model,
+                self.val_rows,
+                micro=self.job.batch.per_device_train_batch_size,
+                pad_id=self.pad_id,
+                device=device,
+                autocast=autocast,
+            )
+            self.val_loss = loss
+            if self.best_val_loss is None or loss < self.best_val_loss:
+                self.best_val_loss = loss
+            self.metrics.write(
+                step=step,
+                epoch=round(epoch, 4),
+                split="val",
+                loss=loss,
+                tokens=int(self.val_rows.lengths.sum()),
+                elapsed_s=round(self.elapsed(), 3),
+            )
+            self.progress.val(step, epoch, loss)
+
+        def summary(self, status: str, **extra) -> dict[str, Any]:
+            elapsed = self.elapsed()
+            return {
+                "status": status,
+                "backend": "unsloth",
+                **self.header,
+                "steps": self.step,
+                "total_steps": self.total_steps,
+                "epochs": round(self.step / self.steps_per_epoch, 4) if self.total_steps else 0,
+                "train_loss": self.train_loss,
+                "val_loss": self.val_loss,
+                "best_val_loss": self.best_val_loss,
+                "tokens": self.counter.total,
+                "elapsed_s": round(elapsed, 3),
+                "tokens_per_s": round(self.counter.total / elapsed, 1) if elapsed > 0 else None,
+                **_peak_memory(),
+                "last_checkpoint": self.last_checkpoint,
+                "final": FINAL_DIR if status == "completed" else None,
+                **extra,
+            }
+
+    return RunDirCallback(**kw)
+
+
+def trainer_class():
+    """TRL's SFTTrainer; off CUDA its Triton-only fused LM-head loss is replaced by the model's
+    own loss (same labels, same normalisation by the step's token count)."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class CpuSafeSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if inputs["input_ids"].device.type == "cuda":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CpuSafeSFTTrainer
+
+
+def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
+    select_gpus(job)
+    loader = LOADER()  # imports unsloth first on the real path
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda and job.hardware.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(
+            Problem(
+                "hardware.precision",
+                f"bf16 is not supported by {torch.cuda.get_device_name()}; set "
+                "hardware.precision: fp16",
+            )
+        )
+    model, tokenizer = loader.load(job)
+    if job.training.lora is not None:
+        model = loader.add_lora(model, job)
+    prepared = prepare(data_spec)
+    pad_id = pad_id_of(prepared.tokenizer)
+    val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
+
+    remove_stale_temporaries(run_dir)
+    for debris in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"):
+        shutil.rmtree(debris, ignore_errors=True)  # a save that never finished
+    found = latest_checkpoint(run_dir) if resume else None
+    if resume and found is None:
+        print(
+            f"tuneplex: no complete checkpoint in {run_dir}; starting from step 0", file=sys.stderr
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    device = "cuda (" + torch.cuda.get_device_name() + ")" if cuda else "cpu"
+    header = {
+        "model": job.model.name,
+        "loader": loader.name,
+        "device": device,
+        "finetuning_type": job.training.finetuning_type,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "data": {
+            "train": prepared.train.stats.as_dict(),
+            "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
+        },
+    }
+    counter = TokenCounter(pad_id)
+    callback = make_callback(
+        job=job,
+        run_dir=run_dir,
+        val_rows=val_rows,
+        pad_id=pad_id,
+        counter=counter,
+        resumed_from=found[0] if found else None,
+        header=header,
+    )
+    if found:
+        callback.last_checkpoint = str(found[1])
+    print(
+        f"unsloth: {job.model.name} via {loader.name} ({total:,} parameters, {trainable:,} "
+        f"trained) on {device}; {len(prepared.train.rows):,} training rows",
+        flush=True,
+    )
+    trainer = trainer_class()(
+        model=model,
+        args=sft_config(job, run_dir, cuda=cuda),
+        train_dataset=prepared.train.rows,
+        processing_class=tokenizer,
+        data_collator=counter,
+        callbacks=[callback],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # RunDirCallback prints what the run shows
+    try:
+        trainer.train(resume_from_checkpoint=str(found[1]) if found else None)
+    except KeyboardInterrupt:
+        write_summary(run_dir, callback.summary("interrupted"))
+        raise Interrupted(
+            f"interrupted at step {callback.step}; `tuneplex train ... --backend unsloth "
+            "--resume` continues from " + (callback.last_checkpoint or "the start")
+        ) from None
+    finally:
+        callback.metrics.close()
+    if callback.failed_step is not None:
+        write_summary(run_dir, callback.summary("diverged", failed_step=callback.failed_step))
+        raise TrainingStopped(
+            f"step {callback.failed_step}: loss is {callback.failed_value}; training stopped, "
+            f"nothing of this step was saved (last good checkpoint: "
+            f"{callback.last_checkpoint or 'none yet'}); lower optimizer.learning_rate"
+        )
+    from tuneplex_unsloth.export import export_final
+
+    what = export_final(
+        run_dir / FINAL_DIR, model=trainer.model, tokenizer=tokenizer, job=job, loader=loader
+    )
+    summary = callback.summary("completed")
+    write_summary(run_dir, summary)
+    print(f"final: {run_dir / FINAL_DIR} ({what})", flush=True)
+    return summary
+
+
+def _float(x):
+    return float(x) if x is not None else None
+
+
+def _peak_memory() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_memory_kind": "cuda max allocated",
+        }
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}
