@@ -30,8 +30,12 @@ SHAPES = {
     ),
 }
 SETUPS = {
+    # automodel backend
     "lora": "training: {finetuning_type: lora, lora: {rank: 16, alpha: 32}}",
     "full": "training: {finetuning_type: all_weights}",
+    # unsloth backend (CUDA only): LoRA r16 on the 7 projection modules
+    "unsloth-4bit": "model: {load_in_4bit: true}",
+    "unsloth-16bit": "model: {load_in_4bit: false}",
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -78,19 +82,37 @@ def build_data(path: Path, *, rows: int, seq: int) -> None:
             fh.write(json.dumps({"text": text}) + "\n")
 
 
-def run_setup(work: Path, setup: str, args) -> dict:
-    run = work / f"run-{setup}"
-    job = work / f"job-{setup}.yaml"
-    job.write_text(
+def job_text(work: Path, setup: str, args) -> tuple[str, list[str]]:
+    """(job YAML, extra CLI arguments) for one setup."""
+    steps = args.warmup + args.steps
+    if setup.startswith("unsloth"):
+        bits = "true" if setup.endswith("4bit") else "false"
+        return (
+            f"model: {{name: {work / 'model'}, max_seq_length: {args.seq}, load_in_4bit: {bits}}}\n"
+            f"dataset: {{path: {work / 'data.jsonl'}}}\n"
+            f"schedule: {{max_steps: {steps}, seed: 0}}\n"
+            f"batch: {{per_device_train_batch_size: {args.micro}}}\n"
+            "optimizer: {learning_rate: 1.0e-4, optim: adamw_torch_fused}\n",
+            ["--backend", "unsloth"],
+        )
+    return (
         f"model: {work / 'model'}\n"
         f"dataset: {{training: {work / 'data.jsonl'}}}\n"
         f"{SETUPS[setup]}\n"
-        f"schedule: {{max_steps: {args.warmup + args.steps}, seed: 0}}\n"
+        f"schedule: {{max_steps: {steps}, seed: 0}}\n"
         f"batch: {{global_batch_size: {args.micro}, micro_batch_size: {args.micro}}}\n"
-        "optimizer: {learning_rate: 1.0e-4}\n"
+        "optimizer: {learning_rate: 1.0e-4}\n",
+        ["--set", f"training.max_seq_length={args.seq}"],
     )
+
+
+def run_setup(work: Path, setup: str, args) -> dict:
+    run = work / f"run-{setup}"
+    job = work / f"job-{setup}.yaml"
+    text, extra = job_text(work, setup, args)
+    job.write_text(text)
     cmd = [sys.executable, "-m", "tuneplex", "train", str(job), "-o", str(run), "--overwrite"]
-    cmd += ["--set", f"training.max_seq_length={args.seq}"]
+    cmd += extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -120,7 +142,7 @@ def mfu(result: dict, shape: str) -> float | None:
         return None
     s = SHAPES[shape]
     n = result["total_parameters"]
-    per_token = (6 if result["setup"] == "full" else 4) * n
+    per_token = (6 if result["setup"] == "full" else 4) * n  # LoRA: no weight gradients
     per_token += 12 * s["layers"] * s["hidden"] * SEQ_FOR_MFU / 2  # causal attention
     return result["tokens_per_s"] * per_token / (peak * 1e12)
 
@@ -132,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     global SEQ_FOR_MFU
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    ap.add_argument("--setups", default="lora,full")
+    ap.add_argument("--setups", default="lora,full", help=", ".join(SETUPS))
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--micro", type=int, default=4, help="rows per step (one micro-batch)")

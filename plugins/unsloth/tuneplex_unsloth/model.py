@@ -150,7 +150,9 @@ class PeftLoader:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(job.training.use_gradient_checkpointing)
+                model,
+                use_gradient_checkpointing=bool(job.training.use_gradient_checkpointing),
+                gradient_checkpointing_kwargs={"use_reentrant": False},
             )
         return model, tokenizer
 

@@ -1,0 +1,101 @@
+"""On a CUDA GPU with unsloth installed: the real unsloth path, 4-bit and 16-bit, every save method.
+
+Skipped without CUDA. Each run is a fresh `tuneplex train` process (unsloth must be imported
+before transformers, which this test process has already imported).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tuneplex.tiny import build_llama, build_tokenizer
+
+    out = tmp_path_factory.mktemp("llama-shaped")
+    tok = build_tokenizer(out, style="llama3")
+    build_llama(
+        out,
+        tokenizer=tok,
+        hidden=512,
+        layers=4,
+        heads=8,
+        kv_heads=4,
+        intermediate=1536,
+        init_std=0.1,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("bits4", "save_method"),
+    [(True, "lora"), (False, "merged_16bit"), (True, "merged_4bit"), (False, "lora")],
+)
+def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
+    from helpers import chat_rows, write_rows
+
+    data = tmp_path / "train.jsonl"
+    write_rows(data, chat_rows(64))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: {{name: {model_dir}, max_seq_length: 256, load_in_4bit: {str(bits4).lower()}}}\n"
+        f"dataset: {{path: {data}, validation_path: {data}, apply_chat_template: true}}\n"
+        "schedule: {max_steps: 20, eval_steps: 10}\n"
+        "batch: {per_device_train_batch_size: 4}\n"
+        "optimizer: {learning_rate: 5.0e-4}\n"
+        f"output: {{save_method: {save_method}}}\n"
+    )
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuneplex",
+            "train",
+            str(job),
+            "--backend",
+            "unsloth",
+            "-o",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["loader"] == "unsloth" and summary["status"] == "completed"
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [e["loss"] for e in events if e["split"] == "val"]
+    assert val[-1] < val[0]
+    final = run / "final"
+    from transformers import AutoModelForCausalLM
+
+    if save_method == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+        PeftModel.from_pretrained(base, final)
+    else:
+        from tuneplex_unsloth.export import weight_dtypes
+
+        model = AutoModelForCausalLM.from_pretrained(final, device_map="cuda")
+        dtypes = weight_dtypes(final)
+        assert ("U8" in dtypes) == (save_method == "merged_4bit"), dtypes
+        ids = torch.randint(0, 100, (1, 16), device="cuda")
+        assert torch.isfinite(model(input_ids=ids).logits.float()).all()
+    print(
+        save_method,
+        "4-bit" if bits4 else "16-bit",
+        summary["tokens_per_s"],
+        "tok/s",
+        summary["peak_memory_gib"],
+        "GiB",
+    )
