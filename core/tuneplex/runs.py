@@ -158,6 +158,21 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     write_json_atomic(run_dir / SUMMARY_FILE, summary)
 
 
+def peak_memory(device_type: str) -> dict[str, Any]:
+    """summary.json's memory figure: CUDA max allocated on a GPU, the process's max RSS on CPU."""
+    if device_type == "cuda":
+        import torch
+
+        return {
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+            "peak_memory_kind": "cuda max allocated",
+        }
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / f"step_{step}"
 

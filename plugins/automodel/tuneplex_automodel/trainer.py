@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import sys
 import time
 import warnings
@@ -26,6 +25,7 @@ from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
     latest_checkpoint,
+    peak_memory,
     prune_checkpoints,
     remove_stale_temporaries,
     write_summary,
@@ -403,7 +403,7 @@ class _Loop:
             "tokens": self.tokens_seen,
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(self.tokens_seen / elapsed, 1) if elapsed > 0 else None,
-            **_peak_memory(self.rt),
+            **peak_memory(self.rt.device.type),
             "last_checkpoint": self.last_checkpoint,
             "final": FINAL_DIR if status == "completed" else None,
             **extra,
@@ -426,15 +426,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _peak_memory(rt: Runtime) -> dict[str, Any]:
-    import torch
-
-    if rt.device.type == "cuda":
-        return {
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated(rt.device) / 2**30, 3),
-            "peak_memory_kind": "cuda max allocated",
-        }
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}

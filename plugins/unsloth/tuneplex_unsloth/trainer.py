@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -26,6 +25,7 @@ from tuneplex.runs import (
     MetricsLog,
     checkpoint_path,
     latest_checkpoint,
+    peak_memory,
     prune_checkpoints,
     remove_stale_temporaries,
     write_summary,
@@ -244,6 +244,8 @@ def make_callback(**kw):
             self.progress.val(step, epoch, loss)
 
         def summary(self, status: str, **extra) -> dict[str, Any]:
+            import torch
+
             elapsed = self.elapsed()
             return {
                 "status": status,
@@ -258,7 +260,7 @@ def make_callback(**kw):
                 "tokens": self.counter.total,
                 "elapsed_s": round(elapsed, 3),
                 "tokens_per_s": round(self.counter.total / elapsed, 1) if elapsed > 0 else None,
-                **_peak_memory(),
+                **peak_memory("cuda" if torch.cuda.is_available() else "cpu"),
                 "last_checkpoint": self.last_checkpoint,
                 "final": FINAL_DIR if status == "completed" else None,
                 **extra,
@@ -384,15 +386,3 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
 
 def _float(x):
     return float(x) if x is not None else None
-
-
-def _peak_memory() -> dict[str, Any]:
-    import torch
-
-    if torch.cuda.is_available():
-        return {
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-            "peak_memory_kind": "cuda max allocated",
-        }
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}
