@@ -70,7 +70,7 @@ class UnslothLoader:
         from unsloth import FastLanguageModel
 
         m = job.model
-        where, local = _where(m.name)
+        where, _ = _where(m.name)  # offline: HF_HUB_OFFLINE keeps unsloth off the Hub
         full = job.training.finetuning_type == "all_weights"
         try:
             return FastLanguageModel.from_pretrained(
@@ -83,7 +83,6 @@ class UnslothLoader:
                 full_finetuning=full,
                 trust_remote_code=m.trust_remote_code,
                 use_gradient_checkpointing=job.training.use_gradient_checkpointing,
-                local_files_only=local or hub_offline(),
             )
         except UsageError:
             raise
