@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -194,19 +195,50 @@ def train_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the run in the output directory.")
     ] = False,
+    node_rank: Annotated[
+        int | None,
+        typer.Option("--node-rank", min=0, help="Multi-node: this node's rank (0 writes the run)."),
+    ] = None,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Multi-node: address of node 0.")
+    ] = None,
+    master_port: Annotated[
+        int | None,
+        typer.Option("--master-port", min=1, max=65535, help="Multi-node: port on node 0."),
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option("--rdzv-endpoint", help="Multi-node: a c10d rendezvous HOST:PORT instead."),
+    ] = None,
 ) -> None:
     """Validate a job, check this machine can run it, and train."""
     from tuneplex.runs import prepare_run_dir, resolve_run_dir
 
+    for name, value in (
+        ("NODE_RANK", node_rank),
+        ("MASTER_ADDR", master_addr),
+        ("MASTER_PORT", master_port),
+        ("RDZV_ENDPOINT", rdzv_endpoint),
+    ):
+        if value is not None:
+            os.environ[f"TUNEPLEX_{name}"] = str(value)
     installed, parsed = _load(job, backend, sets)
     status = installed.backend.check_environment()
     if not status.ready:
         raise EnvironmentNotReady(f"{backend}: {status.detail}")
     run_dir = resolve_run_dir(flag=output, job_output_dir=parsed.output.dir, job_path=job)
-    resuming = prepare_run_dir(
-        run_dir, job=parsed.to_public_dict(), resume=resume, overwrite=overwrite
-    )
-    installed.backend.train(parsed, run_dir, resume=resuming)
+    if _writes_the_run_dir():
+        resume = prepare_run_dir(
+            run_dir, job=parsed.to_public_dict(), resume=resume, overwrite=overwrite
+        )
+    installed.backend.train(parsed, run_dir, resume=resume)
+
+
+def _writes_the_run_dir() -> bool:
+    """One process prepares the run directory: node 0 of a multi-node run, and rank 0 of the
+    workers when each of them runs `tuneplex train` under torchrun."""
+    node = os.environ.get("TUNEPLEX_NODE_RANK") or os.environ.get("SLURM_NODEID") or "0"
+    return node == "0" and os.environ.get("RANK", "0") == "0"
 
 
 data_app = typer.Typer(

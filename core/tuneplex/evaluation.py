@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneplex.data.collate import RowTable, collate
+from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.templates import IGNORE_INDEX
 
 
@@ -38,20 +38,42 @@ def loss_sum(model, batch: dict[str, Any], *, autocast=None):
     )
 
 
-def evaluate(model, rows: RowTable, *, micro: int, pad_id: int, device, autocast=None) -> float:
-    """Mean loss over every counted token of `rows` (the model is left in its former mode)."""
+def evaluate(
+    model,
+    rows: RowTable,
+    *,
+    micro: int,
+    pad_id: int,
+    device,
+    autocast=None,
+    shard: tuple[int, int] = (0, 1),
+    reduce=None,
+) -> float:
+    """Mean loss over every counted token of `rows` (the model is left in its former mode).
+
+    With `shard=(rank, size)` this rank evaluates rows rank, rank+size, ... in the same number
+    of forward passes as every other rank, and `reduce` sums the partial loss over ranks.
+    """
+    import math
+
     import torch
 
+    rank, size = shard
+    mine = list(range(rank, len(rows), size))
+    passes = math.ceil(math.ceil(len(rows) / size) / micro)
     count = int(rows.target_counts.sum())
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), micro):
-            chunk = rows.rows(range(start, min(start + micro, len(rows))))
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id=pad_id).items()}
-            total += loss_sum(model, batch, autocast=autocast).double()
+        for i in range(passes):
+            chunk = mine[i * micro : (i + 1) * micro]
+            data = rows.rows(chunk) if chunk else [EMPTY_ROW]
+            batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
+            total += loss_sum(model, batch, autocast=autocast)
     model.train(was_training)
+    if reduce is not None:
+        total = reduce(total)
     return total.item() / max(count, 1)
 
 

@@ -17,6 +17,10 @@ from typing import Any
 
 from tuneplex.data.templates import IGNORE_INDEX
 
+EMPTY_ROW = {"input_ids": [0], "labels": [IGNORE_INDEX]}
+"""A one-token row that counts for nothing: what a data-parallel rank with no rows left runs,
+so that every rank takes part in the same collectives."""
+
 
 def collate(rows: Sequence[dict[str, Any]], *, pad_id: int, pad_to_multiple_of: int = 1):
     """{"input_ids", "labels", "position_ids", "targets"} LongTensors of shape (batch, longest)."""

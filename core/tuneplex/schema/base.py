@@ -33,6 +33,24 @@ class JobSchema(StrictModel):
         """The resolved job as plain JSON data, with secrets masked (for job.json and printing)."""
         return self.model_dump(mode="json")
 
+    def to_private_dict(self) -> dict[str, Any]:
+        """The resolved job as plain JSON data with secrets in clear: only for handing the job
+        to worker processes (through a private temporary file), never for printing."""
+        import json
+
+        from pydantic import SecretBytes, SecretStr
+
+        def reveal(x):
+            if isinstance(x, SecretStr | SecretBytes):
+                return x.get_secret_value()
+            if isinstance(x, dict):
+                return {k: reveal(v) for k, v in x.items()}
+            if isinstance(x, list | tuple):
+                return [reveal(v) for v in x]
+            return x
+
+        return json.loads(json.dumps(reveal(self.model_dump(mode="python")), default=str))
+
 
 def model_in(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation (`X`, `X | None`, `list[X]`), if any."""

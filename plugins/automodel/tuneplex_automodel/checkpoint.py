@@ -45,13 +45,19 @@ def _dedupe(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return out, aliases
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, *, model, optimizer, state: dict[str, Any], write: bool = True
+) -> Path:
+    """Gather the full state (a collective on every rank) and write it (on `write` ranks)."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
+    target = checkpoint_path(run_dir, step)
+    if not write:
+        return target
     weights, aliases = _dedupe(msd)
     moments = {
         f"{fqn}{SEP}{name}": t.detach().reshape(t.shape).contiguous()
@@ -74,7 +80,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, state: dict[s
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
-    target = checkpoint_path(run_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     with AtomicDir(target) as tmp:
         save_file(weights, str(tmp / "model.safetensors"))
@@ -89,7 +94,7 @@ def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
     import numpy as np
     import torch
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     try:
         state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -100,7 +105,9 @@ def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
         raise UsageError(Problem(str(path), f"unreadable checkpoint: {exc}")) from None
     for name, target in state["aliases"].items():
         weights[name] = weights[target]
-    expected = set(get_model_state_dict(model, options=_options(ignore_frozen_params=True)))
+    expected = {
+        name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    }
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
         extra = sorted(set(weights) - expected)[:3]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.data.collate import RowTable, collate
+from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
@@ -32,7 +32,11 @@ from tuneplex.runs import (
 )
 
 from tuneplex_automodel.checkpoint import export_final, load_checkpoint, save_checkpoint
+from tuneplex_automodel.distributed import Dist, clip_grad_norm, not_yet, under_torchrun
+from tuneplex_automodel.distributed import init as init_distributed
+from tuneplex_automodel.launch import launch
 from tuneplex_automodel.model import apply_lora, check_model_ref, load_model, parameter_counts
+from tuneplex_automodel.parallelize import parallelize
 from tuneplex_automodel.plan import TrainPlan, learning_rate
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -60,35 +64,53 @@ class Runtime:
         return f"{self.device}, fp32"
 
 
-def pick_runtime(job: AutomodelJobInput) -> Runtime:
+def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
     """bf16 on a CUDA GPU (full weights: fp32 master weights, bf16 autocast); fp32 on CPU."""
     import torch
 
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         lora = job.training.finetuning_type != "all_weights"
         return Runtime(
-            device=torch.device("cuda", torch.cuda.current_device()),
+            device=device,
             dtype=torch.bfloat16 if lora else torch.float32,
             autocast=torch.bfloat16,
         )
-    return Runtime(device=torch.device("cpu"), dtype=torch.float32, autocast=None)
+    return Runtime(device=device, dtype=torch.float32, autocast=None)
 
 
-def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
-    """Train `job` into `run_dir`; returns the summary (also written to summary.json)."""
+def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict | None:
+    """Train `job` into `run_dir`; returns the summary (also written to summary.json) on rank 0.
+
+    A job for several processes, started outside torchrun, launches its workers here and
+    waits for them (each worker comes back into this function under torchrun).
+    """
     dims = job.parallel_dims()
-    if dims.world_size > 1:
-        raise UsageError(
-            Problem(
-                "parallelism",
-                f"{dims.world_size} GPUs requested; this version of tuneplex-automodel trains in "
-                "one process (num_nodes: 1, num_gpus_per_node: 1)",
-            )
-        )
+    if dims.world_size > 1 and not under_torchrun():
+        problems = not_yet(dims)
+        if problems:
+            raise UsageError(problems)
+        check_model_ref(job.model)
+        launch(dims, job.to_private_dict(), run_dir, resume=resume)
+        return None
     check_model_ref(job.model)
-    prepared = prepare(data_spec)
+    import torch
+
+    dist = init_distributed(dims, cuda=torch.cuda.is_available())
+    try:
+        return _train(job, run_dir, resume=resume, data_spec=data_spec, dist=dist)
+    finally:
+        dist.close()
+
+
+def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict | None:
+    if dist.is_main:  # build the token cache once; the other ranks then load it
+        prepared = prepare(data_spec)
+    dist.barrier()
+    if not dist.is_main:
+        prepared = prepare(data_spec)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    rt = pick_runtime(job)
+    rt = pick_runtime(job, dist.device)
+    dims = dist.dims
     seed = job.schedule.seed if job.schedule.seed is not None else DEFAULT_SEED
     _seed_everything(seed)
     tokenizer = prepared.tokenizer
@@ -103,6 +125,7 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
         model = apply_lora(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
+    parallelize(model, dist=dist, lora=lora is not None)
     model.train()
     optimizer = build_optimizer(
         model,
@@ -127,6 +150,7 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
         job=job,
         run_dir=run_dir,
         rt=rt,
+        dist=dist,
         model=model,
         optimizer=optimizer,
         plan=plan,
@@ -134,17 +158,25 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
         val_rows=val_rows,
         pad_id=pad_id_of(tokenizer),
     )
-    remove_stale_temporaries(run_dir)
+    if dist.is_main:
+        remove_stale_temporaries(run_dir)
+    dist.barrier()
     if resume:
         loop.restore()
     trainable, total = parameter_counts(model)
+    layout = (
+        f"{dist.world_size} processes (dp {dims.dp} × tp {dims.tp}) on "
+        if dist.world_size > 1
+        else ""
+    )
     loop.header = {
         "model": job.model,
         "model_class": type(model.get_base_model() if lora else model).__name__,
-        "device": rt.label,
+        "device": layout + rt.label,
         "finetuning_type": job.training.finetuning_type,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "parallel": dims.as_dict(),
         "data": {
             "train": prepared.train.stats.as_dict(),
             "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
@@ -153,33 +185,75 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     say = loop.progress_line
     say(
         f"automodel: {job.model} ({loop.header['model_class']}, {total:,} parameters, "
-        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {rt.label}"
+        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {layout}{rt.label}"
     )
     say(
         f"data: {len(train_rows):,} training rows"
         + (f", {len(val_rows):,} validation rows" if val_rows is not None else "")
         + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
         f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
+        + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
     )
     say(f"run directory: {run_dir}")
     loop.run()
     what = None
     if loop.step == plan.total_steps:
         final_dtype = base_dtype if base_dtype not in (None, rt.dtype) else None
-        what = export_final(
+        what = export(
             run_dir / FINAL_DIR,
+            job=job,
             model=model,
             tokenizer=tokenizer,
-            merge=job.training.merges_adapter,
-            lora=lora is not None,
+            dist=dist,
+            rt=rt,
             dtype=final_dtype,
         )
+    dist.barrier()
+    if not dist.is_main:
+        loop.close()
+        return None
     summary = loop.summary("completed")
     write_summary(run_dir, summary)
     if what:
         say(f"final: {run_dir / FINAL_DIR} ({what})")
     loop.close()
     return summary
+
+
+def export(target: Path, *, job, model, tokenizer, dist: Dist, rt: Runtime, dtype) -> str | None:
+    """final/ from rank 0. With several processes the full weights are gathered to rank 0
+    first and loaded into a CPU copy of the model, which is what gets saved."""
+    lora = job.training.lora
+    if dist.world_size > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if not dist.is_main:
+            return None
+        model, _ = load_model(
+            job.model,
+            dtype=rt.dtype,
+            device="cpu",
+            trust_remote_code=job.training.trust_remote_code,
+        )
+        if lora is not None:
+            model = apply_lora(
+                model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
+            )
+        model.load_state_dict(full, strict=True)
+    return export_final(
+        target,
+        model=model,
+        tokenizer=tokenizer,
+        merge=job.training.merges_adapter,
+        lora=lora is not None,
+        dtype=dtype,
+    )
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
@@ -197,8 +271,10 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
 
 
 class _Loop:
-    def __init__(self, *, job, run_dir, rt, model, optimizer, plan, train_rows, val_rows, pad_id):
-        self.job, self.run_dir, self.rt = job, run_dir, rt
+    def __init__(
+        self, *, job, run_dir, rt, dist, model, optimizer, plan, train_rows, val_rows, pad_id
+    ):
+        self.job, self.run_dir, self.rt, self.dist = job, run_dir, rt, dist
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -219,10 +295,11 @@ class _Loop:
     def restore(self) -> None:
         found = latest_checkpoint(self.run_dir)
         if found is None:
-            print(
-                f"tuneplex: no complete checkpoint in {self.run_dir}; starting from step 0",
-                file=sys.stderr,
-            )
+            if self.dist.is_main:
+                print(
+                    f"tuneplex: no complete checkpoint in {self.run_dir}; starting from step 0",
+                    file=sys.stderr,
+                )
             return
         step, path = found
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
@@ -245,6 +322,8 @@ class _Loop:
 
     # -- the loop --------------------------------------------------------------------------
     def progress_line(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.progress is None:
             print(text, flush=True)
         else:
@@ -255,8 +334,9 @@ class _Loop:
 
     def run(self) -> None:
         plan = self.plan
-        self.metrics = MetricsLog(self.run_dir, resume_step=self.resumed_from)
-        self.progress = Progress(total=plan.total_steps, start=self.step)
+        if self.dist.is_main:
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.resumed_from)
+            self.progress = Progress(total=plan.total_steps, start=self.step)
         if self.resumed_from is not None:
             self.progress_line(f"resuming from {self.last_checkpoint} (step {self.step})")
         elif self.val_rows is not None:
@@ -264,7 +344,7 @@ class _Loop:
         try:
             while self.step < plan.total_steps:
                 epoch, within = plan.position(self.step)
-                micro_plan = plan.epoch_steps(epoch)
+                micro_plan = plan.epoch_steps(epoch, dp_rank=self.dist.dp_rank)
                 step_rows = plan.step_rows(epoch)
                 for i in range(within, len(micro_plan)):
                     if self.step >= plan.total_steps:
@@ -272,13 +352,18 @@ class _Loop:
                     n_targets = int(self.train_rows.target_counts[step_rows[i]].sum())
                     self._train_step(micro_plan[i], n_targets)
         except KeyboardInterrupt:
-            self.progress.close()
-            write_summary(self.run_dir, self.summary("interrupted"))
+            self._close_progress()
+            if self.dist.is_main:
+                write_summary(self.run_dir, self.summary("interrupted"))
             raise Interrupted(
                 f"interrupted at step {self.step}; `tuneplex train ... --resume` continues from "
                 + (self.last_checkpoint or "the start (no checkpoint yet)")
             ) from None
         finally:
+            self._close_progress()
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
             self.progress.close()
 
     def _train_step(self, micro_batches: list[list[int]], n_targets: int) -> None:
@@ -295,22 +380,32 @@ class _Loop:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         tokens = 0
+        # FSDP averages gradients over data-parallel ranks; each rank's loss is already a share
+        # of the step's token mean, so scale it back to a sum
+        scale = self.dist.dp_size
         for rows in micro_batches:
-            if not rows:
-                continue
-            tokens += int(self.train_rows.lengths[rows].sum())
-            batch = _to(collate(self.train_rows.rows(rows), pad_id=self.pad_id), self.rt)
+            # a rank with no rows left in a short last step still runs the collectives
+            rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
+            tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
+            batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
             loss = loss_sum(self.model, batch, autocast=self.rt.autocast) / max(n_targets, 1)
-            loss.backward()
+            (loss * scale if scale > 1 else loss).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-        loss_value, norm_value = torch.stack([total, grad_norm.float()]).tolist()
+        grad_norm = clip_grad_norm(self.params, GRAD_CLIP, device=self.rt.device)
+        reduced = self.dist.sum_over_dp(
+            torch.stack([total, torch.tensor(float(tokens), device=self.rt.device)])
+        )
+        loss_value, tokens_f, norm_value = torch.cat(
+            [reduced, grad_norm.float().reshape(1)]
+        ).tolist()
+        tokens = int(tokens_f)
         step = self.step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             value = loss_value if what == "loss" else norm_value
-            write_summary(self.run_dir, self.summary("diverged", failed_step=step))
+            if self.dist.is_main:
+                write_summary(self.run_dir, self.summary("diverged", failed_step=step))
             raise TrainingStopped(
                 f"step {step}: {what} is {value}; training stopped, nothing of this step was "
                 "saved (last good checkpoint: "
@@ -334,8 +429,9 @@ class _Loop:
             "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
             "elapsed_s": round(self.elapsed(), 3),
         }
-        self.metrics.write(**event)
-        self.progress.train(step, event)
+        if self.dist.is_main:
+            self.metrics.write(**event)
+            self.progress.train(step, event)
         if self.val_rows is not None and self.plan.validate_after(step):
             self._validate()
         if self.plan.checkpoint_after(step):
@@ -349,11 +445,15 @@ class _Loop:
             pad_id=self.pad_id,
             device=self.rt.device,
             autocast=self.rt.autocast,
+            shard=(self.dist.dp_rank, self.dist.dp_size),
+            reduce=self.dist.sum_over_dp,
         )
         self.last_val_loss = loss
         if self.best_val_loss is None or loss < self.best_val_loss:
             self.best_val_loss = loss
         epoch = self.plan.epoch_of(self.step)
+        if not self.dist.is_main:
+            return
         self.metrics.write(
             step=self.step,
             epoch=round(epoch, 4),
@@ -382,10 +482,17 @@ class _Loop:
             },
         }
         path = save_checkpoint(
-            self.run_dir, self.step, model=self.model, optimizer=self.optimizer, state=state
+            self.run_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=state,
+            write=self.dist.is_main,
         )
         self.last_checkpoint = str(path)
-        prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
+        if self.dist.is_main:
+            prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
+        self.dist.barrier()
 
     # -- reporting -------------------------------------------------------------------------
     def summary(self, status: str, **extra: Any) -> dict[str, Any]:
@@ -410,6 +517,7 @@ class _Loop:
         }
 
     def close(self) -> None:
+        self._close_progress()
         if self.metrics is not None:
             self.metrics.close()
 

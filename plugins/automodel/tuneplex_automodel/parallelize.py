@@ -1,0 +1,114 @@
+"""Tensor parallelism, then FSDP2, applied to a model by one function per model family.
+
+Tensor parallel (DTensor): the attention and MLP projections are split column-wise (q, k, v,
+gate, up) and row-wise (o, down), so each decoder layer needs one all-reduce forward and one
+backward per block. LoRA adapters follow their base layer: for a column-wise base, A stays whole
+and B is split by columns; for a row-wise base, A is split by rows and B stays whole. Embeddings,
+norms and the output head are replicated. FSDP2 (`fully_shard`) then shards every decoder layer
+and the root over the data-parallel mesh dimension; on CUDA parameters are gathered in bf16 and
+gradients reduced in fp32.
+"""
+
+from __future__ import annotations
+
+from tuneplex.errors import Problem, UsageError
+
+from tuneplex_automodel.distributed import Dist
+
+COLWISE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+)
+ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def llama_style(model, *, dist: Dist, lora: bool) -> None:
+    """Llama, Mistral, Qwen2 and Qwen3 decoder layers share module names and shapes."""
+    base = model.get_base_model() if lora else model
+    layers = base.model.layers
+    if dist.tp_size > 1:
+        _check_divisible(base.config, dist.tp_size)
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        plan = {}
+        for name in COLWISE:
+            if lora:
+                plan[f"{name}.base_layer"] = ColwiseParallel()
+                plan[f"{name}.lora_B.default"] = ColwiseParallel()
+            else:
+                plan[name] = ColwiseParallel()
+        for name in ROWWISE:
+            if lora:
+                plan[f"{name}.base_layer"] = RowwiseParallel()
+                plan[f"{name}.lora_A.default"] = RowwiseParallel()
+            else:
+                plan[name] = RowwiseParallel()
+        for layer in layers:
+            parallelize_module(layer, dist.mesh["tp"], _present(layer, plan))
+    if dist.dp_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if dist.device.type == "cuda":
+            import torch
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mesh": dist.mesh["dp"], **({"mp_policy": mp} if mp else {})}
+        for i, layer in enumerate(layers):
+            # the last layer's parameters are needed again at once by the root: keep them
+            fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
+        fully_shard(model, **kw)
+
+
+def _present(layer, plan: dict) -> dict:
+    """The plan entries whose module exists (LoRA may target only some projections)."""
+    names = {n for n, _ in layer.named_modules()}
+    return {k: v for k, v in plan.items() if k in names}
+
+
+def _check_divisible(config, tp: int) -> None:
+    problems = []
+    for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, attr, None)
+        if value is not None and value % tp:
+            problems.append(
+                Problem(
+                    "parallelism.tensor_parallel_size",
+                    f"{tp} does not divide the model's {attr} ({value})",
+                )
+            )
+    if problems:
+        raise UsageError(problems)
+
+
+PARALLELIZE = {
+    "LlamaForCausalLM": llama_style,
+    "MistralForCausalLM": llama_style,
+    "Qwen2ForCausalLM": llama_style,
+    "Qwen3ForCausalLM": llama_style,
+}
+
+
+def parallelize(model, *, dist: Dist, lora: bool) -> None:
+    """Apply the job's tensor and data parallelism in place (nothing on one process)."""
+    if dist.world_size == 1:
+        return
+    base = model.get_base_model() if lora else model
+    cls = type(base).__name__
+    fn = PARALLELIZE.get(cls)
+    if fn is None:
+        raise UsageError(
+            Problem(
+                "model",
+                f"{cls}: no parallel plan for this architecture; supported: "
+                f"{', '.join(sorted(PARALLELIZE))} (or train it in one process)",
+            )
+        )
+    fn(model, dist=dist, lora=lora)

@@ -1,0 +1,37 @@
+"""One worker process of a multi-process job:
+`python -m tuneplex_automodel.worker JOB_JSON RUN_DIR [--resume]`.
+
+Started by `launch` with the resolved job in a node-local JSON file (users running torchrun
+themselves run `tuneplex train` in every worker instead).
+Errors are printed once, by rank 0, one line each; the exit code says what kind they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_json, run_dir = Path(argv[0]), Path(argv[1])
+    resume = "--resume" in argv[2:]
+    from tuneplex.errors import TuneplexError
+    from tuneplex.plugins import registry
+
+    backend = registry().get("automodel").backend
+    try:
+        job = backend.job_schema.model_validate(json.loads(job_json.read_text(encoding="utf-8")))
+        backend.train(job, run_dir, resume=resume)
+    except TuneplexError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            for line in exc.lines():
+                print(line, file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
