@@ -157,7 +157,7 @@ def clip_grad_norm(params, max_norm: float, *, device):
         if key is not None:
             mesh, placements = meshes[key], key[1]
             for dim, placement in enumerate(placements):
-                if placement.is_shard() or placement.is_partial():
+                if not placement.is_replicate():  # Shard, _StridedShard (FSDP+TP), Partial
                     dist.all_reduce(sq, group=mesh.get_group(dim))
         total += sq
     norm = total.sqrt()
