@@ -63,3 +63,33 @@ def test_node_rank_out_of_range():
     with pytest.raises(UsageError) as exc:
         rendezvous(dims(), env)
     assert exc.value.lines() == ["--node-rank: 2 is not in 0..1"]
+
+
+def test_architecture_without_a_plan_is_named():
+    from tuneplex_automodel.distributed import Dist
+    from tuneplex_automodel.parallelize import parallelize
+
+    class GPT2LMHeadModel:  # only the class name matters before any sharding
+        pass
+
+    d = Dist(rank=0, world_size=2, local_rank=0, device=None, dims=dims(1, 2))
+    with pytest.raises(UsageError) as exc:
+        parallelize(GPT2LMHeadModel(), dist=d, lora=False)
+    assert exc.value.lines() == [
+        "model: GPT2LMHeadModel: no parallel plan for this architecture; supported: "
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM "
+        "(or train it in one process)"
+    ]
+
+
+def test_tensor_parallel_must_divide_heads():
+    from types import SimpleNamespace
+
+    from tuneplex_automodel.parallelize import _check_divisible
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    with pytest.raises(UsageError) as exc:
+        _check_divisible(config, 4)
+    assert exc.value.lines() == [
+        "parallelism.tensor_parallel_size: 4 does not divide the model's num_key_value_heads (2)"
+    ]
