@@ -221,3 +221,33 @@ def test_worker_error_is_printed_once(workdir, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("training.lora.target_modules: ['nope']"), lines
     assert losses  # helpers imported for the other tests
+
+
+def test_started_by_torchrun_the_workers_join(workdir, single):
+    run = workdir / "own-torchrun"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "tuneplex",
+            "train",
+            str(workdir / "lora.yaml"),
+            "-o",
+            str(run),
+            "--set",
+            "parallelism.num_gpus_per_node=2",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("automodel: ") == 1  # rank 0 only
+    assert_same_run(single["lora"], run)

@@ -78,3 +78,15 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+NOISY_LOGGERS = ("torch.utils._pytree",)
+"""Loggers that warn at import time about other libraries' code (e.g. torchao registering enums
+with torch's pytree), nothing a user of a training run can act on."""
+
+
+def quiet_third_party_logs() -> None:
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

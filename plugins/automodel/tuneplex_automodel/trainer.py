@@ -20,7 +20,7 @@ from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
-from tuneplex.progress import Progress
+from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
@@ -84,6 +84,7 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     A job for several processes, started outside torchrun, launches its workers here and
     waits for them (each worker comes back into this function under torchrun).
     """
+    quiet_third_party_logs()
     dims = job.parallel_dims()
     if dims.world_size > 1 and not under_torchrun():
         problems = not_yet(dims)

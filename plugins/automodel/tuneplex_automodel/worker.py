@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     resume = "--resume" in argv[2:]
     from tuneplex.errors import TuneplexError
     from tuneplex.plugins import registry
+    from tuneplex.progress import quiet_third_party_logs
+
+    quiet_third_party_logs()
 
     backend = registry().get("automodel").backend
     try:

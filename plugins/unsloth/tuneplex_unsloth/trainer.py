@@ -18,7 +18,7 @@ from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.evaluation import evaluate, pad_id_of
-from tuneplex.progress import Progress
+from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -285,6 +285,7 @@ def trainer_class():
 
 
 def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
+    quiet_third_party_logs()
     select_gpus(job)
     loader = LOADER()  # imports unsloth first on the real path
     import torch
