@@ -32,6 +32,13 @@ from tuneplex.runs import (
 )
 
 from tuneplex_automodel.checkpoint import export_final, load_checkpoint, save_checkpoint
+from tuneplex_automodel.distill import (
+    PRECISIONS,
+    Teacher,
+    check_same_tokenizer,
+    check_same_vocab_size,
+    distill_loss_sums,
+)
 from tuneplex_automodel.distributed import Dist, clip_grad_norm, not_yet, under_torchrun
 from tuneplex_automodel.distributed import init as init_distributed
 from tuneplex_automodel.launch import launch
@@ -86,6 +93,17 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     """
     quiet_third_party_logs()
     dims = job.parallel_dims()
+    distilling = job.training.training_type == "distillation"
+    if distilling and dims.world_size > 1:
+        raise UsageError(
+            Problem(
+                "training.training_type",
+                f"distillation trains in one process in this version ({dims.world_size} "
+                "processes requested); set parallelism to 1 GPU",
+            )
+        )
+    if distilling:
+        check_model_ref(job.training.teacher_model, key="training.teacher_model")
     if dims.world_size > 1 and not under_torchrun():
         problems = not_yet(dims)
         if problems:
@@ -126,6 +144,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         model = apply_lora(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
+    teacher = load_teacher(job, student=model, tokenizer=tokenizer, rt=rt)
     parallelize(model, dist=dist, lora=lora is not None)
     model.train()
     optimizer = build_optimizer(
@@ -158,6 +177,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         train_rows=train_rows,
         val_rows=val_rows,
         pad_id=pad_id_of(tokenizer),
+        teacher=teacher,
     )
     if dist.is_main:
         remove_stale_temporaries(run_dir)
@@ -221,6 +241,31 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
     return summary
 
 
+def load_teacher(job, *, student, tokenizer, rt: Runtime):
+    """The frozen teacher of a distillation job (None otherwise), checked against the student."""
+    if job.training.training_type != "distillation":
+        return None
+    import torch
+    from tuneplex.data.pipeline import load_tokenizer
+
+    ref = job.training.teacher_model
+    key = "training.teacher_model"
+    check_same_tokenizer(
+        tokenizer,
+        load_tokenizer(ref, trust_remote_code=job.training.trust_remote_code, key=key),
+        teacher_ref=ref,
+    )
+    model, _ = load_model(
+        ref,
+        dtype=getattr(torch, PRECISIONS[job.training.teacher_precision]),
+        device="cpu",
+        trust_remote_code=job.training.trust_remote_code,
+        key=key,
+    )
+    check_same_vocab_size(student, model, teacher_ref=ref)
+    return Teacher(model, device=rt.device, offload=job.training.offload_teacher)
+
+
 def export(target: Path, *, job, model, tokenizer, dist: Dist, rt: Runtime, dtype) -> str | None:
     """final/ from rank 0. With several processes the full weights are gathered to rank 0
     first and loaded into a CPU copy of the model, which is what gets saved."""
@@ -273,9 +318,22 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
 
 class _Loop:
     def __init__(
-        self, *, job, run_dir, rt, dist, model, optimizer, plan, train_rows, val_rows, pad_id
+        self,
+        *,
+        job,
+        run_dir,
+        rt,
+        dist,
+        model,
+        optimizer,
+        plan,
+        train_rows,
+        val_rows,
+        pad_id,
+        teacher=None,
     ):
         self.job, self.run_dir, self.rt, self.dist = job, run_dir, rt, dist
+        self.teacher = teacher
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -381,6 +439,7 @@ class _Loop:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         tokens = 0
+        parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
         # FSDP averages gradients over data-parallel ranks; each rank's loss is already a share
         # of the step's token mean, so scale it back to a sum
         scale = self.dist.dp_size
@@ -389,7 +448,19 @@ class _Loop:
             rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
             tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
             batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
-            loss = loss_sum(self.model, batch, autocast=self.rt.autocast) / max(n_targets, 1)
+            if self.teacher is None:
+                loss = loss_sum(self.model, batch, autocast=self.rt.autocast) / max(n_targets, 1)
+            else:
+                ce, kd = distill_loss_sums(
+                    self.model,
+                    self.teacher,
+                    batch,
+                    temperature=self.job.training.distillation_temperature,
+                    autocast=self.rt.autocast,
+                )
+                ratio = self.job.training.distillation_ratio
+                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
+                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
             (loss * scale if scale > 1 else loss).backward()
             total += loss.detach()
         grad_norm = clip_grad_norm(self.params, GRAD_CLIP, device=self.rt.device)
@@ -430,6 +501,8 @@ class _Loop:
             "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
             "elapsed_s": round(self.elapsed(), 3),
         }
+        if self.teacher is not None:
+            event["ce_loss"], event["kd_loss"] = parts.tolist()
         if self.dist.is_main:
             self.metrics.write(**event)
             self.progress.train(step, event)
