@@ -125,13 +125,53 @@ def test_tokenizer_mismatch_is_refused(capsys, job, tmp_path, tokenizers):
     assert f"training.teacher_model: {other}: eos_token_id is " in err
 
 
-def test_distillation_on_several_processes_is_refused(capsys, job, tmp_path):
-    code, _, err = train(capsys, job("parallelism: {num_gpus_per_node: 2}"), "-o", tmp_path / "r")
+def test_distillation_with_tensor_parallel_is_refused(capsys, job, tmp_path):
+    code, _, err = train(
+        capsys,
+        job("parallelism: {num_gpus_per_node: 2, tensor_parallel_size: 2}"),
+        "-o",
+        tmp_path / "r",
+    )
     assert code == 2
     assert err.strip().splitlines() == [
-        "training.training_type: distillation trains in one process in this version (2 "
-        "processes requested); set parallelism to 1 GPU"
+        "parallelism.tensor_parallel_size: 2: distillation runs with data parallelism only in "
+        "this version; set it to 1"
     ]
+
+
+def test_data_parallel_distillation_equals_one_process(job, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = job("training: {distillation_ratio: 0.5, distillation_temperature: 2.0}")
+    runs = {}
+    for procs in (1, 2):
+        runs[procs] = tmp_path / f"p{procs}"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tuneplex",
+                "train",
+                path,
+                "-o",
+                str(runs[procs]),
+                "--set",
+                f"parallelism.num_gpus_per_node={procs}",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_metrics(runs[1]), read_metrics(runs[2])
+    assert [(e["step"], e["split"]) for e in a] == [(e["step"], e["split"]) for e in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "ce_loss", "kd_loss"):
+            if key in x:
+                assert math.isclose(x[key], y[key], rel_tol=1e-5, abs_tol=1e-7), (key, x, y)
 
 
 def test_teacher_is_frozen_and_outside_the_optimizer(tiny_model):

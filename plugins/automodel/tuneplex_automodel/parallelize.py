@@ -25,8 +25,13 @@ COLWISE = (
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def llama_style(model, *, dist: Dist, lora: bool) -> None:
-    """Llama, Mistral, Qwen2 and Qwen3 decoder layers share module names and shapes."""
+def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False) -> None:
+    """Llama, Mistral, Qwen2 and Qwen3 decoder layers share module names and shapes.
+
+    `separate_head`: the decoder and the output head become FSDP units of their own, so they
+    can be called one after the other (distillation projects hidden states through the head in
+    chunks) instead of only through the model's forward.
+    """
     base = model.get_base_model() if lora else model
     layers = base.model.layers
     if dist.tp_size > 1:
@@ -64,6 +69,18 @@ def llama_style(model, *, dist: Dist, lora: bool) -> None:
         for i, layer in enumerate(layers):
             # the last layer's parameters are needed again at once by the root: keep them
             fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
+        if separate_head:
+            if base.get_output_embeddings().weight is base.get_input_embeddings().weight:
+                raise UsageError(
+                    Problem(
+                        "training.training_type",
+                        f"distillation across {dist.dp_size} data-parallel ranks needs an "
+                        "output head not tied to the input embeddings (this model ties them); "
+                        "train it in one process",
+                    )
+                )
+            fully_shard(base.get_decoder(), **kw)
+            fully_shard(base.get_output_embeddings(), **kw)
         fully_shard(model, **kw)
 
 
@@ -96,7 +113,7 @@ PARALLELIZE = {
 }
 
 
-def parallelize(model, *, dist: Dist, lora: bool) -> None:
+def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False) -> None:
     """Apply the job's tensor and data parallelism in place (nothing on one process)."""
     if dist.world_size == 1:
         return
@@ -111,4 +128,4 @@ def parallelize(model, *, dist: Dist, lora: bool) -> None:
                 f"{', '.join(sorted(PARALLELIZE))} (or train it in one process)",
             )
         )
-    fn(model, dist=dist, lora=lora)
+    fn(model, dist=dist, lora=lora, separate_head=separate_head)

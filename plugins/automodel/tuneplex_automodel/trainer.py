@@ -94,12 +94,12 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     quiet_third_party_logs()
     dims = job.parallel_dims()
     distilling = job.training.training_type == "distillation"
-    if distilling and dims.world_size > 1:
+    if distilling and dims.tp > 1:
         raise UsageError(
             Problem(
-                "training.training_type",
-                f"distillation trains in one process in this version ({dims.world_size} "
-                "processes requested); set parallelism to 1 GPU",
+                "parallelism.tensor_parallel_size",
+                f"{dims.tp}: distillation runs with data parallelism only in this version; "
+                "set it to 1",
             )
         )
     if distilling:
@@ -145,7 +145,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     teacher = load_teacher(job, student=model, tokenizer=tokenizer, rt=rt)
-    parallelize(model, dist=dist, lora=lora is not None)
+    parallelize(model, dist=dist, lora=lora is not None, separate_head=teacher is not None)
     model.train()
     optimizer = build_optimizer(
         model,
@@ -465,9 +465,9 @@ class _Loop:
             total += loss.detach()
         grad_norm = clip_grad_norm(self.params, GRAD_CLIP, device=self.rt.device)
         reduced = self.dist.sum_over_dp(
-            torch.stack([total, torch.tensor(float(tokens), device=self.rt.device)])
+            torch.cat([total.reshape(1), torch.tensor([float(tokens)], device=total.device), parts])
         )
-        loss_value, tokens_f, norm_value = torch.cat(
+        loss_value, tokens_f, ce_part, kd_part, norm_value = torch.cat(
             [reduced, grad_norm.float().reshape(1)]
         ).tolist()
         tokens = int(tokens_f)
@@ -502,7 +502,7 @@ class _Loop:
             "elapsed_s": round(self.elapsed(), 3),
         }
         if self.teacher is not None:
-            event["ce_loss"], event["kd_loss"] = parts.tolist()
+            event["ce_loss"], event["kd_loss"] = ce_part, kd_part
         if self.dist.is_main:
             self.metrics.write(**event)
             self.progress.train(step, event)
