@@ -443,7 +443,10 @@ class _Loop:
         # FSDP averages gradients over data-parallel ranks; each rank's loss is already a share
         # of the step's token mean, so scale it back to a sum
         scale = self.dist.dp_size
-        for rows in micro_batches:
+        sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
+        for i, rows in enumerate(micro_batches):
+            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             # a rank with no rows left in a short last step still runs the collectives
             rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
             tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
