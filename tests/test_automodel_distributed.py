@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import chat_rows, losses, write_rows  # noqa: E402
+from helpers import chat_rows, write_rows  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
 from tuneplex.testing import assert_run_directory  # noqa: E402
 
@@ -170,57 +170,36 @@ def test_two_nodes_on_localhost(workdir, single):
     assert_same_final(single["lora"], run)
 
 
-def test_multi_node_without_rendezvous_is_one_line(workdir, tmp_path):
-    proc = cli(
-        workdir / "lora.yaml",
-        "-o",
-        tmp_path / "r",
-        "--set",
-        "parallelism.num_nodes=2",
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "parallelism.num_nodes: 2 nodes need --node-rank and --master-addr on every node (or "
-        "--rdzv-endpoint HOST:PORT, or Slurm's SLURM_NODEID / SLURM_JOB_NODELIST)"
-    ]
-
-
-def test_pipeline_parallel_not_yet_is_one_line(workdir, tmp_path):
-    proc = cli(
-        workdir / "lora.yaml",
-        "-o",
-        tmp_path / "r",
-        "--set",
-        "parallelism.num_gpus_per_node=2",
-        "--set",
-        "parallelism.pipeline_parallel_size=2",
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "parallelism.pipeline_parallel_size: 2: this version of tuneplex-automodel trains with "
-        "data and tensor parallelism only; set it to 1"
-    ]
-
-
-def test_worker_error_is_printed_once(workdir, tmp_path):
-    proc = cli(
-        workdir / "lora.yaml",
-        "-o",
-        tmp_path / "r",
-        "--set",
-        "parallelism.num_gpus_per_node=2",
-        "--set",
-        "parallelism.tensor_parallel_size=2",
-        "--set",
-        "training.lora.target_modules=[nope]",
-        check=False,
-    )
+@pytest.mark.parametrize(
+    ("sets", "line"),
+    [
+        (  # no rendezvous settings for a second node
+            ["parallelism.num_nodes=2"],
+            "parallelism.num_nodes: 2 nodes need --node-rank and --master-addr on every node (or "
+            "--rdzv-endpoint HOST:PORT, or Slurm's SLURM_NODEID / SLURM_JOB_NODELIST)",
+        ),
+        (  # a layout this version refuses before launching
+            ["parallelism.num_gpus_per_node=2", "parallelism.pipeline_parallel_size=2"],
+            "parallelism.pipeline_parallel_size: 2: this version of tuneplex-automodel trains with "
+            "data and tensor parallelism only; set it to 1",
+        ),
+        (  # an error inside the workers, printed once by rank 0
+            [
+                "parallelism.num_gpus_per_node=2",
+                "parallelism.tensor_parallel_size=2",
+                "training.lora.target_modules=[nope]",
+            ],
+            "training.lora.target_modules: ['nope']",
+        ),
+    ],
+    ids=["no-rendezvous", "pipeline-not-yet", "worker-error"],
+)
+def test_launch_errors_are_one_line(workdir, tmp_path, sets, line):
+    args = [a for s in sets for a in ("--set", s)]
+    proc = cli(workdir / "lora.yaml", "-o", tmp_path / "r", *args, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("training.lora.target_modules: ['nope']"), lines
-    assert losses  # helpers imported for the other tests
+    assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
 def test_started_by_torchrun_the_workers_join(workdir, single):

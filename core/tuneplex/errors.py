@@ -27,6 +27,13 @@ class Problem:
         return f"{self.where}: {self.message}" if self.where else self.message
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name when it has none): what a
+    one-line error may quote from a library."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class TuneplexError(Exception):
     """Base of every error the CLI reports without a traceback."""
 

@@ -173,6 +173,44 @@ def peak_memory(device_type: str) -> dict[str, Any]:
     return {"peak_memory_gib": round(rss_kib / 2**20, 3), "peak_memory_kind": "process max RSS"}
 
 
+def run_summary(
+    status: str,
+    *,
+    backend: str,
+    header: dict[str, Any],
+    steps: int,
+    total_steps: int,
+    epochs: float,
+    train_loss: float | None,
+    val_loss: float | None,
+    best_val_loss: float | None,
+    tokens: int,
+    elapsed_s: float,
+    device_type: str,
+    last_checkpoint: str | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """summary.json, the same keys for every backend (status: completed, interrupted, diverged)."""
+    return {
+        "status": status,
+        "backend": backend,
+        **header,
+        "steps": steps,
+        "total_steps": total_steps,
+        "epochs": round(epochs, 4),
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "best_val_loss": best_val_loss,
+        "tokens": tokens,
+        "elapsed_s": round(elapsed_s, 3),
+        "tokens_per_s": round(tokens / elapsed_s, 1) if elapsed_s > 0 else None,
+        **peak_memory(device_type),
+        "last_checkpoint": last_checkpoint,
+        "final": FINAL_DIR if status == "completed" else None,
+        **extra,
+    }
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / f"step_{step}"
 

@@ -21,7 +21,7 @@ from tuneplex.data import formats, sources
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
 from tuneplex.data.templates import IGNORE_INDEX, Encoder, TemplateMismatch
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, first_line
 
 PIPELINE_VERSION = "1"
 MAX_REPORTED = 20
@@ -72,11 +72,10 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False, key: str = "mod
             trust_remote_code=trust_remote_code,
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = (
             "not a local directory, and the Hub is offline"
             if (not local and sources.hub_offline())
-            else first
+            else first_line(exc)
         )
         raise UsageError(Problem(key, f"{ref}: cannot load a tokenizer ({where})")) from None
 
@@ -256,8 +255,7 @@ def _encode_range(bounds: tuple[int, int]):
         except UsageError as exc:
             return exc.problems[0]
         except Exception as exc:  # jinja raise_exception and friends
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return Problem(where, f"chat template error: {msg}")
+            return Problem(where, f"chat template error: {first_line(exc)}")
     return encoder.encode_many(rendered)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, first_line
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
 
@@ -150,7 +150,7 @@ def _read_hub(hub_id: str, *, key: str):
         why = (
             "the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
             if (hub_offline())
-            else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else f"{type(exc).__name__}: {first_line(exc)}"
         )
         raise UsageError(
             Problem(key, f"{hub_id}: not a local file or directory, and not loadable: {why}")

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tuneplex.data.sources import hub_offline
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.models import resolve_model_ref
 
 MODEL_KEY = "model"
 
 
 def check_model_ref(ref: str, *, key: str = MODEL_KEY) -> None:
     """Fail early, in one line, on a model reference that cannot load (before data work)."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(Problem(key, f"{ref}: not a directory (a model is a directory)"))
-        if not (path / "config.json").is_file():
-            raise UsageError(Problem(key, f"{ref}: no config.json (not a model directory)"))
-        if not any(path.glob("*.safetensors")):
-            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-            why = f" (found {pickled[0]}; pickled weights are not loaded)" if pickled else ""
-            raise UsageError(Problem(key, f"{ref}: no .safetensors weights{why}"))
-    elif hub_offline():
-        raise UsageError(
-            Problem(key, f"{ref}: no such local directory, and the Hub is offline (HF_HUB_OFFLINE)")
-        )
+    resolve_model_ref(ref, key=key)
 
 
 def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, key: str = MODEL_KEY):
@@ -39,11 +26,9 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(ref).expanduser()
-    local = path.is_dir()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    where = str(path) if local else ref
+    where, local = resolve_model_ref(ref, key=key)
     offline = local or hub_offline()
     try:
         config = AutoConfig.from_pretrained(
@@ -61,8 +46,9 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
             use_safetensors=True,
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(Problem(key, f"{ref}: cannot load the model ({first})")) from None
+        raise UsageError(
+            Problem(key, f"{ref}: cannot load the model ({first_line(exc)})")
+        ) from None
     model.config.use_cache = False
     base_dtype = declared if isinstance(declared, torch.dtype) else None
     return model.to(device), base_dtype
@@ -90,7 +76,7 @@ def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | No
                 if type(mod).__name__ == "Linear" and "lm_head" not in name
             }
         )
-        first = str(exc).splitlines()[0]
+        first = first_line(exc)
         raise UsageError(
             Problem(
                 "training.lora.target_modules",
@@ -98,13 +84,3 @@ def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | No
                 f"layers: {', '.join(linear)}",
             )
         ) from None
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total

@@ -20,14 +20,15 @@ from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
+from tuneplex.models import parameter_counts
 from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
     latest_checkpoint,
-    peak_memory,
     prune_checkpoints,
     remove_stale_temporaries,
+    run_summary,
     write_summary,
 )
 
@@ -42,7 +43,7 @@ from tuneplex_automodel.distill import (
 from tuneplex_automodel.distributed import Dist, clip_grad_norm, not_yet, under_torchrun
 from tuneplex_automodel.distributed import init as init_distributed
 from tuneplex_automodel.launch import launch
-from tuneplex_automodel.model import apply_lora, check_model_ref, load_model, parameter_counts
+from tuneplex_automodel.model import apply_lora, check_model_ref, load_model
 from tuneplex_automodel.parallelize import parallelize
 from tuneplex_automodel.plan import TrainPlan, learning_rate
 from tuneplex_automodel.schema import AutomodelJobInput
@@ -573,25 +574,22 @@ class _Loop:
 
     # -- reporting -------------------------------------------------------------------------
     def summary(self, status: str, **extra: Any) -> dict[str, Any]:
-        elapsed = self.elapsed()
-        return {
-            "status": status,
-            "backend": "automodel",
-            **self.header,
-            "steps": self.step,
-            "total_steps": self.plan.total_steps,
-            "epochs": round(self.plan.epoch_of(self.step), 4),
-            "train_loss": self.last_train_loss,
-            "val_loss": self.last_val_loss,
-            "best_val_loss": self.best_val_loss,
-            "tokens": self.tokens_seen,
-            "elapsed_s": round(elapsed, 3),
-            "tokens_per_s": round(self.tokens_seen / elapsed, 1) if elapsed > 0 else None,
-            **peak_memory(self.rt.device.type),
-            "last_checkpoint": self.last_checkpoint,
-            "final": FINAL_DIR if status == "completed" else None,
+        return run_summary(
+            status,
+            backend="automodel",
+            header=self.header,
+            steps=self.step,
+            total_steps=self.plan.total_steps,
+            epochs=self.plan.epoch_of(self.step),
+            train_loss=self.last_train_loss,
+            val_loss=self.last_val_loss,
+            best_val_loss=self.best_val_loss,
+            tokens=self.tokens_seen,
+            elapsed_s=self.elapsed(),
+            device_type=self.rt.device.type,
+            last_checkpoint=self.last_checkpoint,
             **extra,
-        }
+        )
 
     def close(self) -> None:
         self._close_progress()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneplex.data.sources import hub_offline
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.models import resolve_model_ref
 
 from tuneplex_unsloth.schema import UnslothJobInput
 
@@ -45,19 +46,11 @@ def torch_dtype(job: UnslothJobInput):
 
 
 def _where(ref: str) -> tuple[str, bool]:
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return str(path), True
-    if hub_offline():
-        raise UsageError(
-            Problem("model.name", f"{ref}: no such local directory, and the Hub is offline")
-        )
-    return ref, False
+    return resolve_model_ref(ref, key="model.name")
 
 
 def _load_failed(ref: str, exc: Exception) -> UsageError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UsageError(Problem("model.name", f"{ref}: cannot load the model ({first})"))
+    return UsageError(Problem("model.name", f"{ref}: cannot load the model ({first_line(exc)})"))
 
 
 class UnslothLoader:

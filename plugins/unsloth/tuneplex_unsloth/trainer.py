@@ -18,6 +18,7 @@ from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.evaluation import evaluate, pad_id_of
+from tuneplex.models import parameter_counts
 from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     CHECKPOINTS_DIR,
@@ -25,9 +26,9 @@ from tuneplex.runs import (
     MetricsLog,
     checkpoint_path,
     latest_checkpoint,
-    peak_memory,
     prune_checkpoints,
     remove_stale_temporaries,
+    run_summary,
     write_summary,
 )
 
@@ -246,25 +247,22 @@ def make_callback(**kw):
         def summary(self, status: str, **extra) -> dict[str, Any]:
             import torch
 
-            elapsed = self.elapsed()
-            return {
-                "status": status,
-                "backend": "unsloth",
-                **self.header,
-                "steps": self.step,
-                "total_steps": self.total_steps,
-                "epochs": round(self.step / self.steps_per_epoch, 4) if self.total_steps else 0,
-                "train_loss": self.train_loss,
-                "val_loss": self.val_loss,
-                "best_val_loss": self.best_val_loss,
-                "tokens": self.counter.total,
-                "elapsed_s": round(elapsed, 3),
-                "tokens_per_s": round(self.counter.total / elapsed, 1) if elapsed > 0 else None,
-                **peak_memory("cuda" if torch.cuda.is_available() else "cpu"),
-                "last_checkpoint": self.last_checkpoint,
-                "final": FINAL_DIR if status == "completed" else None,
+            return run_summary(
+                status,
+                backend="unsloth",
+                header=self.header,
+                steps=self.step,
+                total_steps=self.total_steps,
+                epochs=self.step / self.steps_per_epoch if self.total_steps else 0.0,
+                train_loss=self.train_loss,
+                val_loss=self.val_loss,
+                best_val_loss=self.best_val_loss,
+                tokens=self.counter.total,
+                elapsed_s=self.elapsed(),
+                device_type="cuda" if torch.cuda.is_available() else "cpu",
+                last_checkpoint=self.last_checkpoint,
                 **extra,
-            }
+            )
 
     return RunDirCallback(**kw)
 
@@ -314,8 +312,7 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
         print(
             f"tuneplex: no complete checkpoint in {run_dir}; starting from step 0", file=sys.stderr
         )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     device = "cuda (" + torch.cuda.get_device_name() + ")" if cuda else "cpu"
     header = {
         "model": job.model.name,
