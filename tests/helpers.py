@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import yaml
 from tuneplex.cli import main
@@ -53,3 +58,46 @@ def train(capsys, *args) -> tuple[int, str, str]:
 
 def losses(run, split="train") -> list[float]:
     return [e["loss"] for e in read_metrics(run) if e["split"] == split]
+
+
+def cli(*args, check=True, env=None):
+    """`tuneplex train ARGS` in a subprocess (the launcher starts the workers)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneplex", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def assert_same_run(a, b, rel=1e-5):
+    ea, eb = read_metrics(a), read_metrics(b)
+    assert [(e["step"], e["split"]) for e in ea] == [(e["step"], e["split"]) for e in eb]
+    for x, y in zip(ea, eb, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=rel), (x, y)
+        if x["split"] == "train":
+            assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4), (x, y)
+            assert x["tokens"] == y["tokens"]
+
+
+def assert_same_final(a, b, atol=1e-4):
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (a / "final").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (b / "final").glob("*.safetensors")) and files
+    for name in files:
+        x, y = load_file(a / "final" / name), load_file(b / "final" / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.allclose(x[k], y[k], atol=atol), (name, k, (x[k] - y[k]).abs().max())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,9 +7,7 @@ elastic launcher; results are compared with the single-process run of the same j
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,8 +16,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import chat_rows, write_rows  # noqa: E402
-from tuneplex.runs import read_metrics  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_final,
+    assert_same_run,
+    chat_rows,
+    cli,
+    free_port,
+    write_rows,
+)
 from tuneplex.testing import assert_run_directory  # noqa: E402
 
 JOB = """\
@@ -45,19 +49,6 @@ def workdir(tmp_path_factory, tiny_model):
     return root
 
 
-def cli(*args, check=True, env=None):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tuneplex", "train", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=600,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def single(workdir):
     """The one-process reference run of each finetuning type."""
@@ -66,28 +57,6 @@ def single(workdir):
         runs[ft] = workdir / f"single-{ft}"
         cli(workdir / f"{ft}.yaml", "-o", runs[ft])
     return runs
-
-
-def assert_same_run(a, b, rel=1e-5):
-    ea, eb = read_metrics(a), read_metrics(b)
-    assert [(e["step"], e["split"]) for e in ea] == [(e["step"], e["split"]) for e in eb]
-    for x, y in zip(ea, eb, strict=True):
-        assert math.isclose(x["loss"], y["loss"], rel_tol=rel), (x, y)
-        if x["split"] == "train":
-            assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4), (x, y)
-            assert x["tokens"] == y["tokens"]
-
-
-def assert_same_final(a, b, atol=1e-4):
-    from safetensors.torch import load_file
-
-    files = sorted(p.name for p in (a / "final").glob("*.safetensors"))
-    assert files == sorted(p.name for p in (b / "final").glob("*.safetensors")) and files
-    for name in files:
-        x, y = load_file(a / "final" / name), load_file(b / "final" / name)
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.allclose(x[k], y[k], atol=atol), (name, k, (x[k] - y[k]).abs().max())
 
 
 @pytest.mark.parametrize("ft", ["lora", "all_weights"])
@@ -131,15 +100,9 @@ def test_resume_across_ranks(workdir, single):
     assert_same_final(single["all_weights"], run)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_localhost(workdir, single):
     run = workdir / "two-nodes"
-    port = _port()
+    port = free_port()
     common = [
         workdir / "lora.yaml",
         "-o",
@@ -178,10 +141,14 @@ def test_two_nodes_on_localhost(workdir, single):
             "parallelism.num_nodes: 2 nodes need --node-rank and --master-addr on every node (or "
             "--rdzv-endpoint HOST:PORT, or Slurm's SLURM_NODEID / SLURM_JOB_NODELIST)",
         ),
-        (  # a layout this version refuses before launching
-            ["parallelism.num_gpus_per_node=2", "parallelism.pipeline_parallel_size=2"],
-            "parallelism.pipeline_parallel_size: 2: this version of tuneplex-automodel trains with "
-            "data and tensor parallelism only; set it to 1",
+        (  # a combination this version refuses before launching
+            [
+                "parallelism.num_gpus_per_node=4",
+                "parallelism.pipeline_parallel_size=2",
+                "parallelism.context_parallel_size=2",
+            ],
+            "parallelism: pipeline parallelism with context parallelism is not supported; set "
+            "pipeline_parallel_size or context_parallel_size to 1",
         ),
         (  # an error inside the workers, printed once by rank 0
             [
@@ -192,7 +159,7 @@ def test_two_nodes_on_localhost(workdir, single):
             "training.lora.target_modules: ['nope']",
         ),
     ],
-    ids=["no-rendezvous", "pipeline-not-yet", "worker-error"],
+    ids=["no-rendezvous", "unsupported-combination", "worker-error"],
 )
 def test_launch_errors_are_one_line(workdir, tmp_path, sets, line):
     args = [a for s in sets for a in ("--set", s)]
@@ -212,7 +179,7 @@ def test_started_by_torchrun_the_workers_join(workdir, single):
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(_port()),
+            str(free_port()),
             "-m",
             "tuneplex",
             "train",

@@ -14,7 +14,8 @@ from tuneplex.data.templates import IGNORE_INDEX
 
 
 def loss_sum(model, batch: dict[str, Any], *, autocast=None):
-    """Summed cross-entropy (float32) of `batch["targets"]`; no attention mask, no KV cache."""
+    """Summed cross-entropy (float32) of `batch["targets"]`; no KV cache. The mask comes from the
+    position ids, unless the batch carries a prepared 4-D `attention_mask` (context parallelism)."""
     import contextlib
 
     import torch
@@ -26,8 +27,12 @@ def loss_sum(model, batch: dict[str, Any], *, autocast=None):
         else contextlib.nullcontext()
     )
     with ctx:
+        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
         out = model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            **extra,
         )
     logits = out.logits
     return F.cross_entropy(
@@ -48,11 +53,14 @@ def evaluate(
     autocast=None,
     shard: tuple[int, int] = (0, 1),
     reduce=None,
+    loss=None,
 ) -> float:
     """Mean loss over every counted token of `rows` (the model is left in its former mode).
 
     With `shard=(rank, size)` this rank evaluates rows rank, rank+size, ... in the same number
     of forward passes as every other rank, and `reduce` sums the partial loss over ranks.
+    `loss(model, batch, autocast=...)` replaces `loss_sum` (e.g. this rank's share of a batch
+    whose sequence is split across ranks).
     """
     import math
 
@@ -70,7 +78,7 @@ def evaluate(
             chunk = mine[i * micro : (i + 1) * micro]
             data = rows.rows(chunk) if chunk else [EMPTY_ROW]
             batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
-            total += loss_sum(model, batch, autocast=autocast)
+            total += (loss or loss_sum)(model, batch, autocast=autocast)
     model.train(was_training)
     if reduce is not None:
         total = reduce(total)

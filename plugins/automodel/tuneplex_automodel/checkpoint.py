@@ -9,7 +9,8 @@ A checkpoint directory `checkpoints/step_N/` holds:
                          numpy RNG, counters — written last, so its presence marks a whole
                          checkpoint.
 State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers full tensors
-from sharded (FSDP2/DTensor) models as well as plain ones.
+from sharded (FSDP2/DTensor) models as well as plain ones. Pipeline stages each hold part of
+the model: `merge` brings their parts to rank 0 for one file, and each stage loads its part.
 """
 
 from __future__ import annotations
@@ -25,10 +26,47 @@ from tuneplex.runs import COMPLETE_MARKER, AtomicDir, checkpoint_path
 SEP = "::"
 
 
-def _options(**kw):
+def _options(*, every_rank: bool = False, **kw):
+    """Full tensors, on CPU on rank 0 only; or, `every_rank`, on every rank (pipeline stages
+    other than rank 0's need their own full state to send it on)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=not every_rank, **kw)
+
+
+def _cpu(tree):
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cpu(v) for v in tree]
+    return tree
+
+
+def full_model_state(model, *, merge=None, **kw) -> dict[str, Any] | None:
+    """The whole model's full state dict on rank 0 (CPU tensors); None on ranks that hold no
+    whole copy. `merge(state) -> [state of each stage] | None` joins pipeline stages."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if merge is None:
+        return get_model_state_dict(model, options=_options(**kw))
+    parts = merge(_cpu(get_model_state_dict(model, options=_options(every_rank=True, **kw))))
+    return None if parts is None else {k: v for part in parts for k, v in part.items()}
+
+
+def _merge_optimizer(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    groups = [dict(g) for g in parts[0]["param_groups"]]
+    for g in groups:
+        g["params"] = []
+    state: dict[str, Any] = {}
+    for part in parts:
+        state.update(part["state"])
+        for g, pg in zip(groups, part["param_groups"], strict=True):
+            g["params"] += list(pg["params"])
+    return {"state": state, "param_groups": groups}
 
 
 def _dedupe(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -46,7 +84,14 @@ def _dedupe(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, model, optimizer, state: dict[str, Any], write: bool = True
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    state: dict[str, Any],
+    write: bool = True,
+    merge=None,
 ) -> Path:
     """Gather the full state (a collective on every rank) and write it (on `write` ranks)."""
     import numpy as np
@@ -54,8 +99,15 @@ def save_checkpoint(
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
+    options = _options(ignore_frozen_params=True, every_rank=merge is not None)
+    msd, osd = get_state_dict(model, optimizer, options=options)
     target = checkpoint_path(run_dir, step)
+    if merge is not None:
+        parts = merge(_cpu((msd, osd)))
+        if parts is None:
+            return target
+        msd = {k: v for m, _ in parts for k, v in m.items()}
+        osd = _merge_optimizer([o for _, o in parts])
     if not write:
         return target
     weights, aliases = _dedupe(msd)
@@ -89,8 +141,10 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from `path`; return its trainer state."""
+def load_checkpoint(path: Path, *, model, optimizer, partial: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from `path`; return its trainer state.
+
+    `partial`: the model is one pipeline stage, which takes its own part of the checkpoint."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -108,6 +162,8 @@ def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
     expected = {
         name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
     }
+    if partial:
+        weights = {k: v for k, v in weights.items() if k in expected}
     if set(weights) != expected:
         missing = sorted(expected - set(weights))[:3]
         extra = sorted(set(weights) - expected)[:3]
@@ -120,8 +176,12 @@ def load_checkpoint(path: Path, *, model, optimizer) -> dict[str, Any]:
     per_param: dict[str, dict[str, Any]] = {}
     for key, t in moments.items():
         fqn, name = key.rsplit(SEP, 1)
-        per_param.setdefault(fqn, {})[name] = t
-    osd = {"state": per_param, "param_groups": state["param_groups"]}
+        if fqn in expected:
+            per_param.setdefault(fqn, {})[name] = t
+    groups = [
+        {**g, "params": [n for n in g["params"] if n in expected]} for g in state["param_groups"]
+    ]
+    osd = {"state": per_param, "param_groups": groups}
     set_state_dict(
         model,
         optimizer,

@@ -68,6 +68,35 @@ class ParallelDims:
                     f"expert_parallel_size={self.ep})",
                 )
             )
+        if self.ep > 1 and not w % m and self.dp % self.ep:
+            out.append(
+                (
+                    "parallelism.expert_parallel_size",
+                    f"{self.ep} must divide data_parallel_size ({self.dp}): experts are split "
+                    "across data-parallel ranks",
+                )
+            )
+        out += [("parallelism", msg) for msg in self.unsupported()]
+        return out
+
+    def unsupported(self) -> list[str]:
+        """Combinations this version does not train, each named."""
+        used = {
+            name
+            for name, size in (
+                ("pipeline", self.pp),
+                ("context", self.cp),
+                ("expert", self.ep),
+            )
+            if size > 1
+        }
+        out = []
+        for pair in (("pipeline", "context"), ("pipeline", "expert"), ("context", "expert")):
+            if set(pair) <= used:
+                out.append(
+                    f"{pair[0]} parallelism with {pair[1]} parallelism is not supported; set "
+                    f"{pair[0]}_parallel_size or {pair[1]}_parallel_size to 1"
+                )
         return out
 
     def as_dict(self) -> dict[str, int]:

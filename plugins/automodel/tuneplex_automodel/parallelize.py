@@ -1,12 +1,13 @@
-"""Tensor parallelism, then FSDP2, applied to a model by one function per model family.
+"""Context, expert and tensor parallelism, then FSDP2, applied by one function per model family.
 
 Tensor parallel (DTensor): the attention and MLP projections are split column-wise (q, k, v,
 gate, up) and row-wise (o, down), so each decoder layer needs one all-reduce forward and one
 backward per block. LoRA adapters follow their base layer: for a column-wise base, A stays whole
 and B is split by columns; for a row-wise base, A is split by rows and B stays whole. Embeddings,
 norms and the output head are replicated. FSDP2 (`fully_shard`) then shards every decoder layer
-and the root over the data-parallel mesh dimension; on CUDA parameters are gathered in bf16 and
-gradients reduced in fp32.
+and the root over the data × context-parallel ranks; on CUDA parameters are gathered in bf16 and
+gradients reduced in fp32. Expert weights (expert parallelism) are sharded over the expert
+ranks instead and left out of FSDP; `reduce_expert_grads` completes their gradients.
 """
 
 from __future__ import annotations
@@ -25,15 +26,30 @@ COLWISE = (
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False) -> None:
-    """Llama, Mistral, Qwen2 and Qwen3 decoder layers share module names and shapes.
+def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, root=None) -> None:
+    """Llama, Mistral, Qwen2, Qwen3 (and their MoE kin) share module names and shapes.
 
     `separate_head`: the decoder and the output head become FSDP units of their own, so they
     can be called one after the other (distillation projects hidden states through the head in
-    chunks) instead of only through the model's forward.
+    chunks) instead of only through the model's forward. `root`: the module whose forward
+    runs (a pipeline stage), sharded last instead of the model.
     """
+    import torch.nn as nn
+
     base = model.get_base_model() if lora else model
     layers = base.model.layers
+    layers = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+    if dist.dims.cp > 1:
+        from tuneplex_automodel.context_parallel import enable
+
+        enable(model, group=dist.group("cp"))
+    ignored: set = set()
+    if dist.dims.ep > 1:
+        from tuneplex_automodel.moe import check_divides, expert_parallel, expert_parameters
+
+        check_divides(model, ep=dist.dims.ep)
+        expert_parallel(model, mesh=dist.mesh("ep"))
+        ignored = set(expert_parameters(model))
     if dist.tp_size > 1:
         _check_divisible(base.config, dist.tp_size)
         from torch.distributed.tensor.parallel import (
@@ -56,8 +72,8 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False) -
             else:
                 plan[name] = RowwiseParallel()
         for layer in layers:
-            parallelize_module(layer, dist.mesh["tp"], _present(layer, plan))
-    if dist.dp_size > 1:
+            parallelize_module(layer, dist.mesh("tp"), _present(layer, plan))
+    if dist.data_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = None
@@ -65,7 +81,9 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False) -
             import torch
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kw = {"mesh": dist.mesh["dp"], **({"mp_policy": mp} if mp else {})}
+        kw = {"mesh": dist.mesh("dp_cp"), **({"mp_policy": mp} if mp else {})}
+        if ignored:
+            kw["ignored_params"] = ignored
         for i, layer in enumerate(layers):
             # the last layer's parameters are needed again at once by the root: keep them
             fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
@@ -81,7 +99,25 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False) -
                 )
             fully_shard(base.get_decoder(), **kw)
             fully_shard(base.get_output_embeddings(), **kw)
-        fully_shard(model, **kw)
+        fully_shard(root if root is not None else model, **kw)
+
+
+def reduce_expert_grads(params, *, dist: Dist) -> None:
+    """Expert gradients as FSDP would leave them: summed over the replicas of each expert
+    shard (data-parallel ranks outside the expert group), divided by the data-parallel width
+    (every rank's loss is scaled by it for FSDP's average)."""
+    if dist.dims.ep == 1:
+        return
+    import torch.distributed as tdist
+
+    edp = dist.dp_size // dist.dims.ep
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if edp > 1:
+            tdist.all_reduce(g, group=dist.group("edp"))
+        g.div_(dist.dp_size)
 
 
 def _present(layer, plan: dict) -> dict:
@@ -110,11 +146,13 @@ PARALLELIZE = {
     "MistralForCausalLM": llama_style,
     "Qwen2ForCausalLM": llama_style,
     "Qwen3ForCausalLM": llama_style,
+    "Qwen3MoeForCausalLM": llama_style,
+    "MixtralForCausalLM": llama_style,
 }
 
 
-def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False) -> None:
-    """Apply the job's tensor and data parallelism in place (nothing on one process)."""
+def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False, root=None) -> None:
+    """Apply the job's parallelism in place (nothing on one process)."""
     if dist.world_size == 1:
         return
     base = model.get_base_model() if lora else model
@@ -128,4 +166,4 @@ def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False) -
                 f"{', '.join(sorted(PARALLELIZE))} (or train it in one process)",
             )
         )
-    fn(model, dist=dist, lora=lora, separate_head=separate_head)
+    fn(model, dist=dist, lora=lora, separate_head=separate_head, root=root)

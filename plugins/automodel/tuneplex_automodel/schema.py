@@ -283,7 +283,23 @@ class AutomodelJobInput(JobSchema):
 
     @model_validator(mode="after")
     def _rules(self) -> AutomodelJobInput:
-        problems = self.parallel_dims().problems()
+        dims = self.parallel_dims()
+        problems = dims.problems()
+        if self.training.training_type == "distillation":
+            for key, size in (
+                ("tensor_parallel_size", dims.tp),
+                ("pipeline_parallel_size", dims.pp),
+                ("context_parallel_size", dims.cp),
+                ("expert_parallel_size", dims.ep),
+            ):
+                if size > 1:
+                    problems.append(
+                        (
+                            f"parallelism.{key}",
+                            f"{size}: distillation runs with data parallelism only in this "
+                            "version; set it to 1",
+                        )
+                    )
         if self.schedule.val_check_interval is not None and self.dataset.validation is None:
             problems.append(
                 ("schedule.val_check_interval", "needs dataset.validation (no validation data)")

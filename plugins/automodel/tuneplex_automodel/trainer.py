@@ -32,7 +32,12 @@ from tuneplex.runs import (
     write_summary,
 )
 
-from tuneplex_automodel.checkpoint import export_final, load_checkpoint, save_checkpoint
+from tuneplex_automodel.checkpoint import (
+    export_final,
+    full_model_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tuneplex_automodel.distill import (
     PRECISIONS,
     Teacher,
@@ -40,11 +45,11 @@ from tuneplex_automodel.distill import (
     check_same_vocab_size,
     distill_loss_sums,
 )
-from tuneplex_automodel.distributed import Dist, clip_grad_norm, not_yet, under_torchrun
+from tuneplex_automodel.distributed import Dist, clip_grad_norm, under_torchrun
 from tuneplex_automodel.distributed import init as init_distributed
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.model import apply_lora, check_model_ref, load_model
-from tuneplex_automodel.parallelize import parallelize
+from tuneplex_automodel.parallelize import parallelize, reduce_expert_grads
 from tuneplex_automodel.plan import TrainPlan, learning_rate
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -95,20 +100,9 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     quiet_third_party_logs()
     dims = job.parallel_dims()
     distilling = job.training.training_type == "distillation"
-    if distilling and dims.tp > 1:
-        raise UsageError(
-            Problem(
-                "parallelism.tensor_parallel_size",
-                f"{dims.tp}: distillation runs with data parallelism only in this version; "
-                "set it to 1",
-            )
-        )
     if distilling:
         check_model_ref(job.training.teacher_model, key="training.teacher_model")
     if dims.world_size > 1 and not under_torchrun():
-        problems = not_yet(dims)
-        if problems:
-            raise UsageError(problems)
         check_model_ref(job.model)
         launch(dims, job.to_private_dict(), run_dir, resume=resume)
         return None
@@ -146,7 +140,15 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     teacher = load_teacher(job, student=model, tokenizer=tokenizer, rt=rt)
-    parallelize(model, dist=dist, lora=lora is not None, separate_head=teacher is not None)
+    stage = None
+    if dims.pp > 1:
+        from tuneplex_automodel.pipeline import keep_stage
+
+        stage = keep_stage(model, lora=lora is not None, dist=dist)
+        stage.autocast = rt.autocast
+    parallelize(
+        model, dist=dist, lora=lora is not None, separate_head=teacher is not None, root=stage
+    )
     model.train()
     optimizer = build_optimizer(
         model,
@@ -167,6 +169,18 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         checkpoint_steps=job.output.checkpoint_steps,
         dp_size=dims.dp,
     )
+    pipe = None
+    if stage is not None:
+        from tuneplex_automodel.pipeline import Pipeline
+
+        longest = max(int(train_rows.lengths.max()), int(val_rows.lengths.max()) if val_rows else 0)
+        pipe = Pipeline(
+            stage,
+            dist=dist,
+            n_microbatches=dims.grad_accum_steps,
+            micro=job.batch.micro_batch_size,
+            length=longest,
+        )
     loop = _Loop(
         job=job,
         run_dir=run_dir,
@@ -179,6 +193,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         val_rows=val_rows,
         pad_id=pad_id_of(tokenizer),
         teacher=teacher,
+        pipe=pipe,
     )
     if dist.is_main:
         remove_stale_temporaries(run_dir)
@@ -186,11 +201,12 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
     if resume:
         loop.restore()
     trainable, total = parameter_counts(model)
-    layout = (
-        f"{dist.world_size} processes (dp {dims.dp} × tp {dims.tp}) on "
-        if dist.world_size > 1
-        else ""
-    )
+    if dims.pp > 1:  # each stage holds its own share
+        import torch
+
+        counts = dist.sum_over_stages(torch.tensor([trainable, total], device=dist.device))
+        trainable, total = (int(x) for x in counts.tolist())
+    layout = f"{dist.world_size} processes ({layout_text(dims)}) on " if dist.world_size > 1 else ""
     loop.header = {
         "model": job.model,
         "model_class": type(model.get_base_model() if lora else model).__name__,
@@ -242,6 +258,15 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
     return summary
 
 
+def layout_text(dims) -> str:
+    """ "dp 2 × pp 2" and so on: the parallel dimensions wider than one (dp always)."""
+    parts = [f"dp {dims.dp}"]
+    for name, size in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep)):
+        if size > 1:
+            parts.append(f"{name} {size}")
+    return " × ".join(parts)
+
+
 def load_teacher(job, *, student, tokenizer, rt: Runtime):
     """The frozen teacher of a distillation job (None otherwise), checked against the student."""
     if job.training.training_type != "distillation":
@@ -272,14 +297,7 @@ def export(target: Path, *, job, model, tokenizer, dist: Dist, rt: Runtime, dtyp
     first and loaded into a CPU copy of the model, which is what gets saved."""
     lora = job.training.lora
     if dist.world_size > 1:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        full = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        full = full_model_state(model, merge=stage_merger(dist))
         if not dist.is_main:
             return None
         model, _ = load_model(
@@ -301,6 +319,15 @@ def export(target: Path, *, job, model, tokenizer, dist: Dist, rt: Runtime, dtyp
         lora=lora is not None,
         dtype=dtype,
     )
+
+
+def stage_merger(dist: Dist):
+    """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
+    if dist.dims.pp == 1:
+        return None
+    from tuneplex_automodel.pipeline import merge_stages
+
+    return lambda state: merge_stages(state, dist=dist)
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
@@ -332,9 +359,19 @@ class _Loop:
         val_rows,
         pad_id,
         teacher=None,
+        pipe=None,
     ):
         self.job, self.run_dir, self.rt, self.dist = job, run_dir, rt, dist
-        self.teacher = teacher
+        self.teacher, self.pipe = teacher, pipe
+        self.loss_sum = loss_sum
+        if dist.dims.cp > 1:
+            from functools import partial
+
+            from tuneplex_automodel import context_parallel
+
+            self.loss_sum = partial(
+                context_parallel.loss_sum, rank=dist.cp_rank, size=dist.dims.cp, pad_id=pad_id
+            )
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -362,7 +399,9 @@ class _Loop:
                 )
             return
         step, path = found
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        state = load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, partial=self.pipe is not None
+        )
         if state["data"]["rows"] != self.plan.rows:
             raise UsageError(
                 Problem(
@@ -441,10 +480,22 @@ class _Loop:
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
         tokens = 0
         parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
-        # FSDP averages gradients over data-parallel ranks; each rank's loss is already a share
-        # of the step's token mean, so scale it back to a sum
-        scale = self.dist.dp_size
+        # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
+        # already a share of the step's token mean, so scale it back to a sum
+        scale = self.dist.data_size
         sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
+        if self.pipe is not None:
+            tokens = sum(int(self.train_rows.lengths[rows].sum()) for rows in micro_batches)
+            step_loss = self.pipe.train_step(
+                self.pipe.batch(
+                    [self.train_rows.rows(rows) for rows in micro_batches],
+                    pad_id=self.pad_id,
+                    device=self.rt.device,
+                ),
+                scale=scale / max(n_targets, 1),
+            )
+            total += step_loss / scale
+            micro_batches = []  # the schedule ran them
         for i, rows in enumerate(micro_batches):
             if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -453,7 +504,8 @@ class _Loop:
             tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
             batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
             if self.teacher is None:
-                loss = loss_sum(self.model, batch, autocast=self.rt.autocast) / max(n_targets, 1)
+                loss = self.loss_sum(self.model, batch, autocast=self.rt.autocast)
+                loss = loss / max(n_targets, 1)
             else:
                 ce, kd = distill_loss_sums(
                     self.model,
@@ -467,10 +519,19 @@ class _Loop:
                 parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
             (loss * scale if scale > 1 else loss).backward()
             total += loss.detach()
-        grad_norm = clip_grad_norm(self.params, GRAD_CLIP, device=self.rt.device)
-        reduced = self.dist.sum_over_dp(
-            torch.cat([total.reshape(1), torch.tensor([float(tokens)], device=total.device), parts])
+        reduce_expert_grads(self.params, dist=self.dist)
+        grad_norm = clip_grad_norm(
+            self.params,
+            GRAD_CLIP,
+            device=self.rt.device,
+            sum_over_stages=self.dist.sum_over_stages,
         )
+        counts = torch.tensor([float(tokens)], device=total.device)
+        if self.pipe is not None and not self.pipe.last:
+            counts.zero_()  # the last stage's count stands for every stage
+        reduced = self.dist.sum_over_data(torch.cat([total.reshape(1), counts, parts]))
+        if self.pipe is not None:
+            reduced = self.dist.sum_over_stages(reduced)
         loss_value, tokens_f, ce_part, kd_part, norm_value = torch.cat(
             [reduced, grad_norm.float().reshape(1)]
         ).tolist()
@@ -516,16 +577,30 @@ class _Loop:
             self._checkpoint()
 
     def _validate(self) -> None:
-        loss = evaluate(
-            self.model,
-            self.val_rows,
-            micro=self.plan.micro_batch,
-            pad_id=self.pad_id,
-            device=self.rt.device,
-            autocast=self.rt.autocast,
-            shard=(self.dist.dp_rank, self.dist.dp_size),
-            reduce=self.dist.sum_over_dp,
-        )
+        shard = (self.dist.dp_rank, self.dist.dp_size)
+        if self.pipe is not None:
+            from tuneplex_automodel.pipeline import evaluate as pipeline_evaluate
+
+            loss = pipeline_evaluate(
+                self.pipe,
+                self.val_rows,
+                pad_id=self.pad_id,
+                device=self.rt.device,
+                shard=shard,
+                reduce=lambda t: self.dist.sum_over_stages(self.dist.sum_over_data(t)),
+            )
+        else:
+            loss = evaluate(
+                self.model,
+                self.val_rows,
+                micro=self.plan.micro_batch,
+                pad_id=self.pad_id,
+                device=self.rt.device,
+                autocast=self.rt.autocast,
+                shard=shard,
+                reduce=self.dist.sum_over_data,
+                loss=self.loss_sum,
+            )
         self.last_val_loss = loss
         if self.best_val_loss is None or loss < self.best_val_loss:
             self.best_val_loss = loss
@@ -566,6 +641,7 @@ class _Loop:
             optimizer=self.optimizer,
             state=state,
             write=self.dist.is_main,
+            merge=stage_merger(self.dist),
         )
         self.last_checkpoint = str(path)
         if self.dist.is_main:

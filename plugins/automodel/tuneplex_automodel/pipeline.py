@@ -1,0 +1,223 @@
+"""Pipeline parallelism: the decoder layers split into stages, run by torch's pipelining schedules.
+
+Each pipeline rank keeps only its stage of the model: the embeddings on the first stage, the
+final norm and output head on the last, and an even share of the decoder layers (earlier
+stages take the remainder). Layers stay under their one-process names (a ModuleDict keyed by
+layer index), so checkpoints and final/ use the names of the whole model; the stages' state
+dicts are merged on rank 0 when saved.
+
+One optimizer step is one schedule step: the step's micro-batches are the pipeline's
+micro-batches (1F1B when there are at least as many as stages, GPipe otherwise), all padded to
+one (micro_batch_size, length) shape, since the stages exchange fixed-shape activations. The
+loss of a micro-batch is its summed cross-entropy times the step's scale (1 / the step's
+counted tokens, × the FSDP width), so the schedule's summed gradients are the step's mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tuneplex.data.collate import EMPTY_ROW, collate
+from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.errors import Problem, UsageError
+
+from tuneplex_automodel.distributed import Dist
+
+KEY = "parallelism.pipeline_parallel_size"
+
+
+def block_causal_mask(position_ids):
+    """(B, 1, S, S) boolean: each position attends to itself and earlier positions of its own
+    sample (samples start where the position ids restart at 0)."""
+    seg = torch.cumsum(position_ids == 0, dim=1)
+    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
+    causal = idx[:, None] >= idx[None, :]
+    return (causal[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
+def stage_layers(n_layers: int, stages: int) -> list[range]:
+    """Contiguous layer ranges, one per stage, sizes differing by at most one."""
+    base, extra = divmod(n_layers, stages)
+    out, lo = [], 0
+    for s in range(stages):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append(range(lo, hi))
+        lo = hi
+    return out
+
+
+def check_splittable(base, *, stages: int) -> None:
+    config = base.config
+    problems = []
+    n = config.num_hidden_layers
+    if n < stages:
+        problems.append(Problem(KEY, f"{stages} stages for a model of {n} decoder layers"))
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        problems.append(
+            Problem(
+                KEY,
+                f"{stages}: {type(base).__name__} ties its output head to its input embeddings, "
+                "which would live on different stages; set it to 1",
+            )
+        )
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        problems.append(
+            Problem(KEY, f"{stages}: sliding-window attention layers are not supported; use 1")
+        )
+    if problems:
+        raise UsageError(problems)
+
+
+def keep_stage(model, *, lora: bool, dist: Dist):
+    """Prune `model` in place to this rank's stage; returns the stage module to train."""
+    base = model.get_base_model() if lora else model
+    stages, s = dist.dims.pp, dist.pp_rank
+    check_splittable(base, stages=stages)
+    decoder = base.model
+    mine = stage_layers(len(decoder.layers), stages)[s]
+    decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in mine})
+    first, last = s == 0, s == stages - 1
+    if not first:
+        decoder.embed_tokens = None
+    if not last:
+        decoder.norm = None
+        base.lm_head = None
+    return Stage(model, base=base, first=first, last=last)
+
+
+class Stage(nn.Module):
+    """What the schedule runs on this rank: token ids or hidden states in, hidden states or
+    logits out. Each stage builds the attention mask from the position ids it is given."""
+
+    def __init__(self, model, *, base, first: bool, last: bool):
+        super().__init__()
+        self.model = model
+        self.first, self.last = first, last
+        self._base = [base]  # not a submodule: its parameters belong to self.model
+        self.autocast = None
+
+    def forward(self, x, position_ids):
+        base = self._base[0]
+        decoder = base.model
+        ctx = (
+            torch.autocast(device_type=x.device.type, dtype=self.autocast)
+            if self.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            h = decoder.embed_tokens(x) if self.first else x
+            mask = block_causal_mask(position_ids)
+            pe = decoder.rotary_emb(h, position_ids=position_ids)
+            for layer in decoder.layers.values():
+                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+            if self.last:
+                h = base.lm_head(decoder.norm(h))
+        return h
+
+
+class Pipeline:
+    """The schedule of this rank's stage, and fixed-shape batches for it."""
+
+    def __init__(self, stage, *, dist: Dist, n_microbatches: int, micro: int, length: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.dist, self.module = dist, stage
+        self.n_microbatches, self.micro, self.length = n_microbatches, micro, length
+        self.stage = PipelineStage(
+            stage, dist.pp_rank, dist.dims.pp, dist.device, group=dist.group("pp")
+        )
+        kind = Schedule1F1B if n_microbatches >= dist.dims.pp else ScheduleGPipe
+        self.schedule = kind(self.stage, n_microbatches, loss_fn=self._loss, scale_grads=False)
+        self.schedule_name = "1F1B" if kind is Schedule1F1B else "GPipe"
+        self.scale = 1.0
+
+    @property
+    def first(self) -> bool:
+        return self.module.first
+
+    @property
+    def last(self) -> bool:
+        return self.module.last
+
+    def _loss(self, logits, targets):
+        import torch.nn.functional as F
+
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return ce * self.scale
+
+    def batch(self, micro_batches: list[list[dict[str, Any]]], *, pad_id: int, device):
+        """The step's micro-batches as one (n_microbatches × micro, length) batch; missing
+        rows and micro-batches are rows that count for nothing."""
+        rows: list[dict[str, Any]] = []
+        for i in range(self.n_microbatches):
+            mb = micro_batches[i] if i < len(micro_batches) else []
+            rows += list(mb) + [EMPTY_ROW] * (self.micro - len(mb))
+        batch = collate(rows, pad_id=pad_id, pad_to_multiple_of=self.length)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _run(self, batch, *, train: bool):
+        losses: list = []
+        args = (batch["input_ids"],) if self.first else ()
+        target = batch["targets"] if self.last else None
+        kw = {"position_ids": batch["position_ids"]}
+        if train:
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kw)
+        else:
+            with torch.no_grad():
+                self.schedule.eval(*args, target=target, losses=losses, **kw)
+        if not self.last:
+            return torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        return torch.stack([torch.as_tensor(x).detach().float() for x in losses]).sum()
+
+    def train_step(self, batch, *, scale: float):
+        """Forward and backward of one step; the last stage returns its loss (others 0)."""
+        self.scale = scale
+        return self._run(batch, train=True)
+
+    def loss_sum(self, batch):
+        """Summed cross-entropy of a batch, forward only (last stage; others 0)."""
+        self.scale = 1.0
+        return self._run(batch, train=False)
+
+
+def evaluate(pipe: Pipeline, rows, *, pad_id: int, device, shard: tuple[int, int], reduce) -> float:
+    """The validation loss through the stages: like core's evaluate, in schedule-sized chunks."""
+    import math
+
+    rank, size = shard
+    mine = list(range(rank, len(rows), size))
+    chunk = pipe.n_microbatches * pipe.micro
+    passes = math.ceil(math.ceil(len(rows) / size) / chunk)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    was_training = pipe.module.training
+    pipe.module.eval()
+    for i in range(passes):
+        ids = mine[i * chunk : (i + 1) * chunk]
+        mbs = [rows.rows(ids[j : j + pipe.micro]) for j in range(0, len(ids), pipe.micro)]
+        total += pipe.loss_sum(pipe.batch(mbs, pad_id=pad_id, device=device))
+    pipe.module.train(was_training)
+    total = reduce(total)
+    return total.item() / max(int(rows.target_counts.sum()), 1)
+
+
+def merge_stages(state: Any, *, dist: Dist) -> list[Any] | None:
+    """Every stage's `state` on global rank 0 (stage order); None elsewhere. Only the ranks of
+    rank 0's pipeline group take part (their full state equals their peers')."""
+    if dist.dims.pp == 1:
+        return [state] if dist.is_main else None
+    if dist.local_rank_in("dp_cp") or dist.local_rank_in("tp"):
+        return None
+    import torch.distributed as tdist
+
+    out = [None] * dist.dims.pp if dist.is_main else None
+    tdist.gather_object(state, out, dst=0, group=dist.group("pp"))
+    return out
