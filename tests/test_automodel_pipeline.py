@@ -1,0 +1,134 @@
+"""Pipeline parallelism on CPU (gloo, 2-4 worker processes) equals one process.
+
+A 4-layer tiny Llama split into 2 stages, alone and with data or tensor parallelism on the
+other mesh dimensions, through `tuneplex train` itself; compared with the one-process run of
+the same job: every train and validation loss, gradient norm and the final/ weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from helpers import assert_same_final, assert_same_run, chat_rows, cli, write_rows  # noqa: E402
+from tuneplex.errors import UsageError  # noqa: E402
+from tuneplex.testing import assert_run_directory  # noqa: E402
+
+JOB = """\
+model: {model}
+dataset: {{training: {train}, validation: {val}}}
+training: {{finetuning_type: {ft}, max_seq_length: 96}}
+schedule: {{epochs: 1, seed: 3}}
+batch: {{global_batch_size: 4, micro_batch_size: 1}}
+optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}
+output: {{checkpoint_steps: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tokenizers):
+    from tuneplex.tiny import build_llama
+
+    root = tmp_path_factory.mktemp("pipeline")
+    model = root / "llama-4l"
+    build_llama(model, tokenizer=tokenizers["chatml"][1], hidden=64, layers=4, init_std=0.1)
+    write_rows(root / "train.jsonl", chat_rows(14))  # 4 steps, the last one short (2 rows)
+    write_rows(root / "val.jsonl", chat_rows(5, seed=1))
+    for ft in ("lora", "all_weights"):
+        (root / f"{ft}.yaml").write_text(
+            JOB.format(model=model, train=root / "train.jsonl", val=root / "val.jsonl", ft=ft)
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(workdir):
+    runs = {}
+    for ft in ("lora", "all_weights"):
+        runs[ft] = workdir / f"single-{ft}"
+        cli(workdir / f"{ft}.yaml", "-o", runs[ft])
+    return runs
+
+
+def layout(procs: int, **sizes) -> list[str]:
+    """--set arguments for `procs` worker processes and the given parallel sizes."""
+    sets = {"num_gpus_per_node": procs, **sizes}
+    return [a for k, v in sets.items() for a in ("--set", f"parallelism.{k}={v}")]
+
+
+@pytest.mark.parametrize(
+    ("ft", "procs", "tp", "micro", "shown"),
+    [
+        ("lora", 2, 1, 1, "2 processes (dp 1 × pp 2)"),
+        ("all_weights", 2, 1, 1, "2 processes (dp 1 × pp 2)"),
+        ("all_weights", 2, 1, 4, "2 processes (dp 1 × pp 2)"),  # 1 micro-batch: GPipe
+        ("all_weights", 4, 1, 1, "4 processes (dp 2 × pp 2)"),
+        ("lora", 4, 2, 1, "4 processes (dp 1 × tp 2 × pp 2)"),
+    ],
+    ids=["pp2-lora", "pp2-full", "pp2-gpipe", "dp2xpp2-full", "tp2xpp2-lora"],
+)
+def test_pipeline_equals_one_process(workdir, single, ft, procs, tp, micro, shown):
+    run = workdir / f"pp2-p{procs}-tp{tp}-m{micro}-{ft}"
+    sizes = {"pipeline_parallel_size": 2, "tensor_parallel_size": tp}
+    extra = ["--set", f"batch.micro_batch_size={micro}"]
+    proc = cli(workdir / f"{ft}.yaml", "-o", run, *layout(procs, **sizes), *extra)
+    assert shown in proc.stdout
+    assert_run_directory(run)
+    assert_same_run(single[ft], run)
+    assert_same_final(single[ft], run)
+    from transformers import AutoModelForCausalLM
+
+    if ft == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(
+            json.loads((run / "job.json").read_text())["model"]
+        )
+        PeftModel.from_pretrained(base, run / "final")
+    else:
+        assert len(AutoModelForCausalLM.from_pretrained(run / "final").model.layers) == 4
+
+
+def test_pipeline_resumes_from_a_merged_checkpoint(workdir, single):
+    """Rank 0 writes one checkpoint for both stages; each stage reads back its own part."""
+    run = workdir / "pp2-resumed"
+    args = layout(2, pipeline_parallel_size=2)
+    cli(workdir / "all_weights.yaml", "-o", run, *args)
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    shutil.rmtree(run / "final")
+    cli(workdir / "all_weights.yaml", "-o", run, "--resume", *args)
+    assert_same_run(single["all_weights"], run)
+    assert_same_final(single["all_weights"], run)
+
+
+def test_stage_split():
+    from tuneplex_automodel.pipeline import stage_layers
+
+    assert stage_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert stage_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert [len(r) for r in stage_layers(16, 4)] == [4, 4, 4, 4]
+
+
+def test_unsplittable_models_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tuneplex_automodel.pipeline import check_splittable
+
+    small = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64)
+    tied = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **small))
+    with pytest.raises(UsageError) as err:
+        check_splittable(tied, stages=2)
+    assert [str(p) for p in err.value.problems] == [
+        "parallelism.pipeline_parallel_size: 2: LlamaForCausalLM ties its output head to its "
+        "input embeddings, which would live on different stages; set it to 1"
+    ]
+    shallow = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **small))
+    with pytest.raises(UsageError) as err:
+        check_splittable(shallow, stages=4)
+    assert [str(p) for p in err.value.problems] == [
+        "parallelism.pipeline_parallel_size: 4 stages for a model of 2 decoder layers"
+    ]
