@@ -24,18 +24,10 @@ from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.data.templates import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
 
+from tuneplex_automodel.context_parallel import block_causal_mask
 from tuneplex_automodel.distributed import Dist
 
 KEY = "parallelism.pipeline_parallel_size"
-
-
-def block_causal_mask(position_ids):
-    """(B, 1, S, S) boolean: each position attends to itself and earlier positions of its own
-    sample (samples start where the position ids restart at 0)."""
-    seg = torch.cumsum(position_ids == 0, dim=1)
-    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
-    causal = idx[:, None] >= idx[None, :]
-    return (causal[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
 
 
 def stage_layers(n_layers: int, stages: int) -> list[range]:

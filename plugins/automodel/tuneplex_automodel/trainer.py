@@ -527,8 +527,8 @@ class _Loop:
             sum_over_stages=self.dist.sum_over_stages,
         )
         counts = torch.tensor([float(tokens)], device=total.device)
-        if self.pipe is not None and not self.pipe.last:
-            counts.zero_()  # the last stage's count stands for every stage
+        if (self.pipe is not None and not self.pipe.last) or self.dist.cp_rank:
+            counts.zero_()  # one rank counts for the stages and context-parallel peers
         reduced = self.dist.sum_over_data(torch.cat([total.reshape(1), counts, parts]))
         if self.pipe is not None:
             reduced = self.dist.sum_over_stages(reduced)
