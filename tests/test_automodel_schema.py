@@ -175,7 +175,8 @@ def test_enums_list_choices(value, choices):
         (1, 1, 1, 1, 1, 8, 1, 1, 8),
         (1, 8, 2, 1, 1, 32, 2, 4, 4),
         (2, 8, 2, 2, 1, 16, 1, 4, 4),
-        (4, 8, 4, 2, 2, 64, 4, 2, 8),
+        (4, 8, 4, 2, 1, 64, 4, 4, 4),
+        (2, 8, 2, 1, 2, 32, 2, 4, 4),
         (1, 4, 1, 1, 1, 4, 1, 4, 1),
     ],
 )
@@ -327,3 +328,59 @@ def test_all_problems_reported_at_once():
         job(training={"lora": {"rank": 0, "alpah": 3}}, schedule={"epochs": 0}, extra=1)
     )
     assert len(lines) == 4
+
+
+def test_expert_parallel_borrows_data_parallel_ranks():
+    lines = problems(
+        job(
+            parallelism={"num_gpus_per_node": 6, "expert_parallel_size": 4},
+            batch={"global_batch_size": 12},
+        )
+    )
+    assert lines == [
+        "parallelism.expert_parallel_size: 4 must divide data_parallel_size (6): experts are "
+        "split across data-parallel ranks"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "line"),
+    [
+        (
+            {"pipeline_parallel_size": 2, "context_parallel_size": 2},
+            "parallelism: pipeline parallelism with context parallelism is not supported; set "
+            "pipeline_parallel_size or context_parallel_size to 1",
+        ),
+        (
+            {"pipeline_parallel_size": 2, "expert_parallel_size": 2},
+            "parallelism: pipeline parallelism with expert parallelism is not supported; set "
+            "pipeline_parallel_size or expert_parallel_size to 1",
+        ),
+        (
+            {"context_parallel_size": 2, "expert_parallel_size": 2},
+            "parallelism: context parallelism with expert parallelism is not supported; set "
+            "context_parallel_size or expert_parallel_size to 1",
+        ),
+    ],
+    ids=["pp+cp", "pp+ep", "cp+ep"],
+)
+def test_unsupported_combinations_are_named(sizes, line):
+    assert problems(job(parallelism={"num_gpus_per_node": 8, **sizes})) == [line]
+
+
+@pytest.mark.parametrize("key", ["pipeline", "context", "expert", "tensor"])
+def test_distillation_runs_with_data_parallelism_only(key):
+    lines = problems(
+        job(
+            parallelism={"num_gpus_per_node": 4, f"{key}_parallel_size": 2},
+            training={
+                "training_type": "distillation",
+                "teacher_model": "/m",
+                "finetuning_type": "all_weights",
+            },
+        )
+    )
+    assert lines == [
+        f"parallelism.{key}_parallel_size: 2: distillation runs with data parallelism only in "
+        "this version; set it to 1"
+    ]

@@ -223,26 +223,100 @@ def build_llama(
     `init_std` above the usual 0.02 gives the random output head a logit range like a trained
     model's, so an adapter (which cannot rescale the head) has room to learn on it.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = len(tokenizer) if tokenizer is not None else 512
     config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
+        **_decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std),
         intermediate_size=intermediate,
-        max_position_embeddings=max_positions,
-        initializer_range=init_std,
-        tie_word_embeddings=False,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        pad_token_id=getattr(tokenizer, "pad_token_id", None),
     )
+    return _save(LlamaForCausalLM, config, out_dir, tokenizer, seed)
+
+
+def build_qwen3_moe(
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 4,
+    experts_per_token: int = 2,
+    moe_intermediate: int = 64,
+    seed: int = 0,
+    max_positions: int = 4096,
+    init_std: float = 0.02,
+):
+    """A random-init Qwen3MoeForCausalLM, every layer a mixture of experts, for expert-parallel
+    tests; the router's auxiliary loss is off so the loss is the cross-entropy alone."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        **_decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std),
+        intermediate_size=2 * moe_intermediate,  # dense MLP size; unused with no dense layers
+        moe_intermediate_size=moe_intermediate,
+        num_experts=experts,
+        num_experts_per_tok=experts_per_token,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=False,
+    )
+    return _save(Qwen3MoeForCausalLM, config, out_dir, tokenizer, seed)
+
+
+def build_mixtral(
+    out_dir: str | Path,
+    *,
+    tokenizer=None,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    experts: int = 4,
+    experts_per_token: int = 2,
+    moe_intermediate: int = 64,
+    seed: int = 0,
+    max_positions: int = 4096,
+    init_std: float = 0.02,
+):
+    """A random-init MixtralForCausalLM sized like `build_qwen3_moe` (router aux loss off)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        **_decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std),
+        intermediate_size=moe_intermediate,  # Mixtral's experts take this size
+        num_local_experts=experts,
+        num_experts_per_tok=experts_per_token,
+        output_router_logits=False,
+    )
+    return _save(MixtralForCausalLM, config, out_dir, tokenizer, seed)
+
+
+def _decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std) -> dict:
+    return {
+        "vocab_size": len(tokenizer) if tokenizer is not None else 512,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_positions,
+        "initializer_range": init_std,
+        "tie_word_embeddings": False,
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+        "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+    }
+
+
+def _save(model_class, config, out_dir, tokenizer, seed: int):
+    """Build with a fixed seed in fp32; write safetensors (and the tokenizer) to `out_dir`."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:

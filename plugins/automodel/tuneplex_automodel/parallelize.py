@@ -45,9 +45,8 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, r
         enable(model, group=dist.group("cp"))
     ignored: set = set()
     if dist.dims.ep > 1:
-        from tuneplex_automodel.moe import check_divides, expert_parallel, expert_parameters
+        from tuneplex_automodel.moe import expert_parallel, expert_parameters
 
-        check_divides(model, ep=dist.dims.ep)
         expert_parallel(model, mesh=dist.mesh("ep"))
         ignored = set(expert_parameters(model))
     if dist.tp_size > 1:
@@ -102,7 +101,7 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, r
         fully_shard(root if root is not None else model, **kw)
 
 
-def reduce_expert_grads(params, *, dist: Dist) -> None:
+def reduce_expert_grads(model, *, dist: Dist) -> None:
     """Expert gradients as FSDP would leave them: summed over the replicas of each expert
     shard (data-parallel ranks outside the expert group), divided by the data-parallel width
     (every rank's loss is scaled by it for FSDP's average)."""
@@ -110,11 +109,13 @@ def reduce_expert_grads(params, *, dist: Dist) -> None:
         return
     import torch.distributed as tdist
 
+    from tuneplex_automodel.moe import expert_parameters
+
     edp = dist.dp_size // dist.dims.ep
-    for p in params:
+    for p in expert_parameters(model):
         if p.grad is None:
             continue
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        g = p.grad.to_local()
         if edp > 1:
             tdist.all_reduce(g, group=dist.group("edp"))
         g.div_(dist.dp_size)

@@ -134,6 +134,10 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         device=rt.device,
         trust_remote_code=job.training.trust_remote_code,
     )
+    if dims.ep > 1:  # before LoRA, which would wrap the experts first
+        from tuneplex_automodel.moe import check_divides
+
+        check_divides(model, ep=dims.ep)
     lora = job.training.lora
     if lora is not None:
         model = apply_lora(
@@ -519,7 +523,7 @@ class _Loop:
                 parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
             (loss * scale if scale > 1 else loss).backward()
             total += loss.detach()
-        reduce_expert_grads(self.params, dist=self.dist)
+        reduce_expert_grads(self.model, dist=self.dist)
         grad_norm = clip_grad_norm(
             self.params,
             GRAD_CLIP,
