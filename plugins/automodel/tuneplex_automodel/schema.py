@@ -227,16 +227,21 @@ class AutomodelParallelism(StrictModel):
         default=1, ge=1, description="GPUs a layer is split across (tensor parallelism)."
     )
     pipeline_parallel_size: int = Field(
-        default=1, ge=1, description="Pipeline stages the layers are split into."
+        default=1,
+        ge=1,
+        description="Pipeline stages the decoder layers are split into (1F1B schedule).",
     )
     context_parallel_size: int = Field(
-        default=1, ge=1, description="GPUs a sequence is split across (long sequences)."
+        default=1,
+        ge=1,
+        description="GPUs each sequence is split across (long sequences); attention stays exact.",
     )
     expert_parallel_size: int | None = Field(
         default=None,
         ge=1,
-        description="GPUs the experts of a mixture-of-experts model are split across; must "
-        "divide the number of experts. null: 1.",
+        description="GPUs the experts of a mixture-of-experts model are split across, taken "
+        "from the data-parallel ranks; must divide the number of experts and the data-parallel "
+        "size. null: 1.",
     )
 
 
