@@ -101,3 +101,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PARALLEL_JOB = """\
+model: {model}
+dataset: {{training: {root}/train.jsonl, validation: {root}/val.jsonl}}
+training: {{finetuning_type: {ft}, max_seq_length: 96}}
+schedule: {{epochs: 1, seed: 3}}
+batch: {{global_batch_size: {gbs}, micro_batch_size: 1, sequence_packing: {packed}}}
+optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}
+output: {{checkpoint_steps: 2}}
+"""
+"""The job the parallel runs are compared on: 14 training rows make 4 steps of 4, the last one
+short (2 rows), with validation before, in between and after."""
+
+
+def parallel_job(root, name: str, *, model, ft: str, gbs: int = 4, packed: bool = False):
+    """Write `root/name.yaml` (and, once, the rows it trains on); return its path."""
+    if not (root / "train.jsonl").exists():
+        write_rows(root / "train.jsonl", chat_rows(14))
+        write_rows(root / "val.jsonl", chat_rows(5, seed=1))
+    path = root / f"{name}.yaml"
+    text = PARALLEL_JOB.format(model=model, root=root, ft=ft, gbs=gbs, packed=str(packed).lower())
+    path.write_text(text)
+    return path
+
+
+def layout(procs: int, **sizes) -> list[str]:
+    """--set arguments for `procs` worker processes and the given parallel sizes."""
+    sets = {"num_gpus_per_node": procs, **sizes}
+    return [a for k, v in sets.items() for a in ("--set", f"parallelism.{k}={v}")]
+
+
+def load_final(run, ft: str):
+    """final/ of a run loaded the way a user would: the model, or base model + peft adapter."""
+    from transformers import AutoModelForCausalLM
+
+    if ft != "lora":
+        return AutoModelForCausalLM.from_pretrained(run / "final")
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads((run / "job.json").read_text())["model"])
+    return PeftModel.from_pretrained(base, run / "final")

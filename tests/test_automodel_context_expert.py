@@ -9,7 +9,6 @@ compared with the one-process run of the same job.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -17,18 +16,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import assert_same_final, assert_same_run, chat_rows, cli, write_rows  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_final,
+    assert_same_run,
+    cli,
+    layout,
+    load_final,
+    parallel_job,
+)
 from tuneplex.testing import assert_run_directory  # noqa: E402
-
-JOB = """\
-model: {model}
-dataset: {{training: {train}, validation: {val}}}
-training: {{finetuning_type: {ft}, max_seq_length: 96}}
-schedule: {{epochs: 1, seed: 3}}
-batch: {{global_batch_size: {gbs}, micro_batch_size: 1, sequence_packing: {packed}}}
-optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}
-output: {{checkpoint_steps: 2}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +36,15 @@ def workdir(tmp_path_factory, tokenizers, tiny_model):
     build_qwen3_moe(root / "qwen3-moe", tokenizer=tok, init_std=0.1)
     build_mixtral(root / "mixtral", tokenizer=tok, init_std=0.1)
     (root / "llama").symlink_to(tiny_model)
-    write_rows(root / "train.jsonl", chat_rows(14))
-    write_rows(root / "val.jsonl", chat_rows(5, seed=1))
     return root
 
 
-def job(root, *, model: str, ft: str, packed: bool) -> str:
-    path = root / f"{model}-{ft}-{'packed' if packed else 'rows'}.yaml"
-    if not path.exists():
-        text = JOB.format(
-            model=root / model,
-            train=root / "train.jsonl",
-            val=root / "val.jsonl",
-            ft=ft,
-            gbs=2 if packed else 4,  # packed: 14 rows become a handful of sequences
-            packed=str(packed).lower(),
-        )
-        path.write_text(text)
-    return path
+def job(root, *, model: str, ft: str, packed: bool):
+    # packed: the 14 rows become a handful of sequences, 2 per step
+    name = f"{model}-{ft}-{'packed' if packed else 'rows'}"
+    return parallel_job(
+        root, name, model=root / model, ft=ft, gbs=2 if packed else 4, packed=packed
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +60,6 @@ def single(workdir):
         return runs[key]
 
     return get
-
-
-def layout(procs: int, **sizes) -> list[str]:
-    sets = {"num_gpus_per_node": procs, **sizes}
-    return [a for k, v in sets.items() for a in ("--set", f"parallelism.{k}={v}")]
-
-
-def check_final(run, ft: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    if ft == "lora":
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(
-            json.loads((run / "job.json").read_text())["model"]
-        )
-        PeftModel.from_pretrained(base, run / "final")
-    else:
-        AutoModelForCausalLM.from_pretrained(run / "final")
 
 
 @pytest.mark.parametrize(
@@ -112,7 +80,7 @@ def test_context_parallel_equals_one_process(workdir, single, ft, packed, procs,
     assert_run_directory(run)
     assert_same_run(reference, run)
     assert_same_final(reference, run)
-    check_final(run, ft)
+    load_final(run, ft)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +99,7 @@ def test_expert_parallel_equals_one_process(workdir, single, model, ft):
     # summation-order noise on a near-zero gradient element can show up to ~lr/20 (seen: one
     # element of 2,048 off by 1.8e-4); every loss above still agrees within 1e-5
     assert_same_final(reference, run, atol=5e-4)
-    check_final(run, ft)
+    load_final(run, ft)
     if (model, ft) == ("qwen3-moe", "all_weights"):  # experts and their moments come back sharded
         shutil.rmtree(run / "checkpoints" / "step_4")
         shutil.rmtree(run / "final")

@@ -6,7 +6,6 @@ elastic launcher; results are compared with the single-process run of the same j
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,33 +18,19 @@ pytest.importorskip("peft")
 from helpers import (  # noqa: E402
     assert_same_final,
     assert_same_run,
-    chat_rows,
     cli,
     free_port,
-    write_rows,
+    load_final,
+    parallel_job,
 )
 from tuneplex.testing import assert_run_directory  # noqa: E402
-
-JOB = """\
-model: {model}
-dataset: {{training: {train}, validation: {val}}}
-training: {{finetuning_type: {ft}, max_seq_length: 96}}
-schedule: {{epochs: 1, seed: 3}}
-batch: {{global_batch_size: 4, micro_batch_size: 1}}
-optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}
-output: {{checkpoint_steps: 2}}
-"""
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("dist")
-    write_rows(root / "train.jsonl", chat_rows(14))  # 4 steps, the last one short (2 rows)
-    write_rows(root / "val.jsonl", chat_rows(5, seed=1))
     for ft in ("lora", "all_weights"):
-        (root / f"{ft}.yaml").write_text(
-            JOB.format(model=tiny_model, train=root / "train.jsonl", val=root / "val.jsonl", ft=ft)
-        )
+        parallel_job(root, ft, model=tiny_model, ft=ft)
     return root
 
 
@@ -76,14 +61,7 @@ def test_parallel_run_equals_one_process(workdir, single, ft, procs, tp):
     assert_run_directory(run)
     assert_same_run(single[ft], run)
     assert_same_final(single[ft], run)
-    if ft == "lora":
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(
-            json.loads((run / "job.json").read_text())["model"]
-        )
-        PeftModel.from_pretrained(base, run / "final")
+    load_final(run, ft)
 
 
 def test_resume_across_ranks(workdir, single):

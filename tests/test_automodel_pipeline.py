@@ -7,7 +7,6 @@ the same job: every train and validation loss, gradient norm and the final/ weig
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -15,19 +14,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import assert_same_final, assert_same_run, chat_rows, cli, write_rows  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_final,
+    assert_same_run,
+    cli,
+    layout,
+    load_final,
+    parallel_job,
+)
 from tuneplex.errors import UsageError  # noqa: E402
 from tuneplex.testing import assert_run_directory  # noqa: E402
-
-JOB = """\
-model: {model}
-dataset: {{training: {train}, validation: {val}}}
-training: {{finetuning_type: {ft}, max_seq_length: 96}}
-schedule: {{epochs: 1, seed: 3}}
-batch: {{global_batch_size: 4, micro_batch_size: 1}}
-optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}
-output: {{checkpoint_steps: 2}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +33,8 @@ def workdir(tmp_path_factory, tokenizers):
     root = tmp_path_factory.mktemp("pipeline")
     model = root / "llama-4l"
     build_llama(model, tokenizer=tokenizers["chatml"][1], hidden=64, layers=4, init_std=0.1)
-    write_rows(root / "train.jsonl", chat_rows(14))  # 4 steps, the last one short (2 rows)
-    write_rows(root / "val.jsonl", chat_rows(5, seed=1))
     for ft in ("lora", "all_weights"):
-        (root / f"{ft}.yaml").write_text(
-            JOB.format(model=model, train=root / "train.jsonl", val=root / "val.jsonl", ft=ft)
-        )
+        parallel_job(root, ft, model=model, ft=ft)
     return root
 
 
@@ -53,12 +45,6 @@ def single(workdir):
         runs[ft] = workdir / f"single-{ft}"
         cli(workdir / f"{ft}.yaml", "-o", runs[ft])
     return runs
-
-
-def layout(procs: int, **sizes) -> list[str]:
-    """--set arguments for `procs` worker processes and the given parallel sizes."""
-    sets = {"num_gpus_per_node": procs, **sizes}
-    return [a for k, v in sets.items() for a in ("--set", f"parallelism.{k}={v}")]
 
 
 @pytest.mark.parametrize(
@@ -81,17 +67,9 @@ def test_pipeline_equals_one_process(workdir, single, ft, procs, tp, micro, show
     assert_run_directory(run)
     assert_same_run(single[ft], run)
     assert_same_final(single[ft], run)
-    from transformers import AutoModelForCausalLM
-
-    if ft == "lora":
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(
-            json.loads((run / "job.json").read_text())["model"]
-        )
-        PeftModel.from_pretrained(base, run / "final")
-    else:
-        assert len(AutoModelForCausalLM.from_pretrained(run / "final").model.layers) == 4
+    final = load_final(run, ft)
+    if ft == "all_weights":
+        assert len(final.model.layers) == 4
 
 
 def test_pipeline_resumes_from_a_merged_checkpoint(workdir, single):
