@@ -77,8 +77,8 @@ def test_architecture_without_a_plan_is_named():
         parallelize(GPT2LMHeadModel(), dist=d, lora=False)
     assert exc.value.lines() == [
         "model: GPT2LMHeadModel: no parallel plan for this architecture; supported: "
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM "
-        "(or train it in one process)"
+        "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+        "Qwen3ForCausalLM, Qwen3MoeForCausalLM (or train it in one process)"
     ]
 
 

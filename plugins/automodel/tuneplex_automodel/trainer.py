@@ -143,6 +143,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         model = apply_lora(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
+    model_class = type(model.get_base_model() if lora else model).__name__  # before wrapping
     teacher = load_teacher(job, student=model, tokenizer=tokenizer, rt=rt)
     stage = None
     if dims.pp > 1:
@@ -213,7 +214,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
     layout = f"{dist.world_size} processes ({layout_text(dims)}) on " if dist.world_size > 1 else ""
     loop.header = {
         "model": job.model,
-        "model_class": type(model.get_base_model() if lora else model).__name__,
+        "model_class": model_class,
         "device": layout + rt.label,
         "finetuning_type": job.training.finetuning_type,
         "trainable_parameters": trainable,
