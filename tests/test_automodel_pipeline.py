@@ -110,3 +110,49 @@ def test_unsplittable_models_are_refused():
     assert [str(p) for p in err.value.problems] == [
         "parallelism.pipeline_parallel_size: 4 stages for a model of 2 decoder layers"
     ]
+
+
+def test_a_stage_computes_what_the_model_computes(tmp_path):
+    """A stage holding every layer gives the model's own logits on a packed row and a padded
+    one, with a sliding window (4) shorter than the samples: the stage builds its own mask, and
+    the window must survive that."""
+    import torch.distributed as tdist
+    from transformers import MistralConfig, MistralForCausalLM
+    from tuneplex.data.collate import collate
+    from tuneplex_automodel.distributed import Dist
+    from tuneplex_automodel.parallel_dims import ParallelDims
+    from tuneplex_automodel.pipeline import keep_stage
+
+    store = tdist.FileStore(str(tmp_path / "store"), 1)
+    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        config = MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=4,
+        )
+        model = MistralForCausalLM(config).eval()
+        packed = {"input_ids": list(range(1, 14)), "position_ids": [*range(7), *range(6)]}
+        rows = [packed, {"input_ids": list(range(20, 29))}]
+        batch = collate([{**r, "labels": r["input_ids"]} for r in rows], pad_id=0)
+        ids, pos = batch["input_ids"], batch["position_ids"]
+        with torch.no_grad():
+            want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            config.sliding_window = None
+            unwindowed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            config.sliding_window = 4
+            dims = ParallelDims(
+                num_nodes=1, gpus_per_node=1, tp=1, pp=1, cp=1, ep=1,
+                global_batch_size=1, micro_batch_size=1,
+            )  # fmt: skip
+            one = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dims=dims)
+            got = keep_stage(model, lora=False, dist=one)(ids, pos)
+        assert not torch.allclose(unwindowed, want, atol=1e-3)  # the window matters here
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        tdist.destroy_process_group()

@@ -231,3 +231,44 @@ def export_final(
             model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return what
+
+
+def export_run(target: Path, *, job, model, tokenizer, dist, load_dtype, dtype) -> str | None:
+    """final/ from rank 0. With several processes the full weights are gathered to rank 0
+    first and loaded into a CPU copy of the model (weights in `load_dtype`), which is what gets
+    saved; `dtype` is the one final/ is written in (None: as trained)."""
+    from tuneplex_automodel.model import apply_lora, load_model
+
+    lora = job.training.lora
+    if dist.world_size > 1:
+        full = full_model_state(model, merge=stage_merger(dist))
+        if not dist.is_main:
+            return None
+        model, _ = load_model(
+            job.model,
+            dtype=load_dtype,
+            device="cpu",
+            trust_remote_code=job.training.trust_remote_code,
+        )
+        if lora is not None:
+            model = apply_lora(
+                model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
+            )
+        model.load_state_dict(full, strict=True)
+    return export_final(
+        target,
+        model=model,
+        tokenizer=tokenizer,
+        merge=job.training.merges_adapter,
+        lora=lora is not None,
+        dtype=dtype,
+    )
+
+
+def stage_merger(dist):
+    """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
+    if dist.dims.pp == 1:
+        return None
+    from tuneplex_automodel.pipeline import merge_stages
+
+    return lambda state: merge_stages(state, dist=dist)

@@ -11,7 +11,9 @@ and so is every gradient once summed over the group.
 The attention runs as a function registered with transformers' `AttentionInterface`, around
 transformers' own SDPA attention; the mask travels as the model's `attention_mask` argument,
 which transformers passes through untouched when it is 4-D. A call without such a mask (plain
-evaluation or generation on full rows) runs ordinary SDPA attention on the rows it was given.
+evaluation or generation on full rows) runs ordinary SDPA attention on the rows it was given;
+pipeline stages, which build their own full-row masks, use the same function for its sliding
+windows.
 """
 
 from __future__ import annotations

@@ -133,3 +133,30 @@ def _chunk(head, t_head, hs, ht, tg, temperature: float):
     ce = F.cross_entropy(logits, tg, reduction="sum")
     kd = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
     return ce, kd
+
+
+def load_teacher(job, *, student, tokenizer, device):
+    """The frozen teacher of a distillation job (None otherwise), checked against the student."""
+    if job.training.training_type != "distillation":
+        return None
+    import torch
+    from tuneplex.data.pipeline import load_tokenizer
+
+    from tuneplex_automodel.model import load_model
+
+    ref = job.training.teacher_model
+    key = "training.teacher_model"
+    check_same_tokenizer(
+        tokenizer,
+        load_tokenizer(ref, trust_remote_code=job.training.trust_remote_code, key=key),
+        teacher_ref=ref,
+    )
+    model, _ = load_model(
+        ref,
+        dtype=getattr(torch, PRECISIONS[job.training.teacher_precision]),
+        device="cpu",
+        trust_remote_code=job.training.trust_remote_code,
+        key=key,
+    )
+    check_same_vocab_size(student, model, teacher_ref=ref)
+    return Teacher(model, device=device, offload=job.training.offload_teacher)

@@ -99,6 +99,14 @@ class ParallelDims:
                 )
         return out
 
+    def describe(self) -> str:
+        """ "dp 2 × pp 2" and so on: the dimensions wider than one (dp always)."""
+        parts = [f"dp {self.dp}"]
+        for name, size in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)):
+            if size > 1:
+                parts.append(f"{name} {size}")
+        return " × ".join(parts)
+
     def as_dict(self) -> dict[str, int]:
         return {
             "total_gpus": self.world_size,

@@ -25,6 +25,7 @@ from tuneplex.data.templates import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
 
 from tuneplex_automodel.context_parallel import block_causal_mask
+from tuneplex_automodel.context_parallel import enable as enable_exact_attention
 from tuneplex_automodel.distributed import Dist
 
 KEY = "parallelism.pipeline_parallel_size"
@@ -56,10 +57,6 @@ def check_splittable(base, *, stages: int) -> None:
                 "which would live on different stages; set it to 1",
             )
         )
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        problems.append(
-            Problem(KEY, f"{stages}: sliding-window attention layers are not supported; use 1")
-        )
     if problems:
         raise UsageError(problems)
 
@@ -69,6 +66,9 @@ def keep_stage(model, *, lora: bool, dist: Dist):
     base = model.get_base_model() if lora else model
     stages, s = dist.dims.pp, dist.pp_rank
     check_splittable(base, stages=stages)
+    # stages pass a 4-D mask of their own: the attention function that adds each layer's
+    # sliding window to such a mask (transformers' SDPA path would drop the window)
+    enable_exact_attention(model, group=None)
     decoder = base.model
     mine = stage_layers(len(decoder.layers), stages)[s]
     decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in mine})

@@ -33,18 +33,12 @@ from tuneplex.runs import (
 )
 
 from tuneplex_automodel.checkpoint import (
-    export_final,
-    full_model_state,
+    export_run,
     load_checkpoint,
     save_checkpoint,
+    stage_merger,
 )
-from tuneplex_automodel.distill import (
-    PRECISIONS,
-    Teacher,
-    check_same_tokenizer,
-    check_same_vocab_size,
-    distill_loss_sums,
-)
+from tuneplex_automodel.distill import distill_loss_sums, load_teacher
 from tuneplex_automodel.distributed import Dist, clip_grad_norm, under_torchrun
 from tuneplex_automodel.distributed import init as init_distributed
 from tuneplex_automodel.launch import launch
@@ -144,7 +138,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     model_class = type(model.get_base_model() if lora else model).__name__  # before wrapping
-    teacher = load_teacher(job, student=model, tokenizer=tokenizer, rt=rt)
+    teacher = load_teacher(job, student=model, tokenizer=tokenizer, device=rt.device)
     stage = None
     if dims.pp > 1:
         from tuneplex_automodel.pipeline import keep_stage
@@ -211,7 +205,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
 
         counts = dist.sum_over_stages(torch.tensor([trainable, total], device=dist.device))
         trainable, total = (int(x) for x in counts.tolist())
-    layout = f"{dist.world_size} processes ({layout_text(dims)}) on " if dist.world_size > 1 else ""
+    layout = f"{dist.world_size} processes ({dims.describe()}) on " if dist.world_size > 1 else ""
     loop.header = {
         "model": job.model,
         "model_class": model_class,
@@ -242,13 +236,13 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
     what = None
     if loop.step == plan.total_steps:
         final_dtype = base_dtype if base_dtype not in (None, rt.dtype) else None
-        what = export(
+        what = export_run(
             run_dir / FINAL_DIR,
             job=job,
             model=model,
             tokenizer=tokenizer,
             dist=dist,
-            rt=rt,
+            load_dtype=rt.dtype,
             dtype=final_dtype,
         )
     dist.barrier()
@@ -261,78 +255,6 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         say(f"final: {run_dir / FINAL_DIR} ({what})")
     loop.close()
     return summary
-
-
-def layout_text(dims) -> str:
-    """ "dp 2 × pp 2" and so on: the parallel dimensions wider than one (dp always)."""
-    parts = [f"dp {dims.dp}"]
-    for name, size in (("tp", dims.tp), ("pp", dims.pp), ("cp", dims.cp), ("ep", dims.ep)):
-        if size > 1:
-            parts.append(f"{name} {size}")
-    return " × ".join(parts)
-
-
-def load_teacher(job, *, student, tokenizer, rt: Runtime):
-    """The frozen teacher of a distillation job (None otherwise), checked against the student."""
-    if job.training.training_type != "distillation":
-        return None
-    import torch
-    from tuneplex.data.pipeline import load_tokenizer
-
-    ref = job.training.teacher_model
-    key = "training.teacher_model"
-    check_same_tokenizer(
-        tokenizer,
-        load_tokenizer(ref, trust_remote_code=job.training.trust_remote_code, key=key),
-        teacher_ref=ref,
-    )
-    model, _ = load_model(
-        ref,
-        dtype=getattr(torch, PRECISIONS[job.training.teacher_precision]),
-        device="cpu",
-        trust_remote_code=job.training.trust_remote_code,
-        key=key,
-    )
-    check_same_vocab_size(student, model, teacher_ref=ref)
-    return Teacher(model, device=rt.device, offload=job.training.offload_teacher)
-
-
-def export(target: Path, *, job, model, tokenizer, dist: Dist, rt: Runtime, dtype) -> str | None:
-    """final/ from rank 0. With several processes the full weights are gathered to rank 0
-    first and loaded into a CPU copy of the model, which is what gets saved."""
-    lora = job.training.lora
-    if dist.world_size > 1:
-        full = full_model_state(model, merge=stage_merger(dist))
-        if not dist.is_main:
-            return None
-        model, _ = load_model(
-            job.model,
-            dtype=rt.dtype,
-            device="cpu",
-            trust_remote_code=job.training.trust_remote_code,
-        )
-        if lora is not None:
-            model = apply_lora(
-                model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
-            )
-        model.load_state_dict(full, strict=True)
-    return export_final(
-        target,
-        model=model,
-        tokenizer=tokenizer,
-        merge=job.training.merges_adapter,
-        lora=lora is not None,
-        dtype=dtype,
-    )
-
-
-def stage_merger(dist: Dist):
-    """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
-    if dist.dims.pp == 1:
-        return None
-    from tuneplex_automodel.pipeline import merge_stages
-
-    return lambda state: merge_stages(state, dist=dist)
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
@@ -482,48 +404,14 @@ class _Loop:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
-        tokens = 0
-        parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
         # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
         # already a share of the step's token mean, so scale it back to a sum
         scale = self.dist.data_size
-        sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
+        parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
         if self.pipe is not None:
-            tokens = sum(int(self.train_rows.lengths[rows].sum()) for rows in micro_batches)
-            step_loss = self.pipe.train_step(
-                self.pipe.batch(
-                    [self.train_rows.rows(rows) for rows in micro_batches],
-                    pad_id=self.pad_id,
-                    device=self.rt.device,
-                ),
-                scale=scale / max(n_targets, 1),
-            )
-            total += step_loss / scale
-            micro_batches = []  # the schedule ran them
-        for i, rows in enumerate(micro_batches):
-            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            # a rank with no rows left in a short last step still runs the collectives
-            rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
-            tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
-            batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
-            if self.teacher is None:
-                loss = self.loss_sum(self.model, batch, autocast=self.rt.autocast)
-                loss = loss / max(n_targets, 1)
-            else:
-                ce, kd = distill_loss_sums(
-                    self.model,
-                    self.teacher,
-                    batch,
-                    temperature=self.job.training.distillation_temperature,
-                    autocast=self.rt.autocast,
-                )
-                ratio = self.job.training.distillation_ratio
-                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
-                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
-            (loss * scale if scale > 1 else loss).backward()
-            total += loss.detach()
+            total, tokens = self._pipeline_step(micro_batches, n_targets, scale)
+        else:
+            total, tokens = self._micro_steps(micro_batches, n_targets, scale, parts)
         reduce_expert_grads(self.model, dist=self.dist)
         grad_norm = clip_grad_norm(
             self.params,
@@ -580,6 +468,50 @@ class _Loop:
             self._validate()
         if self.plan.checkpoint_after(step):
             self._checkpoint()
+
+    def _micro_steps(self, micro_batches, n_targets: int, scale: int, parts):
+        """Forward and backward of each micro-batch; returns (this rank's loss, tokens)."""
+        import torch
+
+        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
+        tokens = 0
+        sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
+        for i, rows in enumerate(micro_batches):
+            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            # a rank with no rows left in a short last step still runs the collectives
+            rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
+            tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
+            batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
+            if self.teacher is None:
+                loss = self.loss_sum(self.model, batch, autocast=self.rt.autocast)
+                loss = loss / max(n_targets, 1)
+            else:
+                ce, kd = distill_loss_sums(
+                    self.model,
+                    self.teacher,
+                    batch,
+                    temperature=self.job.training.distillation_temperature,
+                    autocast=self.rt.autocast,
+                )
+                ratio = self.job.training.distillation_ratio
+                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
+                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
+            (loss * scale if scale > 1 else loss).backward()
+            total += loss.detach()
+        return total, tokens
+
+    def _pipeline_step(self, micro_batches, n_targets: int, scale: int):
+        """The step's micro-batches through the pipeline schedule; (loss, tokens) on the last
+        stage (the loss is 0 on the others)."""
+        tokens = sum(int(self.train_rows.lengths[rows].sum()) for rows in micro_batches)
+        batch = self.pipe.batch(
+            [self.train_rows.rows(rows) for rows in micro_batches],
+            pad_id=self.pad_id,
+            device=self.rt.device,
+        )
+        step_loss = self.pipe.train_step(batch, scale=scale / max(n_targets, 1))
+        return step_loss / scale, tokens
 
     def _validate(self) -> None:
         shard = (self.dist.dp_rank, self.dist.dp_size)
