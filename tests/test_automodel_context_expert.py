@@ -84,15 +84,21 @@ def test_context_parallel_equals_one_process(workdir, single, ft, packed, procs,
 
 
 @pytest.mark.parametrize(
-    ("model", "ft"),
-    [("qwen3-moe", "all_weights"), ("qwen3-moe", "lora"), ("mixtral", "all_weights")],
+    ("model", "ft", "procs"),
+    [
+        ("qwen3-moe", "all_weights", 2),
+        ("qwen3-moe", "lora", 2),
+        ("mixtral", "all_weights", 2),
+        ("qwen3-moe", "all_weights", 4),  # each expert shard on 2 data-parallel ranks
+    ],
+    ids=["qwen3-moe-full", "qwen3-moe-lora", "mixtral-full", "dp4xep2-qwen3-moe-full"],
 )
-def test_expert_parallel_equals_one_process(workdir, single, model, ft):
+def test_expert_parallel_equals_one_process(workdir, single, model, ft, procs):
     reference = single(model, ft, False)
-    run = workdir / f"ep2-{model}-{ft}"
+    run = workdir / f"ep2-p{procs}-{model}-{ft}"
     spec = job(workdir, model=model, ft=ft, packed=False)
-    proc = cli(spec, "-o", run, *layout(2, expert_parallel_size=2))
-    assert "2 processes (dp 2 × ep 2)" in proc.stdout
+    proc = cli(spec, "-o", run, *layout(procs, expert_parallel_size=2))
+    assert f"{procs} processes (dp {procs} × ep 2)" in proc.stdout
     assert_run_directory(run)
     assert_same_run(reference, run)
     # AdamW moves a weight by up to ~lr (5e-3) whatever its gradient's size, so fp32
@@ -100,7 +106,7 @@ def test_expert_parallel_equals_one_process(workdir, single, model, ft):
     # element of 2,048 off by 1.8e-4); every loss above still agrees within 1e-5
     assert_same_final(reference, run, atol=5e-4)
     load_final(run, ft)
-    if (model, ft) == ("qwen3-moe", "all_weights"):  # experts and their moments come back sharded
+    if (model, ft, procs) == ("qwen3-moe", "all_weights", 2):  # sharded experts come back
         shutil.rmtree(run / "checkpoints" / "step_4")
         shutil.rmtree(run / "final")
         cli(spec, "-o", run, "--resume", *layout(2, expert_parallel_size=2))
