@@ -127,6 +127,15 @@ def parallel_job(root, name: str, *, model, ft: str, gbs: int = 4, packed: bool 
     return path
 
 
+def reference_runs(root) -> dict:
+    """The one-process run of `root`'s lora.yaml and all_weights.yaml: {finetuning type: run}."""
+    runs = {}
+    for ft in ("lora", "all_weights"):
+        runs[ft] = root / f"single-{ft}"
+        cli(root / f"{ft}.yaml", "-o", runs[ft])
+    return runs
+
+
 def layout(procs: int, **sizes) -> list[str]:
     """--set arguments for `procs` worker processes and the given parallel sizes."""
     sets = {"num_gpus_per_node": procs, **sizes}

@@ -29,12 +29,12 @@ from tuneplex.testing import assert_run_directory  # noqa: E402
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizers, tiny_model):
-    from tuneplex.tiny import build_mixtral, build_qwen3_moe
+    from tuneplex.tiny import build_moe
 
     root = tmp_path_factory.mktemp("cp-ep")
     tok = tokenizers["chatml"][1]
-    build_qwen3_moe(root / "qwen3-moe", tokenizer=tok, init_std=0.1)
-    build_mixtral(root / "mixtral", tokenizer=tok, init_std=0.1)
+    build_moe(root / "qwen3-moe", tokenizer=tok, init_std=0.1)
+    build_moe(root / "mixtral", family="mixtral", tokenizer=tok, init_std=0.1)
     (root / "llama").symlink_to(tiny_model)
     return root
 
@@ -115,9 +115,9 @@ def test_expert_parallel_equals_one_process(workdir, single, model, ft, procs):
 
 
 def test_expert_parallel_needs_experts_it_divides(workdir, tokenizers, tmp_path):
-    from tuneplex.tiny import build_qwen3_moe
+    from tuneplex.tiny import build_moe
 
-    build_qwen3_moe(tmp_path / "three", tokenizer=tokenizers["chatml"][1], experts=3)
+    build_moe(tmp_path / "three", tokenizer=tokenizers["chatml"][1], experts=3)
     spec = tmp_path / "job.yaml"
     spec.write_text(
         job(workdir, model="llama", ft="lora", packed=False)

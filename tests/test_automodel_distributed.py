@@ -22,6 +22,7 @@ from helpers import (  # noqa: E402
     free_port,
     load_final,
     parallel_job,
+    reference_runs,
 )
 from tuneplex.testing import assert_run_directory  # noqa: E402
 
@@ -37,11 +38,7 @@ def workdir(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def single(workdir):
     """The one-process reference run of each finetuning type."""
-    runs = {}
-    for ft in ("lora", "all_weights"):
-        runs[ft] = workdir / f"single-{ft}"
-        cli(workdir / f"{ft}.yaml", "-o", runs[ft])
-    return runs
+    return reference_runs(workdir)
 
 
 @pytest.mark.parametrize("ft", ["lora", "all_weights"])

@@ -21,6 +21,7 @@ from helpers import (  # noqa: E402
     layout,
     load_final,
     parallel_job,
+    reference_runs,
 )
 from tuneplex.errors import UsageError  # noqa: E402
 from tuneplex.testing import assert_run_directory  # noqa: E402
@@ -40,11 +41,8 @@ def workdir(tmp_path_factory, tokenizers):
 
 @pytest.fixture(scope="module")
 def single(workdir):
-    runs = {}
-    for ft in ("lora", "all_weights"):
-        runs[ft] = workdir / f"single-{ft}"
-        cli(workdir / f"{ft}.yaml", "-o", runs[ft])
-    return runs
+    """The one-process reference run of each finetuning type."""
+    return reference_runs(workdir)
 
 
 @pytest.mark.parametrize(

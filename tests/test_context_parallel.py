@@ -150,6 +150,8 @@ def gather_check(rank: int) -> dict:
 @pytest.fixture(scope="module")
 def models(tiny_model, tokenizers, tmp_path_factory) -> dict[str, str]:
     """The conftest Llama, and a tiny Qwen3 and Qwen3-MoE saved next to it."""
+    from tuneplex.tiny import build_moe
+
     root = tmp_path_factory.mktemp("cp-models")
     tok = tokenizers["chatml"][1]
     common = dict(
@@ -171,9 +173,6 @@ def models(tiny_model, tokenizers, tmp_path_factory) -> dict[str, str]:
             max_window_layers=1,
             **common,
         ),
-        "qwen3_moe": transformers.Qwen3MoeConfig(
-            moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common
-        ),
     }
     paths = {"llama": tiny_model}
     for name, config in configs.items():
@@ -181,6 +180,8 @@ def models(tiny_model, tokenizers, tmp_path_factory) -> dict[str, str]:
         model = transformers.AutoModelForCausalLM.from_config(config)
         model.save_pretrained(root / name)
         paths[name] = str(root / name)
+    build_moe(root / "qwen3_moe", tokenizer=tok, moe_intermediate=32, init_std=0.1)
+    paths["qwen3_moe"] = str(root / "qwen3_moe")
     assert configs["qwen3"].layer_types == ["full_attention", "sliding_attention"]
     return paths
 

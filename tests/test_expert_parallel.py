@@ -42,13 +42,13 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizers):
-    from tuneplex.tiny import build_mixtral, build_qwen3_moe
+    from tuneplex.tiny import build_moe
 
     root = tmp_path_factory.mktemp("moe")
     tok = tokenizers["chatml"][1]
     # init_std 0.1: router logits spread enough that fp32 noise cannot flip a top-2 choice
-    build_qwen3_moe(root / "qwen3_moe", tokenizer=tok, init_std=0.1)
-    build_mixtral(root / "mixtral", tokenizer=tok, init_std=0.1)
+    build_moe(root / "qwen3_moe", tokenizer=tok, init_std=0.1)
+    build_moe(root / "mixtral", family="mixtral", tokenizer=tok, init_std=0.1)
     return {f: str(root / f) for f in FAMILIES}
 
 

@@ -53,7 +53,7 @@ def evaluate(
     autocast=None,
     shard: tuple[int, int] = (0, 1),
     reduce=None,
-    loss=None,
+    loss=loss_sum,
 ) -> float:
     """Mean loss over every counted token of `rows` (the model is left in its former mode).
 
@@ -78,7 +78,7 @@ def evaluate(
             chunk = mine[i * micro : (i + 1) * micro]
             data = rows.rows(chunk) if chunk else [EMPTY_ROW]
             batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
-            total += (loss or loss_sum)(model, batch, autocast=autocast)
+            total += loss(model, batch, autocast=autocast)
     model.train(was_training)
     if reduce is not None:
         total = reduce(total)

@@ -232,9 +232,10 @@ def build_llama(
     return _save(LlamaForCausalLM, config, out_dir, tokenizer, seed)
 
 
-def build_qwen3_moe(
+def build_moe(
     out_dir: str | Path,
     *,
+    family: str = "qwen3_moe",
     tokenizer=None,
     hidden: int = 64,
     layers: int = 2,
@@ -247,50 +248,37 @@ def build_qwen3_moe(
     max_positions: int = 4096,
     init_std: float = 0.02,
 ):
-    """A random-init Qwen3MoeForCausalLM, every layer a mixture of experts, for expert-parallel
-    tests; the router's auxiliary loss is off so the loss is the cross-entropy alone."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    """A random-init mixture-of-experts model, `family` "qwen3_moe" (Qwen3MoeForCausalLM) or
+    "mixtral" (MixtralForCausalLM), every layer a mixture of experts; the router's auxiliary
+    loss is off so the loss is the cross-entropy alone."""
+    import transformers
 
-    config = Qwen3MoeConfig(
+    common = {
         **_decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std),
-        intermediate_size=2 * moe_intermediate,  # dense MLP size; unused with no dense layers
-        moe_intermediate_size=moe_intermediate,
-        num_experts=experts,
-        num_experts_per_tok=experts_per_token,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        output_router_logits=False,
-    )
-    return _save(Qwen3MoeForCausalLM, config, out_dir, tokenizer, seed)
-
-
-def build_mixtral(
-    out_dir: str | Path,
-    *,
-    tokenizer=None,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    experts: int = 4,
-    experts_per_token: int = 2,
-    moe_intermediate: int = 64,
-    seed: int = 0,
-    max_positions: int = 4096,
-    init_std: float = 0.02,
-):
-    """A random-init MixtralForCausalLM sized like `build_qwen3_moe` (router aux loss off)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        **_decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std),
-        intermediate_size=moe_intermediate,  # Mixtral's experts take this size
-        num_local_experts=experts,
-        num_experts_per_tok=experts_per_token,
-        output_router_logits=False,
-    )
-    return _save(MixtralForCausalLM, config, out_dir, tokenizer, seed)
+        "num_experts_per_tok": experts_per_token,
+        "output_router_logits": False,
+    }
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common,
+            intermediate_size=2 * moe_intermediate,  # dense MLP size; unused with no dense layers
+            moe_intermediate_size=moe_intermediate,
+            num_experts=experts,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+        cls = transformers.Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(
+            **common,
+            intermediate_size=moe_intermediate,  # Mixtral's experts take this size
+            num_local_experts=experts,
+        )
+        cls = transformers.MixtralForCausalLM
+    else:
+        raise ValueError(f"family: {family!r} is not one of qwen3_moe, mixtral")
+    return _save(cls, config, out_dir, tokenizer, seed)
 
 
 def _decoder_args(tokenizer, hidden, layers, heads, kv_heads, max_positions, init_std) -> dict:

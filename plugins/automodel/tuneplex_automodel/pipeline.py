@@ -78,22 +78,21 @@ def keep_stage(model, *, lora: bool, dist: Dist):
     if not last:
         decoder.norm = None
         base.lm_head = None
-    return Stage(model, base=base, first=first, last=last)
+    return Stage(model, first=first, last=last)
 
 
 class Stage(nn.Module):
     """What the schedule runs on this rank: token ids or hidden states in, hidden states or
     logits out. Each stage builds the attention mask from the position ids it is given."""
 
-    def __init__(self, model, *, base, first: bool, last: bool):
+    def __init__(self, model, *, first: bool, last: bool):
         super().__init__()
         self.model = model
         self.first, self.last = first, last
-        self._base = [base]  # not a submodule: its parameters belong to self.model
         self.autocast = None
 
     def forward(self, x, position_ids):
-        base = self._base[0]
+        base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
         decoder = base.model
         ctx = (
             torch.autocast(device_type=x.device.type, dtype=self.autocast)
@@ -114,11 +113,14 @@ class Stage(nn.Module):
 class Pipeline:
     """The schedule of this rank's stage, and fixed-shape batches for it."""
 
-    def __init__(self, stage, *, dist: Dist, n_microbatches: int, micro: int, length: int):
+    def __init__(
+        self, stage, *, dist: Dist, n_microbatches: int, micro: int, length: int, pad_id: int
+    ):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         self.dist, self.module = dist, stage
         self.n_microbatches, self.micro, self.length = n_microbatches, micro, length
+        self.rows, self.pad_id = n_microbatches * micro, pad_id
         self.stage = PipelineStage(
             stage, dist.pp_rank, dist.dims.pp, dist.device, group=dist.group("pp")
         )
@@ -146,15 +148,29 @@ class Pipeline:
         )
         return ce * self.scale
 
-    def batch(self, micro_batches: list[list[dict[str, Any]]], *, pad_id: int, device):
+    def batch(self, micro_batches: list[list[dict[str, Any]]], *, device):
         """The step's micro-batches as one (n_microbatches × micro, length) batch; missing
         rows and micro-batches are rows that count for nothing."""
         rows: list[dict[str, Any]] = []
         for i in range(self.n_microbatches):
             mb = micro_batches[i] if i < len(micro_batches) else []
             rows += list(mb) + [EMPTY_ROW] * (self.micro - len(mb))
-        batch = collate(rows, pad_id=pad_id, pad_to_multiple_of=self.length)
-        return {k: v.to(device) for k, v in batch.items()}
+        return self._fill({k: v.to(device) for k, v in collate(rows, pad_id=self.pad_id).items()})
+
+    def _fill(self, batch):
+        """A collated batch grown to the schedule's (rows, length) shape; the added columns and
+        rows are padding that counts for nothing, each its own sample (positions from 0)."""
+        n, s = batch["input_ids"].shape
+        out = {}
+        fills = {"input_ids": self.pad_id, "targets": IGNORE_INDEX, "position_ids": 0}
+        for key, fill in fills.items():
+            t = batch[key].new_full((self.rows, self.length), fill)
+            t[:n, :s] = batch[key]
+            out[key] = t
+        positions = torch.arange(self.length, device=out["position_ids"].device)
+        out["position_ids"][:n, s:] = positions[: self.length - s]
+        out["position_ids"][n:] = positions
+        return out
 
     def _run(self, batch, *, train: bool):
         losses: list = []
@@ -175,30 +191,11 @@ class Pipeline:
         self.scale = scale
         return self._run(batch, train=True)
 
-    def loss_sum(self, batch):
-        """Summed cross-entropy of a batch, forward only (last stage; others 0)."""
+    def loss_sum(self, model, batch, *, autocast=None):
+        """Summed cross-entropy of a collated batch of at most `rows` rows, forward only (last
+        stage; others 0): the `loss` of core's evaluate (the stage keeps its own autocast)."""
         self.scale = 1.0
-        return self._run(batch, train=False)
-
-
-def evaluate(pipe: Pipeline, rows, *, pad_id: int, device, shard: tuple[int, int], reduce) -> float:
-    """The validation loss through the stages: like core's evaluate, in schedule-sized chunks."""
-    import math
-
-    rank, size = shard
-    mine = list(range(rank, len(rows), size))
-    chunk = pipe.n_microbatches * pipe.micro
-    passes = math.ceil(math.ceil(len(rows) / size) / chunk)
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    was_training = pipe.module.training
-    pipe.module.eval()
-    for i in range(passes):
-        ids = mine[i * chunk : (i + 1) * chunk]
-        mbs = [rows.rows(ids[j : j + pipe.micro]) for j in range(0, len(ids), pipe.micro)]
-        total += pipe.loss_sum(pipe.batch(mbs, pad_id=pad_id, device=device))
-    pipe.module.train(was_training)
-    total = reduce(total)
-    return total.item() / max(int(rows.target_counts.sum()), 1)
+        return self._run(self._fill(batch), train=False)
 
 
 def merge_stages(state: Any, *, dist: Dist) -> list[Any] | None:

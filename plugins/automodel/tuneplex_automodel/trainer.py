@@ -179,6 +179,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
             n_microbatches=dims.grad_accum_steps,
             micro=job.batch.micro_batch_size,
             length=longest,
+            pad_id=pad_id_of(tokenizer),
         )
     loop = _Loop(
         job=job,
@@ -506,38 +507,24 @@ class _Loop:
         stage (the loss is 0 on the others)."""
         tokens = sum(int(self.train_rows.lengths[rows].sum()) for rows in micro_batches)
         batch = self.pipe.batch(
-            [self.train_rows.rows(rows) for rows in micro_batches],
-            pad_id=self.pad_id,
-            device=self.rt.device,
+            [self.train_rows.rows(rows) for rows in micro_batches], device=self.rt.device
         )
         step_loss = self.pipe.train_step(batch, scale=scale / max(n_targets, 1))
         return step_loss / scale, tokens
 
     def _validate(self) -> None:
-        shard = (self.dist.dp_rank, self.dist.dp_size)
-        if self.pipe is not None:
-            from tuneplex_automodel.pipeline import evaluate as pipeline_evaluate
-
-            loss = pipeline_evaluate(
-                self.pipe,
-                self.val_rows,
-                pad_id=self.pad_id,
-                device=self.rt.device,
-                shard=shard,
-                reduce=lambda t: self.dist.sum_over_stages(self.dist.sum_over_data(t)),
-            )
-        else:
-            loss = evaluate(
-                self.model,
-                self.val_rows,
-                micro=self.plan.micro_batch,
-                pad_id=self.pad_id,
-                device=self.rt.device,
-                autocast=self.rt.autocast,
-                shard=shard,
-                reduce=self.dist.sum_over_data,
-                loss=self.loss_sum,
-            )
+        pipe = self.pipe
+        loss = evaluate(
+            self.model if pipe is None else pipe.module,
+            self.val_rows,
+            micro=self.plan.micro_batch if pipe is None else pipe.rows,
+            pad_id=self.pad_id,
+            device=self.rt.device,
+            autocast=self.rt.autocast,
+            shard=(self.dist.dp_rank, self.dist.dp_size),
+            reduce=lambda t: self.dist.sum_over_stages(self.dist.sum_over_data(t)),
+            loss=self.loss_sum if pipe is None else pipe.loss_sum,
+        )
         self.last_val_loss = loss
         if self.best_val_loss is None or loss < self.best_val_loss:
             self.best_val_loss = loss
