@@ -376,8 +376,10 @@ class _Loop:
                 for i in range(within, len(micro_plan)):
                     if self.step >= plan.total_steps:
                         break
-                    n_targets = int(self.train_rows.target_counts[step_rows[i]].sum())
-                    self._train_step(micro_plan[i], n_targets)
+                    rows = step_rows[i]  # the whole step's rows, every rank's
+                    n_targets = int(self.train_rows.target_counts[rows].sum())
+                    tokens = int(self.train_rows.lengths[rows].sum())
+                    self._train_step(micro_plan[i], n_targets, tokens)
         except KeyboardInterrupt:
             self._close_progress()
             if self.dist.is_main:
@@ -393,7 +395,7 @@ class _Loop:
         if self.progress is not None:
             self.progress.close()
 
-    def _train_step(self, micro_batches: list[list[int]], n_targets: int) -> None:
+    def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
         import torch
 
         t0 = time.perf_counter()
@@ -410,9 +412,9 @@ class _Loop:
         scale = self.dist.data_size
         parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
         if self.pipe is not None:
-            total, tokens = self._pipeline_step(micro_batches, n_targets, scale)
+            total = self._pipeline_step(micro_batches, n_targets, scale)
         else:
-            total, tokens = self._micro_steps(micro_batches, n_targets, scale, parts)
+            total = self._micro_steps(micro_batches, n_targets, scale, parts)
         reduce_expert_grads(self.model, dist=self.dist)
         grad_norm = clip_grad_norm(
             self.params,
@@ -420,16 +422,13 @@ class _Loop:
             device=self.rt.device,
             sum_over_stages=self.dist.sum_over_stages,
         )
-        counts = torch.tensor([float(tokens)], device=total.device)
-        if (self.pipe is not None and not self.pipe.last) or self.dist.cp_rank:
-            counts.zero_()  # one rank counts for the stages and context-parallel peers
-        reduced = self.dist.sum_over_data(torch.cat([total.reshape(1), counts, parts]))
-        if self.pipe is not None:
-            reduced = self.dist.sum_over_stages(reduced)
-        loss_value, tokens_f, ce_part, kd_part, norm_value = torch.cat(
+        # non-last pipeline stages hold 0: the sum over stages is the last stage's loss
+        reduced = self.dist.sum_over_stages(
+            self.dist.sum_over_data(torch.cat([total.reshape(1), parts]))
+        )
+        loss_value, ce_part, kd_part, norm_value = torch.cat(
             [reduced, grad_norm.float().reshape(1)]
         ).tolist()
-        tokens = int(tokens_f)
         step = self.step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -471,18 +470,16 @@ class _Loop:
             self._checkpoint()
 
     def _micro_steps(self, micro_batches, n_targets: int, scale: int, parts):
-        """Forward and backward of each micro-batch; returns (this rank's loss, tokens)."""
+        """Forward and backward of each micro-batch; returns this rank's share of the loss."""
         import torch
 
         total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
-        tokens = 0
         sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
         for i, rows in enumerate(micro_batches):
             if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             # a rank with no rows left in a short last step still runs the collectives
             rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
-            tokens += int(self.train_rows.lengths[rows].sum()) if rows else 0
             batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
             if self.teacher is None:
                 loss = self.loss_sum(self.model, batch, autocast=self.rt.autocast)
@@ -500,17 +497,16 @@ class _Loop:
                 parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
             (loss * scale if scale > 1 else loss).backward()
             total += loss.detach()
-        return total, tokens
+        return total
 
     def _pipeline_step(self, micro_batches, n_targets: int, scale: int):
-        """The step's micro-batches through the pipeline schedule; (loss, tokens) on the last
-        stage (the loss is 0 on the others)."""
-        tokens = sum(int(self.train_rows.lengths[rows].sum()) for rows in micro_batches)
+        """The step's micro-batches through the pipeline schedule; this rank's share of the
+        loss on the last stage, 0 on the others."""
         batch = self.pipe.batch(
             [self.train_rows.rows(rows) for rows in micro_batches], device=self.rt.device
         )
         step_loss = self.pipe.train_step(batch, scale=scale / max(n_targets, 1))
-        return step_loss / scale, tokens
+        return step_loss / scale
 
     def _validate(self) -> None:
         pipe = self.pipe
