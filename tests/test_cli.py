@@ -223,27 +223,6 @@ def test_train_hands_job_to_backend_and_writes_run_dir(fake_registry, tmp_path, 
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_train_refuses_occupied_dir_then_resume_and_overwrite(
-    fake_registry, tmp_path, write, capsys
-):
-    path = write("fake.yaml", FAKE_JOB)
-    out = tmp_path / "run"
-    assert main(["train", str(path), "-b", "fake", "-o", str(out)]) == 0
-    capsys.readouterr()
-    code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", out)
-    assert code == 2
-    assert err == (
-        f"--output {out}: directory is not empty; pass --resume to continue that run "
-        "or --overwrite to replace it\n"
-    )
-    assert main(["train", str(path), "-b", "fake", "-o", str(out), "--resume"]) == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["resumed"] for r in rows] == [False] * 3 + [True] * 3
-    assert main(["train", str(path), "-b", "fake", "-o", str(out), "--overwrite"]) == 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3
-
-
 def test_train_resume_with_a_changed_job_is_refused(fake_registry, tmp_path, write, capsys):
     path = write("fake.yaml", FAKE_JOB)
     out = tmp_path / "run"
@@ -257,20 +236,6 @@ def test_train_resume_with_a_changed_job_is_refused(fake_registry, tmp_path, wri
         "model: was 'm' in the run being resumed, now 'other'",
         "--resume: the job differs from the run it resumes; start a new run",
     ]
-
-
-def test_train_never_deletes_a_foreign_directory(fake_registry, tmp_path, write, capsys):
-    path = write("fake.yaml", FAKE_JOB)
-    precious = tmp_path / "home"
-    precious.mkdir()
-    (precious / "thesis.tex").write_text("years of work")
-    code, _, err = run_main(capsys, "train", path, "-b", "fake", "-o", precious, "--overwrite")
-    assert code == 2
-    assert (
-        err == f"--output {precious}: not a tuneplex run directory (no job.json); "
-        "refusing to delete it\n"
-    )
-    assert (precious / "thesis.tex").read_text() == "years of work"
 
 
 def test_train_output_from_job_file(fake_registry, tmp_path, write, monkeypatch):

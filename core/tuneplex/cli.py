@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from tuneplex import __version__
-from tuneplex.errors import EXIT_USAGE, EnvironmentNotReady, TuneplexError
+from tuneplex.errors import EXIT_USAGE, EnvironmentNotReady, Problem, TuneplexError, UsageError
 
 app = typer.Typer(
     name="tuneplex",
@@ -212,7 +212,7 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Validate a job, check this machine can run it, and train."""
-    from tuneplex.runs import prepare_run_dir, resolve_run_dir
+    from tuneplex.runs import resolve_run_dir
 
     for name, value in (
         ("NODE_RANK", node_rank),
@@ -227,11 +227,44 @@ def train_cmd(
     if not status.ready:
         raise EnvironmentNotReady(f"{backend}: {status.detail}")
     run_dir = resolve_run_dir(flag=output, job_output_dir=parsed.output.dir, job_path=job)
-    if _writes_the_run_dir():
-        resume = prepare_run_dir(
-            run_dir, job=parsed.to_public_dict(), resume=resume, overwrite=overwrite
-        )
-    installed.backend.train(parsed, run_dir, resume=resume)
+    if not _writes_the_run_dir():  # another worker of the user's torchrun writes the run
+        installed.backend.train(parsed, run_dir, resume=resume)
+        return
+    _train_into_run(installed.backend, parsed, job, run_dir, resume=resume, overwrite=overwrite)
+
+
+def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, overwrite: bool):
+    """Open (and lock) the run directory, then train with third-party output in train.log;
+    an unexpected error is one line here and its traceback in train.log."""
+    from tuneplex import console
+    from tuneplex.errors import InternalError, Interrupted, first_line
+    from tuneplex.runs import LOG_FILE, open_run
+
+    public = parsed.to_public_dict()
+    with open_run(
+        run_dir, job=public, job_file=job, resume=resume, overwrite=overwrite, note=console.note
+    ) as run:
+        log = run_dir / LOG_FILE
+        try:
+            with console.capture(log, title=f"tuneplex {__version__} train {job}"):
+                try:
+                    backend.train(parsed, run_dir, resume=run.resuming)
+                except (TuneplexError, typer.Exit):
+                    raise
+                except KeyboardInterrupt:
+                    raise Interrupted(
+                        "interrupted before training started; nothing to resume yet"
+                    ) from None
+                except Exception as exc:
+                    console.log_traceback()
+                    raise InternalError(
+                        f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
+                        f"(traceback in {log})"
+                    ) from None
+        except OSError as exc:  # the log itself could not be opened
+            raise UsageError(
+                Problem(f"--output {run_dir}", f"cannot write there ({exc.strerror or exc})")
+            ) from None
 
 
 def _writes_the_run_dir() -> bool:

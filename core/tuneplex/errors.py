@@ -73,6 +73,10 @@ class Interrupted(TuneplexError):
     exit_code = 130
 
 
+class InternalError(TuneplexError):
+    """A defect, not bad input: one line for the user, the traceback in the run's log. Exit 1."""
+
+
 class CrossFieldError(ValueError):
     """Raised by schema validators for rules spanning several fields.
 

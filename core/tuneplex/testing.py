@@ -13,6 +13,7 @@ writes a plausible run directory, so the CLI's train path can be tested without 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,9 @@ class FakeData(StrictModel):
 
 class FakeSchedule(StrictModel):
     steps: int = Field(default=3, ge=1, description="Steps to pretend to train.")
+    crash: bool = Field(
+        default=False, description="Fail inside train with an unexpected error (a defect)."
+    )
 
 
 class FakeOutput(StrictModel):
@@ -86,6 +90,12 @@ class FakeBackend:
         (run_dir / "summary.json").write_text(
             json.dumps({"steps": job.schedule.steps, "model": job.model}), encoding="utf-8"
         )
+        if job.schedule.crash:
+            import warnings
+
+            warnings.warn("a third-party library warns here", UserWarning, stacklevel=1)
+            os.write(2, b"a C extension prints here\n")
+            raise ZeroDivisionError("a defect deep inside the backend")
 
 
 @hookimpl

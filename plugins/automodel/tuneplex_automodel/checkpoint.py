@@ -6,8 +6,8 @@ A checkpoint directory `checkpoints/step_N/` holds:
 - `optimizer.safetensors` AdamW moments and step counts, keyed `<parameter>::<name>`;
 - `rng.safetensors`     torch CPU (and CUDA) generator states;
 - `trainer_state.json`  step, data position, schedule, optimizer hyper-parameters, Python and
-                         numpy RNG, counters — written last, so its presence marks a whole
-                         checkpoint.
+                         numpy RNG, counters;
+- `tuneplex_complete.json` written last (core's `mark_complete`): only then is it a checkpoint.
 State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers full tensors
 from sharded (FSDP2/DTensor) models as well as plain ones. Pipeline stages each hold part of
 the model: `merge` brings their parts to rank 0 for one file, and each stage loads its part.
@@ -20,8 +20,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from tuneplex.errors import Problem, UsageError
-from tuneplex.runs import COMPLETE_MARKER, AtomicDir, checkpoint_path
+from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.runs import AtomicDir, checkpoint_path, mark_complete
+
+STATE_FILE = "trainer_state.json"
 
 SEP = "::"
 
@@ -137,7 +139,8 @@ def save_checkpoint(
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(moments, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
+        mark_complete(tmp, step=step)
     return target
 
 
@@ -151,12 +154,12 @@ def load_checkpoint(path: Path, *, model, optimizer, partial: bool = False) -> d
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     try:
-        state = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         weights = load_file(str(path / "model.safetensors"))
         moments = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(Problem(str(path), f"unreadable checkpoint: {exc}")) from None
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise UsageError(Problem(str(path), f"unreadable checkpoint: {first_line(exc)}")) from None
     for name, target in state["aliases"].items():
         weights[name] = weights[target]
     expected = {

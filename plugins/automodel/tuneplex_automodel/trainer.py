@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
@@ -25,9 +25,8 @@ from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
-    latest_checkpoint,
     prune_checkpoints,
-    remove_stale_temporaries,
+    resume_checkpoint,
     run_summary,
     write_summary,
 )
@@ -195,9 +194,6 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         teacher=teacher,
         pipe=pipe,
     )
-    if dist.is_main:
-        remove_stale_temporaries(run_dir)
-    dist.barrier()
     if resume:
         loop.restore()
     trainable, total = parameter_counts(model)
@@ -318,13 +314,8 @@ class _Loop:
 
     # -- resume ----------------------------------------------------------------------------
     def restore(self) -> None:
-        found = latest_checkpoint(self.run_dir)
+        found = resume_checkpoint(self.run_dir, warn=note if self.dist.is_main else _silent)
         if found is None:
-            if self.dist.is_main:
-                print(
-                    f"tuneplex: no complete checkpoint in {self.run_dir}; starting from step 0",
-                    file=sys.stderr,
-                )
             return
         step, path = found
         state = load_checkpoint(
@@ -605,3 +596,7 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _silent(_: str) -> None:
+    """Ranks other than 0 say nothing."""

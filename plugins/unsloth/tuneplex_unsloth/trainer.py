@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneplex.console import note
 from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
@@ -25,9 +26,10 @@ from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
     checkpoint_path,
-    latest_checkpoint,
+    mark_complete,
     prune_checkpoints,
-    remove_stale_temporaries,
+    remove_checkpoint,
+    resume_checkpoint,
     run_summary,
     write_summary,
 )
@@ -204,9 +206,10 @@ def make_callback(**kw):
             written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             target = checkpoint_path(self.run_dir, state.global_step)
             if written.is_dir():
+                mark_complete(written, step=state.global_step)  # last, after HF's own files
                 if target.exists():
-                    shutil.rmtree(target)
-                os.replace(written, target)  # complete now: only whole checkpoints get this name
+                    remove_checkpoint(target)
+                os.replace(written, target)
                 self.last_checkpoint = str(target)
                 prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
 
@@ -304,14 +307,9 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
     pad_id = pad_id_of(prepared.tokenizer)
     val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
 
-    remove_stale_temporaries(run_dir)
     for debris in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"):
         shutil.rmtree(debris, ignore_errors=True)  # a save that never finished
-    found = latest_checkpoint(run_dir) if resume else None
-    if resume and found is None:
-        print(
-            f"tuneplex: no complete checkpoint in {run_dir}; starting from step 0", file=sys.stderr
-        )
+    found = resume_checkpoint(run_dir, warn=note) if resume else None
     trainable, total = parameter_counts(model)
     device = "cuda (" + torch.cuda.get_device_name() + ")" if cuda else "cpu"
     header = {
