@@ -267,7 +267,7 @@ def test_occupied_output_directory_is_refused(capsys, job, tmp_path):
     (run / "notes.txt").write_text("mine")
     code, _, err = train(capsys, job(), "-o", run)
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and "directory is not empty" in err
+    assert len(err.strip().splitlines()) == 1 and "not a tuneplex run directory" in err
     assert (run / "notes.txt").read_text() == "mine"
 
 

@@ -249,7 +249,9 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
             with console.capture(log, title=f"tuneplex {__version__} train {job}"):
                 try:
                     backend.train(parsed, run_dir, resume=run.resuming)
-                except (TuneplexError, typer.Exit):
+                except TuneplexError as exc:
+                    if exc.exit_code == EXIT_USAGE:  # refused before training: leave no run
+                        run.discard()
                     raise
                 except KeyboardInterrupt:
                     raise Interrupted(

@@ -69,6 +69,20 @@ class Run:
     resuming: bool
     run_id: str
     lock_fd: int | None
+    created: bool = False
+    """Whether opening the run created the directory itself."""
+
+    def discard(self) -> None:
+        """Undo a new run that was refused before it trained: remove what tuneplex wrote (and
+        the directory, if it made it and nothing else is there), so a corrected job can use
+        the same --output. A resumed run is never discarded."""
+        if self.resuming:
+            return
+        for name in OWNED:
+            remove_entry(self.path / name)
+        remove_entry(self.path / STATE_DIR)  # the lock file goes; our descriptor keeps the lock
+        if self.created and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def close(self) -> None:
         if self.lock_fd is not None:
@@ -143,6 +157,7 @@ def open_run(
 
 
 def _create(run_dir: Path, *, job: Mapping[str, Any], where: str) -> Run:
+    existed = run_dir.is_dir()
     try:
         (run_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -153,7 +168,9 @@ def _create(run_dir: Path, *, job: Mapping[str, Any], where: str) -> Run:
         raise UsageError(Problem(where, f"cannot create it ({exc.strerror or exc})")) from None
     fd = _lock(run_dir)
     try:
-        return _start(run_dir, job=job, lock_fd=fd)
+        run = _start(run_dir, job=job, lock_fd=fd)
+        run.created = not existed
+        return run
     except BaseException:
         os.close(fd)
         raise
