@@ -87,9 +87,10 @@ def test_not_a_mapping(write, text, kind):
 
 def test_not_utf8(tmp_path):
     path = tmp_path / "latin.yaml"
-    path.write_bytes(b"model: caf\xe9\n")
-    (line,) = lines(load_job_file, path)
-    assert line.startswith(f"{path}: not UTF-8 text")
+    path.write_bytes(b"model: m\ndataset: caf\xe9\n")
+    assert lines(load_job_file, path) == [
+        f"{path}:2:13: not UTF-8 text (byte 0xe9: invalid continuation byte)"
+    ]
 
 
 def test_overrides_set_nested_values_parsed_as_yaml():
@@ -142,3 +143,8 @@ def test_override_of_unknown_key_reported_by_schema(write):
         "training.lora.rnak: unknown key; did you mean 'rank'? (allowed: rank, alpha, merge, "
         "target_modules)"
     ]
+
+
+def test_merge_keys_and_explicit_keys_override_them():
+    text = "base: &b {rank: 8, alpha: 16}\nlora:\n  <<: *b\n  rank: 4\n"
+    assert parse_yaml(text, source="t")["lora"] == {"rank": 4, "alpha": 16}

@@ -7,13 +7,25 @@ Every problem with user input (job file, override, data file, model path, CLI fl
 from __future__ import annotations
 
 import difflib
+import os
+import re
+import reprlib
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+MAX_PROBLEMS = 50
+"""Problems printed at most; the rest are counted on one more line."""
 
-_SECRET_HINTS = ("key", "token", "secret", "password")
+_SECRET_SUFFIXES = ("key", "token", "secret", "password")
+# `name: value` or `name=value` where the name is a secret's, inside any text a user wrote: a
+# malformed job turns `api_key:VALUE` into a key or a string that a message would quote
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)([\w-]*(?:key|token|secret|password)[\"']?[ \t]*[:=][ \t]*)\S.*"
+)
 
 
 @dataclass(frozen=True)
@@ -24,7 +36,94 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.message}" if self.where else self.message
+        # always one line, whatever a path or a library's message holds
+        where, message = _escape(self.where)[:1000], _escape(self.message)[:2000]
+        return f"{where}: {message}" if where else message
+
+
+def _escape(text: str) -> str:
+    # what would break a line, reach the terminal as a control sequence or not encode at all
+    # (line breaks, escapes, bidi overrides, lone surrogates) is written as `repr` writes it
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def is_secret_key(name: object) -> bool:
+    """`api_key`, `token` and every key named like *key, *token, *secret or *password."""
+    return isinstance(name, str) and name.lower().endswith(_SECRET_SUFFIXES)
+
+
+def hide_secrets(text: str) -> str:
+    """`api_key:VALUE` or `token=VALUE` anywhere in `text` becomes `api_key:***`."""
+    return _SECRET_ASSIGNMENT.sub(r"\1***", text)
+
+
+def one_line(text: str, *, limit: int = 80) -> str:
+    """A user's text (a key, a path, a flag) as a message may quote it: secrets after `key:`
+    hidden, unprintable characters escaped as `repr` does, at most `limit` characters."""
+    return _cut(_escape(hide_secrets(str(text)[: 4 * limit])), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Brief(reprlib.Repr):
+    """`repr` in bounded time and size, however large or aliased the value (a YAML alias bomb
+    is a few hundred bytes and billions of items)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.maxstring = self.maxother = limit
+        self.maxlevel, self.maxdict = 2, 4
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+
+    def repr_str(self, x: str, level: int) -> str:
+        return super().repr_str(hide_secrets(x[: 4 * self.maxstring]), level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        return repr(x) if x.bit_length() <= 256 else f"<an integer of {x.bit_length()} bits>"
+
+
+def show(value: object, *, limit: int = 60) -> str:
+    """How a message quotes a user's value: `repr`-like, one line, at most `limit` characters."""
+    return _cut(_escape(_Brief(limit).repr(value)), limit)
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def file_kind(mode: int) -> str:
+    """`a named pipe`, `a character device`, ...: what a path is when it is no regular file."""
+    return _KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
+def open_regular(path: str | os.PathLike, *, what: str) -> BinaryIO:
+    """Open `path` for reading only if it is a regular file: a FIFO would block and /dev/zero
+    never ends. Refusals are UsageErrors naming the path; `what` (`job file`) words them."""
+    where = str(path)
+    try:  # non-blocking: opening a FIFO with no writer must not hang
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UsageError(Problem(where, "no such file")) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise UsageError(Problem(where, f"cannot read it ({reason})")) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UsageError(Problem(where, f"is a directory, not a {what}"))
+        raise UsageError(Problem(where, f"not a regular file ({file_kind(mode)})"))
+    return os.fdopen(fd, "rb")
 
 
 def first_line(exc: BaseException) -> str:
@@ -89,27 +188,33 @@ class CrossFieldError(ValueError):
         super().__init__("; ".join(f"{k}: {m}" for k, m in self.pairs))
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """`; did you mean 'x'?` for the nearest choice, or an empty string."""
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+_PLAIN_KEY = re.compile(r"[\w-]+")
+
+
 def _join(loc: Sequence[str | int]) -> str:
+    """`a.b[0].c`; a key that is not a short plain word (` `, `a.b`, `x\ny`) is quoted as
+    `repr` would, so the path stays one unambiguous line."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            part = part if _PLAIN_KEY.fullmatch(part) and len(part) <= 60 else show(part)
+            out += f".{part}" if out else part
     return out
 
 
-def _show(value: object, path: str) -> str:
-    if any(h in path.rsplit(".", 1)[-1].lower() for h in _SECRET_HINTS):
-        return "'***'"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _show(value: object, loc: Sequence[str | int]) -> str:
+    names = [p for p in loc if isinstance(p, str)]
+    return "'***'" if names and is_secret_key(names[-1]) else show(value)
 
 
 _MESSAGES = {
@@ -130,6 +235,7 @@ _MESSAGES = {
     "too_short": "needs at least {min_length} item(s)",
     "finite_number": "must be a finite number",
     "string_pattern_mismatch": "must match {pattern}",
+    "string_unicode": "must be valid Unicode text",
 }
 
 
@@ -140,11 +246,9 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
     """
     problems: list[Problem] = []
     for err in exc.errors(include_url=False):
-        loc = tuple(err.get("loc", ()))
-        # pydantic puts the tag of a function/union validator into loc; drop those
-        loc = tuple(p for p in loc if not (isinstance(p, str) and "[" in p and "]" in p))
-        path = _join(loc)
         kind = err["type"]
+        loc = _user_loc(tuple(err.get("loc", ())), keep_last=kind == "extra_forbidden")
+        path = _join(loc) or "job"
         ctx = err.get("ctx") or {}
         if kind == "value_error" and isinstance(ctx.get("error"), CrossFieldError):
             for rel, msg in ctx["error"].pairs:
@@ -165,7 +269,7 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
             expected = ctx.get("expected", "")
             choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
             got = err.get("input")
-            msg = f"must be one of: {', '.join(c for c in choices if c)} (got {_show(got, path)})"
+            msg = f"must be one of: {', '.join(c for c in choices if c)} (got {_show(got, loc)})"
             problems.append(Problem(path, msg + did_you_mean(got, choices)))
             continue
         if err.get("input", ...) is None and kind.endswith("_type"):
@@ -176,9 +280,22 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if kind not in ("value_error", "assertion_error") and "input" in err:
-            msg += f" (got {_show(err['input'], path)})"
+            msg += f" (got {_show(err['input'], loc)})"
         problems.append(Problem(path, msg))
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = [*problems[:MAX_PROBLEMS], Problem("job", f"{more} more problems not shown")]
     return problems
+
+
+_TAG = re.compile(r"[a-z][a-z-]*\[.*\]")
+
+
+def _user_loc(loc: tuple, *, keep_last: bool) -> tuple:
+    """`loc` without the tags pydantic adds for validators and unions (`function-after[...]`,
+    `literal['x']`); an unknown key is the user's, whatever it looks like."""
+    head, last = (loc[:-1], loc[-1:]) if keep_last else (loc, ())
+    return (*(p for p in head if not (isinstance(p, str) and _TAG.fullmatch(p))), *last)
 
 
 def _allowed_keys(model, loc: Sequence[str | int]) -> list[str]:

@@ -9,10 +9,11 @@ Four formats, detected per row (or forced by `format` in the job):
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from tuneplex.data.spec import DEFAULT_PAIRS, DataSpec
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, one_line, show
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -77,28 +78,28 @@ def normalise(row: dict[str, Any], where: str, spec: DataSpec) -> tuple[str, dic
 def _string(row: dict[str, Any], col: str, where: str, setting: str | None) -> str:
     if col not in row:
         via = f" ({setting})" if setting else ""
-        raise UsageError(Problem(where, f"column '{col}'{via} missing; row has: {_cols(row)}"))
+        raise UsageError(Problem(where, f"column {show(col)}{via} missing; row has: {_cols(row)}"))
     value = row[col]
     if not isinstance(value, str):
-        raise UsageError(Problem(where, f"column '{col}' must be a string, got {_kind(value)}"))
+        raise UsageError(Problem(where, f"column {show(col)} must be a string, got {_kind(value)}"))
     return value
 
 
 def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
     key = spec.messages_field
     if key not in row:
-        raise UsageError(Problem(where, f"no '{key}' field (columns: {_cols(row)})"))
+        raise UsageError(Problem(where, f"no {show(key)} field (columns: {_cols(row)})"))
     messages = row[key]
     if not isinstance(messages, list) or not messages:
-        raise UsageError(Problem(where, f"'{key}' must be a non-empty list of messages"))
+        raise UsageError(Problem(where, f"{show(key)} must be a non-empty list of messages"))
     for i, msg in enumerate(messages):
-        at = f"{key}[{i}]"
+        at = f"{one_line(key)}[{i}]"
         if not isinstance(msg, dict):
             raise UsageError(Problem(where, f"{at}: expected an object, got {_kind(msg)}"))
         role = msg.get("role")
         if role not in ROLES:
             raise UsageError(
-                Problem(where, f"{at}.role: must be one of {', '.join(ROLES)} (got {role!r})")
+                Problem(where, f"{at}.role: must be one of {', '.join(ROLES)} (got {show(role)})")
             )
         content = msg.get("content")
         has_calls = bool(msg.get("tool_calls"))
@@ -112,12 +113,15 @@ def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
             raise UsageError(Problem(where, f"{at}.tool_calls: must be a list"))
     tools = row.get(spec.tools_field)
     if tools is not None and not isinstance(tools, list):
-        raise UsageError(Problem(where, f"'{spec.tools_field}' must be a list"))
+        raise UsageError(Problem(where, f"{show(spec.tools_field)} must be a list"))
     return {"messages": messages, "tools": tools or None}
 
 
-def _cols(row: dict[str, Any]) -> str:
-    return ", ".join(map(str, row)) or "(none)"
+def _cols(row: dict[str, Any], most: int = 12) -> str:
+    """The row's column names as a message may quote them: escaped, each and all capped."""
+    names = [one_line(k, limit=40) for k in itertools.islice(row, most)]
+    more = f", ... ({len(row) - most} more)" if len(row) > most else ""
+    return ", ".join(names) + more if names else "(none)"
 
 
 def _kind(value: Any) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.errors import Problem, UsageError, file_kind, first_line, open_regular
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
 
@@ -34,7 +35,7 @@ class Source:
             return h.hexdigest()
         for path in self.files:
             h.update(str(path.name).encode() + b"\0")
-            with path.open("rb") as fh:
+            with open_regular(path, what="data file") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
         return h.hexdigest()
@@ -51,23 +52,48 @@ def hub_offline() -> bool:
 def resolve(ref: str, *, key: str) -> Source:
     """Local path -> its files; otherwise a hub id. `key` names the job field in errors."""
     path = Path(ref).expanduser()
-    if path.is_file():
+    mode = _mode(path)
+    if mode is not None and stat.S_ISREG(mode):
         if path.suffix.lower() not in SUPPORTED:
             raise UsageError(
                 Problem(key, f"{ref}: unsupported file type (use {', '.join(SUPPORTED)})")
             )
         return Source(ref, files=(path,))
-    if path.is_dir():
-        files = tuple(
-            sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
-        )
+    if mode is not None and stat.S_ISDIR(mode):
+        files = _files_in(path, key=key)
         if not files:
             raise UsageError(Problem(key, f"{ref}: directory has no {', '.join(SUPPORTED)} files"))
         return Source(ref, files=files)
+    if mode is not None:  # a FIFO would block, /dev/zero never ends
+        raise UsageError(Problem(key, f"{ref}: not a regular file ({file_kind(mode)})"))
     looks_local = ref.startswith((".", "/", "~")) or path.suffix.lower() in SUPPORTED
     if looks_local or ref.count("/") > 1:
         raise UsageError(Problem(key, f"{ref}: no such file or directory"))
     return Source(ref, hub_id=ref)
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return path.stat().st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _files_in(directory: Path, *, key: str) -> tuple[Path, ...]:
+    """The directory's data files, at any depth; one that is not a regular file is refused
+    rather than skipped, so no data goes missing unnoticed."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        if path.suffix.lower() not in SUPPORTED:
+            continue
+        mode = _mode(path)
+        if mode is not None and stat.S_ISDIR(mode):
+            continue
+        if mode is None or not stat.S_ISREG(mode):
+            kind = file_kind(mode) if mode is not None else "unreadable or a broken link"
+            raise UsageError(Problem(key, f"{path}: not a regular file ({kind})"))
+        files.append(path)
+    return tuple(files)
 
 
 def read_rows(source: Source, *, key: str) -> list[tuple[str, dict[str, Any]]]:
@@ -87,33 +113,32 @@ def read_rows(source: Source, *, key: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_jsonl(path: Path):
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(
-                        Problem(f"{path}:{lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})")
-                    ) from None
-                if not isinstance(row, dict):
-                    raise UsageError(
-                        Problem(f"{path}:{lineno}", f"expected a JSON object, got {_kind(row)}")
-                    )
-                yield f"{path}:{lineno}", row
-        except UnicodeDecodeError as exc:
-            raise UsageError(Problem(str(path), f"not UTF-8 text ({exc.reason})")) from None
+    # bytes, decoded line by line, so that a bad byte is named with its line
+    with open_regular(path, what="data file") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(Problem(where, _not_utf8(exc, exc.start + 1))) from None
+            if not line.strip():
+                continue
+            row = _loads(line, where=where, whole_file=False)
+            if not isinstance(row, dict):
+                raise UsageError(Problem(where, f"expected a JSON object, got {_kind(row)}"))
+            yield where, row
 
 
 def _read_json(path: Path):
+    with open_regular(path, what="data file") as fh:
+        raw = fh.read()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UsageError(Problem(f"{path}:{exc.lineno}", f"invalid JSON: {exc.msg}")) from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(Problem(str(path), f"not UTF-8 text ({exc.reason})")) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise UsageError(Problem(f"{path}:{line}", _not_utf8(exc, column))) from None
+    data = _loads(text, where=str(path), whole_file=True)
     if not isinstance(data, list):
         raise UsageError(Problem(str(path), f"expected a JSON list of rows, got {_kind(data)}"))
     for index, row in enumerate(data):
@@ -124,6 +149,28 @@ def _read_json(path: Path):
         yield f"{path}[{index}]", row
 
 
+def _not_utf8(exc: UnicodeDecodeError, column: int) -> str:
+    byte = exc.object[exc.start]
+    return f"not UTF-8 text (byte 0x{byte:02x} at column {column}: {exc.reason})"
+
+
+def _loads(text: str, *, where: str, whole_file: bool) -> Any:
+    """json.loads; malformed, too deep or too long a number is one line naming `where` (for a
+    whole file, with the line the error is on)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if whole_file:
+            where, reason = f"{where}:{exc.lineno}", f"invalid JSON: {exc.msg}"
+        else:
+            reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        raise UsageError(Problem(where, reason)) from None
+    except RecursionError:
+        raise UsageError(Problem(where, "invalid JSON: nested too deeply to read")) from None
+    except ValueError:  # int(): more digits than Python converts (sys.get_int_max_str_digits)
+        raise UsageError(Problem(where, "invalid JSON: a number has too many digits")) from None
+
+
 def _read_parquet(path: Path):
     try:
         import pyarrow.parquet as pq
@@ -132,7 +179,8 @@ def _read_parquet(path: Path):
     try:
         table = pq.read_table(path)
     except Exception as exc:
-        raise UsageError(Problem(str(path), f"unreadable parquet file: {exc}")) from None
+        reason = f"unreadable parquet file: {first_line(exc)}"
+        raise UsageError(Problem(str(path), reason)) from None
     for index, row in enumerate(table.to_pylist()):
         yield f"{path}#row{index}", row
 
