@@ -23,16 +23,39 @@ LINE = re.compile(r"\S[^\n]*?: \S[^\n]*")  # `where: what`
 DEEP = 5000
 
 
-def tuneplex(*args, cwd=None):
+def tuneplex(*args):
     """The real command in its own process: a hang fails the test instead of stalling it."""
     proc = subprocess.run(
         [sys.executable, "-m", "tuneplex", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=cwd,
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """A Python-level hang becomes a TimeoutError (the job checks themselves are in-process)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cli(capsys, *args):
+    """The command line in this process (quick); a Python-level hang fails the test."""
+    with time_limit(10):
+        code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def refused(result) -> list[str]:
@@ -121,24 +144,6 @@ JOB_CASES = [
         "--set schedule.seed:1:1: an integer of 5000 digits is too large (at most 100)",
     ),
     (
-        "laughs.yaml",
-        JOB + BOMB + "training: *i\n",
-        [],
-        "{job}:9:4: its aliases expand this value to more than 100000 values",
-    ),
-    (
-        "laughs-in-a-list.yaml",
-        JOB + BOMB + "training:\n  lora:\n    target_modules: *i\n",
-        [],
-        "{job}:9:4: its aliases expand this value to more than 100000 values",
-    ),
-    (
-        "itself.yaml",
-        JOB + "training: &t [1, *t]\n",
-        [],
-        "{job}:4:11: an alias refers to the value that contains it",
-    ),
-    (
         "bad-date.yaml",
         JOB + "schedule: {seed: 2021-02-30}\n",
         [],
@@ -199,7 +204,37 @@ JOB_CASES = [
 
 
 @pytest.mark.parametrize("name,text,args,expected", JOB_CASES, ids=[c[0] for c in JOB_CASES])
-def test_hostile_job_is_one_line(tmp_path, name, text, args, expected):
+def test_hostile_job_is_one_line(tmp_path, capsys, name, text, args, expected):
+    job = tmp_path / name
+    job.write_text(text, encoding="utf-8")
+    assert refused(cli(capsys, "validate", job, *args)) == [expected.format(job=job)]
+
+
+ALIAS_CASES = [
+    (
+        "laughs.yaml",
+        JOB + BOMB + "training: *i\n",
+        [],
+        "{job}:9:4: this value holds more than 100000 values once its aliases are expanded",
+    ),
+    (
+        "laughs-in-a-list.yaml",
+        JOB + BOMB + "training:\n  lora:\n    target_modules: *i\n",
+        [],
+        "{job}:9:4: this value holds more than 100000 values once its aliases are expanded",
+    ),
+    (
+        "itself.yaml",
+        JOB + "training: &t [1, *t]\n",
+        [],
+        "{job}:4:11: an alias refers to the value that contains it",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,text,args,expected", ALIAS_CASES, ids=[c[0] for c in ALIAS_CASES])
+def test_alias_bomb_is_refused_in_one_line(tmp_path, name, text, args, expected):
+    """In a process of its own: expanding or printing the bomb would never end."""
     job = tmp_path / name
     job.write_text(text, encoding="utf-8")
     assert refused(tuneplex("validate", job, *args)) == [expected.format(job=job)]
@@ -251,48 +286,64 @@ def test_job_must_be_a_regular_file(tmp_path, path, expected):
 WANDB = JOB + "integrations:\n  wandb:\n    project: p\n"
 
 
-@pytest.mark.parametrize(
-    "text,args",
-    [
-        (WANDB + f"    api_key:{SECRET}\n", []),  # missing space
-        (JOB + f"integrations:\n  wandb:\n    api_key:{SECRET}\n", []),  # becomes a string
-        (JOB + f"integrations:\n  wandb: {{project: p, api_key:{SECRET}}}\n", []),
-        (JOB + f"integrations:\n  wandb: 'api_key: {SECRET}'\n", []),  # a string
-        (JOB + f"integrations:\n  wandb: [p, 'api_key = {SECRET}']\n", []),
-        (WANDB + f"    api_key: !{SECRET}\n", []),
-        (WANDB + f"    api_key: !!{SECRET}\n", []),
-        (WANDB + f"    api_key: *{SECRET}\n", []),
-        (WANDB + f"    api_key: &{SECRET}\n", []),
-        (WANDB + f"    api_key: @{SECRET}\n", []),
-        (WANDB + f"    api_key: `{SECRET}\n", []),
-        (WANDB + f"    api_key: %{SECRET}\n", []),
-        (WANDB + f'    api_key: "{SECRET}\\q"\n', []),
-        (WANDB + f"    api_key: [{SECRET}\n", []),
-        (WANDB + f"    api_key:\n      !{SECRET}\n", []),  # the value on the next line
-        (WANDB + f"    api_key: {{{SECRET}: *x}}\n", []),
-        (WANDB + f"    api_key:{SECRET}: 1\n", []),  # as a key
-        (WANDB + f"    api_key: a\n    api_key:{SECRET}: 1\n    api_key:{SECRET}: 1\n", []),
-        (WANDB + f"    api_key: {SECRET}\n    api_key: {SECRET}\n", []),  # duplicate
-        (WANDB + f"    api_key: 12{SECRET}\n    project: [\n", []),  # error elsewhere
-        (JOB + f"integrations:\n  mlflow:\n    tracking_uri: x\n    token: !{SECRET}\n", []),
-        (JOB + f"integrations:\n  mlflow:\n    tracking_uri: x\n    token: {SECRET}: x\n", []),
-        (JOB + f"db_password: *{SECRET}\n", []),
-        (JOB + f"client_secret: !{SECRET}\n", []),
-        (JOB + f"- my_token: !{SECRET}\n", []),
-        (WANDB, ["--set", f"integrations.wandb.api_key=!{SECRET}"]),
-        (WANDB, ["--set", f"integrations.wandb.api_key=*{SECRET}"]),
-        (WANDB, ["--set", f"integrations.wandb.api_key=[{SECRET}"]),
-        (WANDB, ["--set", f"integrations.wandb.api_key={{a: 1, a: {SECRET}}}"]),
-        (WANDB, ["--set", f"integrations.wandb.api_key:{SECRET}"]),  # no `=`
-        (WANDB, ["--set", f"integrations.wandb={{project: p, api_key: !{SECRET}}}"]),
-        (WANDB, ["--set", f"integrations.wandb=api_key:{SECRET}"]),
-        (WANDB, ["--set", f"integrations.wandb.api_key={SECRET}"]),  # valid: printed masked
-    ],
-)
-def test_secret_is_never_echoed(tmp_path, text, args):
+SECRET_CASES = {
+    "missing-space": (WANDB + f"    api_key:{SECRET}\n", []),
+    "missing-space-alone": (
+        JOB + f"integrations:\n  wandb:\n    api_key:{SECRET}\n",
+        [],
+    ),
+    "missing-space-flow": (JOB + f"integrations:\n  wandb: {{project: p, api_key:{SECRET}}}\n", []),
+    "in-a-string": (JOB + f"integrations:\n  wandb: 'api_key: {SECRET}'\n", []),
+    "in-a-list": (JOB + f"integrations:\n  wandb: [p, 'api_key = {SECRET}']\n", []),
+    "tag": (WANDB + f"    api_key: !{SECRET}\n", []),
+    "yaml-tag": (WANDB + f"    api_key: !!{SECRET}\n", []),
+    "alias": (WANDB + f"    api_key: *{SECRET}\n", []),
+    "anchor": (WANDB + f"    api_key: &{SECRET}\n", []),
+    "at-sign": (WANDB + f"    api_key: @{SECRET}\n", []),
+    "backtick": (WANDB + f"    api_key: `{SECRET}\n", []),
+    "percent": (WANDB + f"    api_key: %{SECRET}\n", []),
+    "bad-escape": (WANDB + f'    api_key: "{SECRET}\\q"\n', []),
+    "open-list": (WANDB + f"    api_key: [{SECRET}\n", []),
+    "next-line": (WANDB + f"    api_key:\n      !{SECRET}\n", []),
+    "as-a-key-inside": (WANDB + f"    api_key: {{{SECRET}: *x}}\n", []),
+    "as-a-key": (WANDB + f"    api_key:{SECRET}: 1\n", []),
+    "as-keys-twice": (
+        WANDB + f"    api_key: a\n    api_key:{SECRET}: 1\n    api_key:{SECRET}: 1\n",
+        [],
+    ),
+    "duplicate": (WANDB + f"    api_key: {SECRET}\n    api_key: {SECRET}\n", []),
+    "error-elsewhere": (
+        WANDB + f"    api_key: 12{SECRET}\n    project: [\n",
+        [],
+    ),
+    "mlflow-token-tag": (
+        JOB + f"integrations:\n  mlflow:\n    tracking_uri: x\n    token: !{SECRET}\n",
+        [],
+    ),
+    "mlflow-token-colon": (
+        JOB + f"integrations:\n  mlflow:\n    tracking_uri: x\n    token: {SECRET}: x\n",
+        [],
+    ),
+    "password-alias": (JOB + f"db_password: *{SECRET}\n", []),
+    "secret-tag": (JOB + f"client_secret: !{SECRET}\n", []),
+    "token-in-a-list": (JOB + f"- my_token: !{SECRET}\n", []),
+    "set-tag": (WANDB, ["--set", f"integrations.wandb.api_key=!{SECRET}"]),
+    "set-alias": (WANDB, ["--set", f"integrations.wandb.api_key=*{SECRET}"]),
+    "set-open-list": (WANDB, ["--set", f"integrations.wandb.api_key=[{SECRET}"]),
+    "set-duplicate": (WANDB, ["--set", f"integrations.wandb.api_key={{a: 1, a: {SECRET}}}"]),
+    "set-no-equals": (WANDB, ["--set", f"integrations.wandb.api_key:{SECRET}"]),
+    "set-section-tag": (WANDB, ["--set", f"integrations.wandb={{project: p, api_key: !{SECRET}}}"]),
+    "set-string": (WANDB, ["--set", f"integrations.wandb=api_key:{SECRET}"]),
+    "set-valid": (WANDB, ["--set", f"integrations.wandb.api_key={SECRET}"]),  # printed masked
+}
+
+
+@pytest.mark.parametrize("case", SECRET_CASES)
+def test_secret_is_never_echoed(tmp_path, capsys, case):
+    text, args = SECRET_CASES[case]
     job = tmp_path / "job.yaml"
     job.write_text(text, encoding="utf-8")
-    code, out, err = tuneplex("validate", job, *args)
+    code, out, err = cli(capsys, "validate", job, *args)
     assert code in (0, 2) and "Traceback" not in err, err
     if code == 2:
         refused((code, out, err))
@@ -300,10 +351,10 @@ def test_secret_is_never_echoed(tmp_path, text, args):
     assert not [p for p in pieces if p in out + err], out + err
 
 
-def test_secret_in_malformed_json_job(tmp_path):
+def test_secret_in_malformed_json_job(tmp_path, capsys):
     job = tmp_path / "job.json"
     job.write_text('{"integrations": {"wandb": {"api_key": ' + SECRET + "}}}")
-    assert refused(tuneplex("validate", job)) == [f"{job}:1:40: Expecting value"]
+    assert refused(cli(capsys, "validate", job)) == [f"{job}:1:40: Expecting value"]
 
 
 # ------------------------------------------------------------------ data rows
@@ -327,9 +378,7 @@ def data_job(tmp_path, tokenizers, data) -> Path:
 
 
 def inspect(capsys, job) -> list[str]:
-    code = main(["data", "inspect", str(job)])
-    out = capsys.readouterr()
-    return refused((code, out.out, out.err))
+    return refused(cli(capsys, "data", "inspect", job))
 
 
 UNKNOWN = (
@@ -349,7 +398,7 @@ ROW_CASES = {
     "control-keys": (
         GOOD + b'{"a\\nb\\u001b[2J": "x", "\\u2028": 1}\n',
         2,
-        "cannot tell this row's format (columns: a\\nb\\x1b[2J, \\u2028)" + UNKNOWN,
+        "cannot tell this row's format (columns: 'a\\nb\\x1b[2J', '\\u2028')" + UNKNOWN,
     ),
     "control-role": (
         b'{"messages": [{"role": "us\\ner", "content": "x"}]}\n',
@@ -379,7 +428,7 @@ JSON_CASES = {
     "control-key": (
         b'[{"text": "a"},\n {"a\\nb": "x"}]',
         "[1]",
-        "cannot tell this row's format (columns: a\\nb)" + UNKNOWN,
+        "cannot tell this row's format (columns: 'a\\nb')" + UNKNOWN,
     ),
 }
 
@@ -435,93 +484,94 @@ SNIPPETS = [
 ]  # fmt: skip
 
 
-def schema_keys(backend: str) -> list[str]:
+def schema_paths(backend: str) -> list[tuple[str, ...]]:
+    """Every key path of a backend's job schema: ("training", "lora", "rank"), ..."""
     from tuneplex.plugins import registry
     from tuneplex.schema.base import model_in
 
-    names, stack = set(), [registry().get(backend).backend.job_schema]
+    paths, stack = [], [((), registry().get(backend).backend.job_schema)]
     while stack:
-        for name, field in stack.pop().model_fields.items():
-            names.add(name)
+        prefix, model = stack.pop()
+        for name, field in model.model_fields.items():
+            paths.append((*prefix, name))
             if (inner := model_in(field.annotation)) is not None:
-                stack.append(inner)
-    return sorted(names)
+                stack.append(((*prefix, name), inner))
+    return sorted(paths)
 
 
-def jobs(backend: str):
+def hostile_values(keys):
     from hypothesis import strategies as st
 
-    keys = st.sampled_from(schema_keys(backend)) | st.text(max_size=12)
+    plausible = st.sampled_from(["sft", "lora", "auto", "org/base", "d.jsonl", "bf16", "online"])
     scalars = (
         st.none()
         | st.booleans()
+        | st.integers(-3, 100)
         | st.integers(min_value=-(10**150), max_value=10**150)
         | st.floats()
+        | plausible
         | st.text(max_size=20)
     )
-    values = st.recursive(
+    return st.recursive(
         scalars,
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3),
         max_leaves=8,
     )
-    edits = st.lists(st.tuples(st.lists(keys, min_size=1, max_size=4), values), max_size=4)
+
+
+def put(data: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        if not isinstance(data.get(key), dict):
+            data[key] = {}
+        data = data[key]
+    data[path[-1]] = value
+
+
+def mutate(draw, text: str) -> str:
+    """Up to three edits of the serialised job: a snippet inserted, a slice cut or repeated."""
+    from hypothesis import strategies as st
+
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(text)))
+        end = draw(st.integers(at, min(len(text), at + 40)))
+        op = draw(st.sampled_from(["insert", "delete", "repeat"]))
+        if op == "insert":
+            text = text[:at] + draw(st.sampled_from(SNIPPETS) | st.text(max_size=5)) + text[at:]
+        else:
+            text = text[:at] + text[end:] if op == "delete" else text[:end] + text[at:]
+    return text
+
+
+def jobs(backend: str):
+    """(file name, file bytes, --set items) for `tuneplex validate`."""
+    from hypothesis import strategies as st
+
+    names = sorted({p[-1] for p in schema_paths(backend)})
+    keys = st.sampled_from(names) | st.text(max_size=12)
+    paths = st.sampled_from(schema_paths(backend)) | st.lists(keys, min_size=1, max_size=4)
+    values = hostile_values(keys)
+    flag = st.builds(
+        "{}={}".format,
+        st.sampled_from(schema_paths(backend)).map(".".join) | st.text(max_size=10),
+        st.sampled_from(SNIPPETS) | st.text(max_size=10) | values.map(json.dumps),
+    )
 
     @st.composite
     def job(draw):
         data = json.loads(json.dumps(BASES[backend]))
-        for path, value in draw(edits):
-            node = data
-            for key in path[:-1]:
-                if not isinstance(node.get(key), dict):
-                    node[key] = {}
-                node = node[key]
-            node[path[-1]] = value
+        for path, value in draw(st.lists(st.tuples(paths, values), max_size=4)):
+            put(data, tuple(path), value)
         as_json = draw(st.booleans())
-        text = (
-            json.dumps(data) if as_json else yaml.safe_dump(data, allow_unicode=draw(st.booleans()))
-        )
-        for _ in range(draw(st.integers(0, 3))):
-            at = draw(st.integers(0, len(text)))
-            op = draw(st.sampled_from(["insert", "delete", "repeat"]))
-            if op == "insert":
-                text = text[:at] + draw(st.sampled_from(SNIPPETS) | st.text(max_size=5)) + text[at:]
-            else:
-                end = draw(st.integers(at, min(len(text), at + 40)))
-                text = text[:at] + text[end:] if op == "delete" else text[:end] + text[at:]
-        sets = draw(
-            st.lists(
-                st.builds(
-                    "{}={}".format,
-                    st.lists(keys, min_size=1, max_size=3).map(".".join),
-                    st.sampled_from(SNIPPETS) | st.text(max_size=10),
-                )
-                | st.text(max_size=10),
-                max_size=2,
-            )
-        )
-        raw = text.encode()
-        if draw(st.integers(0, 9)) == 0:  # a byte that is not UTF-8
+        unicode = draw(st.booleans())
+        text = json.dumps(data) if as_json else yaml.safe_dump(data, allow_unicode=unicode)
+        raw = mutate(draw, text).encode()
+        if draw(st.sampled_from([False] * 9 + [True])):  # a byte that is not UTF-8
             at = draw(st.integers(0, len(raw)))
             raw = raw[:at] + b"\xe9" + raw[at:]
+        sets = draw(st.lists(flag | st.text(max_size=10), max_size=2))
         return ("job.json" if as_json else "job.yaml"), raw, sets
 
     return job()
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """A Python-level hang becomes a TimeoutError (the job checks themselves are in-process)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def validate(job: Path, backend: str, sets: list[str]):

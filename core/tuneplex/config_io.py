@@ -20,6 +20,7 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
 from tuneplex.errors import (
+    SECRET_NAME,
     Problem,
     UsageError,
     first_line,
@@ -104,8 +105,12 @@ def _check_expansion(root: yaml.Node) -> None:
             values = 1 + sum(v for v, _ in kids)
             depth = 1 + max((d for _, d in kids), default=0)
             if values > MAX_VALUES or depth > MAX_DEPTH:
-                what = f"{MAX_VALUES} values" if values > MAX_VALUES else f"{MAX_DEPTH} levels"
-                reason = f"its aliases expand this value to more than {what}"
+                too = (
+                    f"holds more than {MAX_VALUES} values"
+                    if values > MAX_VALUES
+                    else f"is nested deeper than {MAX_DEPTH} levels"
+                )
+                reason = f"this value {too} once its aliases are expanded"
                 raise ComposerError(None, None, reason, node.start_mark)
             done[id(node)] = (values, depth)
         elif id(node) in entered:
@@ -153,7 +158,7 @@ def _kind(value: Any) -> str:
 # --- secrets in malformed YAML -------------------------------------------------------------
 # A parse error quotes the token it stopped at: a tag, an alias, a character. When that token
 # is part of a secret's value (`api_key: !s3cret`), the message says where, never what.
-_SECRET_KEY = re.compile(r"(?i)[\w-]*(?:key|token|secret|password)[\"']?[ \t]*:")
+_SECRET_KEY = re.compile(rf"{SECRET_NAME}[\"']?[ \t]*:")
 _LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # YAML's line breaks
 _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 _SECRET_REASON = "invalid YAML at a secret (its text is not shown); write it as key: 'value'"

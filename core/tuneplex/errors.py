@@ -21,11 +21,11 @@ MAX_PROBLEMS = 50
 """Problems printed at most; the rest are counted on one more line."""
 
 _SECRET_SUFFIXES = ("key", "token", "secret", "password")
-# `name: value` or `name=value` where the name is a secret's, inside any text a user wrote: a
-# malformed job turns `api_key:VALUE` into a key or a string that a message would quote
-_SECRET_ASSIGNMENT = re.compile(
-    r"(?i)([\w-]*(?:key|token|secret|password)[\"']?[ \t]*[:=][ \t]*)\S.*"
-)
+SECRET_NAME = r"(?i:[\w-]*(?:" + "|".join(_SECRET_SUFFIXES) + "))"
+"""Regex of a key named like a secret's, to find one in text a user wrote."""
+# `name: value` or `name=value` with a secret's name, in any text a message may quote: a
+# malformed job turns `api_key:VALUE` into a key or a string
+_SECRET_ASSIGNMENT = re.compile(rf"({SECRET_NAME}[\"']?[ \t]*[:=][ \t]*)\S.*")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,15 @@ class _Brief(reprlib.Repr):
         return repr(x) if x.bit_length() <= 256 else f"<an integer of {x.bit_length()} bits>"
 
 
+_PLAIN_KEY = re.compile(r"[\w-]{1,60}")
+
+
+def show_key(name: str) -> str:
+    """A key or column name in a message: as is when a short plain word, else quoted as `repr`
+    would (` `, `a.b`, `x\ny`), so that a path or a list of names stays one unambiguous line."""
+    return name if _PLAIN_KEY.fullmatch(name) else show(name)
+
+
 def show(value: object, *, limit: int = 60) -> str:
     """How a message quotes a user's value: `repr`-like, one line, at most `limit` characters."""
     return _cut(_escape(_Brief(limit).repr(value)), limit)
@@ -111,7 +120,7 @@ def open_regular(path: str | os.PathLike, *, what: str) -> BinaryIO:
     never ends. Refusals are UsageErrors naming the path; `what` (`job file`) words them."""
     where = str(path)
     try:  # non-blocking: opening a FIFO with no writer must not hang
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise UsageError(Problem(where, "no such file")) from None
     except (OSError, ValueError) as exc:
@@ -196,19 +205,13 @@ def did_you_mean(word: object, choices: Iterable[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-_PLAIN_KEY = re.compile(r"[\w-]+")
-
-
 def _join(loc: Sequence[str | int]) -> str:
-    """`a.b[0].c`; a key that is not a short plain word (` `, `a.b`, `x\ny`) is quoted as
-    `repr` would, so the path stays one unambiguous line."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            part = part if _PLAIN_KEY.fullmatch(part) and len(part) <= 60 else show(part)
-            out += f".{part}" if out else part
+            out += f".{show_key(part)}" if out else show_key(part)
     return out
 
 

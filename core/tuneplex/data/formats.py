@@ -13,7 +13,7 @@ import itertools
 from typing import Any
 
 from tuneplex.data.spec import DEFAULT_PAIRS, DataSpec
-from tuneplex.errors import Problem, UsageError, one_line, show
+from tuneplex.errors import Problem, UsageError, show, show_key
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -93,7 +93,7 @@ def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise UsageError(Problem(where, f"{show(key)} must be a non-empty list of messages"))
     for i, msg in enumerate(messages):
-        at = f"{one_line(key)}[{i}]"
+        at = f"{show_key(key)}[{i}]"
         if not isinstance(msg, dict):
             raise UsageError(Problem(where, f"{at}: expected an object, got {_kind(msg)}"))
         role = msg.get("role")
@@ -118,8 +118,8 @@ def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
 
 
 def _cols(row: dict[str, Any], most: int = 12) -> str:
-    """The row's column names as a message may quote them: escaped, each and all capped."""
-    names = [one_line(k, limit=40) for k in itertools.islice(row, most)]
+    """The row's column names as a message quotes them: odd ones quoted, the list capped."""
+    names = [show_key(str(k)) for k in itertools.islice(row, most)]
     more = f", ... ({len(row) - most} more)" if len(row) > most else ""
     return ", ".join(names) + more if names else "(none)"
 
