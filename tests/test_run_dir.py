@@ -156,8 +156,7 @@ def test_overwrite_removes_only_what_tuneplex_wrote(fake_registry, job, tmp_path
     code, _, err = train(capsys, job, out, "--overwrite")
     assert code == 0
     assert err == (
-        f"tuneplex: kept 2 entries tuneplex did not write in {out}: checkpoints/README, "
-        "notes.txt\n"
+        f"tuneplex: kept 2 entries tuneplex did not write in {out}: checkpoints/README, notes.txt\n"
     )
     assert (out / "notes.txt").read_text() == "my notes"
     assert (out / "checkpoints" / "README").read_text() == "mine too"
@@ -233,8 +232,7 @@ def test_resume_refuses_changed_data_and_model_files(fake_registry, job, tmp_pat
     code, _, err = train(capsys, job, out, "--resume", *sets)
     assert code == 2
     assert err.splitlines() == [
-        f"dataset.path: {data} changed since the run started; start a new run or restore "
-        "the file",
+        f"dataset.path: {data} changed since the run started; start a new run or restore the file",
         f"model: {model / 'tokenizer.json'} changed since the run started; start a new run or "
         "restore the file",
     ]

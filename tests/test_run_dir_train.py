@@ -49,9 +49,7 @@ def _truncate(path, keep: int) -> None:
         fh.truncate(keep)
 
 
-def test_resume_skips_a_damaged_checkpoint_and_continues_the_same_losses(
-    capsys, job, tmp_path
-):
+def test_resume_skips_a_damaged_checkpoint_and_continues_the_same_losses(capsys, job, tmp_path):
     whole = tmp_path / "whole"
     code, _, err = train(capsys, job(), "-o", whole)
     assert code == 0, err

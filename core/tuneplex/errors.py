@@ -55,6 +55,15 @@ def is_secret_key(name: object) -> bool:
     return isinstance(name, str) and name.lower().endswith(_SECRET_SUFFIXES)
 
 
+def redact(value: object) -> object:
+    """`value` with the value of every secret key inside it (at any depth) replaced by ***."""
+    if isinstance(value, dict):
+        return {k: "***" if is_secret_key(k) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def hide_secrets(text: str) -> str:
     """`api_key:VALUE` or `token=VALUE` anywhere in `text` becomes `api_key:***`."""
     return _SECRET_ASSIGNMENT.sub(r"\1***", text)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneplex import __version__
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, UsageError, redact, show
 from tuneplex.runs.checkpoints import (
     CHECKPOINTS_DIR,
     is_temporary,
@@ -301,8 +301,8 @@ def _check_same_job(run_dir: Path, job: Mapping[str, Any]) -> None:
     except (OSError, UnicodeDecodeError, ValueError):
         raise UsageError(Problem(str(run_dir / JOB_FILE), "missing or unreadable")) from None
     diffs = [
-        Problem(key, f"was {old!r} in the run being resumed, now {new!r}")
-        for key, old, new in _diff(saved, job)
+        Problem(key, f"was {show(old)} in the run being resumed, now {show(new)}")
+        for key, old, new in _diff(redact(saved), redact(job))
         if key != "output.dir"
     ]
     if diffs:
