@@ -2,7 +2,6 @@
 traceback, never a hang; secrets never echoed. Run through the real command line."""
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tuneplex.cli import main
 from tuneplex.errors import MAX_PROBLEMS
 
@@ -81,95 +82,80 @@ LAUGHS = "".join(
 BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + LAUGHS
 
 
-JOB_CASES = [
-    (
-        "unhashable.yaml",
+JOB_CASES = {
+    "unhashable.yaml": (
         JOB + "? [a, b]\n: 1\n",
         [],
         "{job}:4:3: a key must be a string or a number, not a list",
     ),
-    (
-        "unhashable-set.yaml",
+    "unhashable-set.yaml": (
         JOB,
         ["--set", "training={[a, b]: 1}"],
         "--set training:1:2: a key must be a string or a number, not a list",
     ),
-    (
-        "deep.yaml",
+    "deep.yaml": (
         JOB + "training: " + "[" * DEEP + "]" * DEEP + "\n",
         [],
         "{job}:4:74: nested deeper than 64 levels",
     ),
-    (
-        "deep.json",
+    "deep.json": (
         '{"model": "m", "training": ' + "[" * DEEP + "]" * DEEP + "}",
         [],
         "{job}: nested deeper than 64 levels",
     ),
-    (
-        "deep-for-us.json",  # json reads 100 levels; tuneplex refuses them
+    "deep-for-us.json": (  # json reads 100 levels; a job may not have them
         '{"model": "m", "training": ' + "[" * 100 + "]" * 100 + "}",
         [],
         "{job}: nested deeper than 64 levels",
     ),
-    (
-        "deep-set-value.yaml",
+    "deep-set-value.yaml": (
         JOB,
         ["--set", "training=" + "[" * DEEP],
         "--set training:1:65: nested deeper than 64 levels",
     ),
-    (
-        "deep-set-key.yaml",
+    "deep-set-key.yaml": (
         JOB,
         ["--set", "a." * DEEP + "b=1"],
         "--set a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a.a...: "
         "nested deeper than 64 levels",
     ),
-    (
-        "bigint.yaml",
+    "bigint.yaml": (
         JOB + "schedule:\n  seed: " + "7" * DEEP + "\n",
         [],
         "{job}:5:9: an integer of 5000 digits is too large (at most 100)",
     ),
-    (
-        "bigint.json",
+    "bigint.json": (
         '{"model": "m",\n "schedule": {"seed": ' + "7" * DEEP + "}}",
         [],
         "{job}:2:23: an integer of 5000 digits is too large (at most 100)",
     ),
-    (
-        "bigint-set.yaml",
+    "bigint-set.yaml": (
         JOB,
         ["--set", "schedule.seed=" + "7" * DEEP],
         "--set schedule.seed:1:1: an integer of 5000 digits is too large (at most 100)",
     ),
-    (
-        "bad-date.yaml",
+    "bad-date.yaml": (
         JOB + "schedule: {seed: 2021-02-30}\n",
         [],
         "{job}:4:18: not a valid !!timestamp value (day is out of range for month)",
     ),
-    (
-        "bad-tagged-int.yaml",
+    "bad-tagged-int.yaml": (
         JOB + "schedule: {seed: !!int twelve}\n",
         [],
         "{job}:4:18: not a valid !!int value (invalid literal for int() with base 10: 'twelve')",
     ),
-    (
-        "bell.yaml",
+    "bell.yaml": (
         JOB + "training: \x07\n",
         [],
         "{job}:4:11: character #x0007 is not allowed in YAML",
     ),
-    (
-        "keys.yaml",
+    "keys.yaml": (
         JOB + '"tra\\ni\\u2028n\\x1b[31m": 1\n',
         [],
         "'tra\\ni\\u2028n\\x1b[31m': unknown key (allowed: model, "
         "dataset, training, schedule, batch, optimizer, parallelism, output, integrations)",
     ),
-    (
-        "long-key.yaml",
+    "long-key.yaml": (
         JOB + "training:\n  ? " + "k" * 10_000 + "\n  : 1\n",
         [],
         "training.'"
@@ -180,61 +166,57 @@ JOB_CASES = [
         "lora, max_seq_length, teacher_model, teacher_precision, distillation_ratio, "
         "distillation_temperature, offload_teacher, trust_remote_code)",
     ),
-    (
-        "newline-key-set.yaml",
+    "newline-key-set.yaml": (
         JOB,
         ["--set", "train\ning.lora.rank=4"],
         "'train\\ning': unknown key; did you mean 'training'? (allowed: model, dataset, "
         "training, schedule, batch, optimizer, parallelism, output, integrations)",
     ),
-    (
-        "newline-value.yaml",
+    "newline-value.yaml": (
         JOB + 'training: {training_type: "s\\nf\\rt"}\n',
         [],
         "training.training_type: must be one of: sft, distillation (got 's\\nf\\rt'); "
         "did you mean 'sft'?",
     ),
-    (
-        "too-big.yaml",
+    "too-big.yaml": (
         JOB + "# " + "x" * (1 << 20) + "\n",
         [],
         "{job}: larger than 1 MiB; a job file is a few kilobytes",
     ),
-]
+}
 
 
-@pytest.mark.parametrize("name,text,args,expected", JOB_CASES, ids=[c[0] for c in JOB_CASES])
-def test_hostile_job_is_one_line(tmp_path, capsys, name, text, args, expected):
+@pytest.mark.parametrize("name", JOB_CASES)
+def test_hostile_job_is_one_line(tmp_path, capsys, name):
+    text, args, expected = JOB_CASES[name]
     job = tmp_path / name
     job.write_text(text, encoding="utf-8")
     assert refused(cli(capsys, "validate", job, *args)) == [expected.format(job=job)]
 
 
-ALIAS_CASES = [
-    (
-        "laughs.yaml",
+ALIAS_CASES = {
+    "laughs.yaml": (
         JOB + BOMB + "training: *i\n",
         [],
         "{job}:9:4: this value holds more than 100000 values once its aliases are expanded",
     ),
-    (
-        "laughs-in-a-list.yaml",
+    "laughs-in-a-list.yaml": (
         JOB + BOMB + "training:\n  lora:\n    target_modules: *i\n",
         [],
         "{job}:9:4: this value holds more than 100000 values once its aliases are expanded",
     ),
-    (
-        "itself.yaml",
+    "itself.yaml": (
         JOB + "training: &t [1, *t]\n",
         [],
         "{job}:4:11: an alias refers to the value that contains it",
     ),
-]
+}
 
 
-@pytest.mark.parametrize("name,text,args,expected", ALIAS_CASES, ids=[c[0] for c in ALIAS_CASES])
-def test_alias_bomb_is_refused_in_one_line(tmp_path, name, text, args, expected):
+@pytest.mark.parametrize("name", ALIAS_CASES)
+def test_alias_bomb_is_refused_in_one_line(tmp_path, name):
     """In a process of its own: expanding or printing the bomb would never end."""
+    text, args, expected = ALIAS_CASES[name]
     job = tmp_path / name
     job.write_text(text, encoding="utf-8")
     assert refused(tuneplex("validate", job, *args)) == [expected.format(job=job)]
@@ -388,8 +370,8 @@ UNKNOWN = (
 NOT_UTF8 = "not UTF-8 text (byte 0xe9 at column {}: invalid continuation byte)"
 HUGE_INT = b"7" * DEEP
 NESTED = b"[" * 100_000 + b"]" * 100_000
-TOO_LONG = "invalid JSON: a number has too many digits"
-TOO_DEEP = "invalid JSON: nested too deeply to read"
+TOO_LONG = "a number has more than 4300 digits"
+TOO_DEEP = "nested too deeply to read"
 MANY_KEYS = json.dumps({f"k{i}": i for i in range(10_000)}).encode()
 ROW_CASES = {
     "huge-int": (GOOD + b'{"text": "a", "n": ' + HUGE_INT + b"}\n", 2, TOO_LONG),
@@ -500,8 +482,6 @@ def schema_paths(backend: str) -> list[tuple[str, ...]]:
 
 
 def hostile_values(keys):
-    from hypothesis import strategies as st
-
     plausible = st.sampled_from(["sft", "lora", "auto", "org/base", "d.jsonl", "bf16", "online"])
     scalars = (
         st.none()
@@ -529,8 +509,6 @@ def put(data: dict, path: tuple[str, ...], value) -> None:
 
 def mutate(draw, text: str) -> str:
     """Up to three edits of the serialised job: a snippet inserted, a slice cut or repeated."""
-    from hypothesis import strategies as st
-
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(text)))
         end = draw(st.integers(at, min(len(text), at + 40)))
@@ -544,8 +522,6 @@ def mutate(draw, text: str) -> str:
 
 def jobs(backend: str):
     """(file name, file bytes, --set items) for `tuneplex validate`."""
-    from hypothesis import strategies as st
-
     names = sorted({p[-1] for p in schema_paths(backend)})
     keys = st.sampled_from(names) | st.text(max_size=12)
     paths = st.sampled_from(schema_paths(backend)) | st.lists(keys, min_size=1, max_size=4)
@@ -574,22 +550,9 @@ def jobs(backend: str):
     return job()
 
 
-def validate(job: Path, backend: str, sets: list[str]):
-    args = ["validate", str(job), "--backend", backend]
-    for item in sets:
-        args += ["--set", item]
-    out, err = io.StringIO(), io.StringIO()
-    start = time.monotonic()
-    with time_limit(10), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue(), time.monotonic() - start
-
-
 @pytest.mark.parametrize("backend", list(BASES))
-def test_generated_jobs_are_valid_or_one_line_per_problem(tmp_path, backend):
-    from hypothesis import HealthCheck, given, settings
-
-    validate(tmp_path / "warm-up.yaml", backend, [])  # plugin loading is not the job's time
+def test_generated_jobs_are_valid_or_one_line_per_problem(tmp_path, capsys, backend):
+    cli(capsys, "validate", "warm-up.yaml", "-b", backend)  # loading plugins is not a job's time
 
     @settings(
         max_examples=150,
@@ -601,8 +564,9 @@ def test_generated_jobs_are_valid_or_one_line_per_problem(tmp_path, backend):
     def check(case):
         name, raw, sets = case
         job = write_bytes(tmp_path / name, raw)
-        code, out, err, seconds = validate(job, backend, sets)
-        assert seconds < 5
+        start = time.monotonic()
+        code, out, err = cli(capsys, "validate", job, "-b", backend, *(f"--set={s}" for s in sets))
+        assert time.monotonic() - start < 5
         if code == 0:
             assert err == "" and out.startswith(f"# {job}: valid {backend} job\n")
         else:

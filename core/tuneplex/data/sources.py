@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,8 @@ def _not_utf8(exc: UnicodeDecodeError, column: int) -> str:
 
 
 def _loads(text: str, *, where: str, whole_file: bool) -> Any:
-    """json.loads; malformed, too deep or too long a number is one line naming `where` (for a
-    whole file, with the line the error is on)."""
+    """json.loads; malformed JSON, nesting or numbers too large to read are one line naming
+    `where` (for a whole file, with the line the error is on)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -166,9 +167,10 @@ def _loads(text: str, *, where: str, whole_file: bool) -> Any:
             reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
         raise UsageError(Problem(where, reason)) from None
     except RecursionError:
-        raise UsageError(Problem(where, "invalid JSON: nested too deeply to read")) from None
-    except ValueError:  # int(): more digits than Python converts (sys.get_int_max_str_digits)
-        raise UsageError(Problem(where, "invalid JSON: a number has too many digits")) from None
+        raise UsageError(Problem(where, "nested too deeply to read")) from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise UsageError(Problem(where, f"a number has more than {digits} digits")) from None
 
 
 def _read_parquet(path: Path):
