@@ -95,6 +95,18 @@ class Dist:
             dist.all_reduce(tensor, group=self.group("pp"))
         return tensor
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's `value`: what one rank knows (a stop signal it got)
+        reaches them all. One small all-reduce over the whole world."""
+        if self.world_size == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     def close(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist

@@ -5,6 +5,11 @@ starts `num_gpus_per_node` workers on this node through `torch.distributed.launc
 Rendezvous settings come from `tuneplex train` flags (exported as TUNEPLEX_* variables), else
 from Slurm's variables, else a single-node run on localhost. Started by torchrun already, a
 worker just joins (see distributed.init).
+
+Workers never outlive the launcher: each ties itself to it (tuneplex.signals.tie_to_parent),
+so a launcher killed outright (SIGKILL, the OOM killer) takes them along. SIGINT or SIGTERM to
+the launcher reaches every worker once; they stop together at the same step with a
+checkpoint, and the launcher exits 130 or 143 once they are done (SIGKILL after STOP_GRACE_S).
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+from tuneplex import console
 from tuneplex.errors import Problem, TuneplexError, UsageError
+from tuneplex.signals import STOP_GRACE_S, StopSignals, exit_code
 
 from tuneplex_automodel.parallel_dims import ParallelDims
 
@@ -103,25 +112,50 @@ def launch(dims: ParallelDims, job: dict, run_dir: Path, *, resume: bool) -> Non
         rdzv_configs=configs,
         max_restarts=0,
         monitor_interval=0.2,
+        shutdown_timeout=STOP_GRACE_S,
+        signals_to_handle="SIGHUP,SIGQUIT",  # SIGINT and SIGTERM: _signals_to_workers
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="tuneplex-") as tmp:
         job_json = Path(tmp) / "job.json"  # a private directory: it may hold secrets
         job_json.write_text(json.dumps(job), encoding="utf-8")
         args = ["-m", "tuneplex_automodel.worker", str(job_json), str(run_dir)]
-        _run(config, args + (["--resume"] if resume else []))
+        args += ["--launcher", str(os.getpid())] + (["--resume"] if resume else [])
+        with console.released():  # the workers capture their own output into the run's log
+            _run(config, args)
 
 
 def _run(config, args: list[str]) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    for name in list(logging.root.manager.loggerDict):  # they set their own levels
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*args)
+        with _signals_to_workers():
+            elastic_launch(config, entrypoint=sys.executable)(*args)
+    except SignalException as exc:  # the workers got the signal too, and have stopped
+        raise WorkersFailed(exit_code(exc.sigval)) from None
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
-        code = next((c for c in codes if c in (1, 2, 130)), codes[0] if codes else 1)
+        code = next((c for c in codes if c in (1, 2, 130, 143)), codes[0] if codes else 1)
         raise WorkersFailed(code if code > 0 else 1) from None
     except KeyboardInterrupt:
         raise WorkersFailed(130) from None
+
+
+@contextmanager
+def _signals_to_workers():
+    """The first SIGINT / SIGTERM raises torch elastic's SignalException, on which its agent
+    sends that signal to every worker and waits for them (SIGKILL after STOP_GRACE_S); later
+    ones are ignored, so they cannot cut that wait short and leave workers behind (torch
+    elastic's own handler, which would raise again, keeps only SIGHUP and SIGQUIT)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def error(signum: int) -> BaseException:
+        return SignalException(f"got {signum}", sigval=signal.Signals(signum))
+
+    with StopSignals(say=console.note, error=error):
+        yield

@@ -8,6 +8,7 @@ any split into micro-batches (or data-parallel ranks) gives the same gradient.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -18,18 +19,20 @@ from typing import Any
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
-from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
+from tuneplex.errors import Interrupted, Problem, TrainingStopped, TuneplexError, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
 from tuneplex.models import parameter_counts
 from tuneplex.progress import Progress, quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
     MetricsLog,
+    checkpoint_path,
     prune_checkpoints,
     resume_checkpoint,
     run_summary,
     write_summary,
 )
+from tuneplex.signals import Stop, StopSignals, interrupted, resume_line, stopped_early
 
 from tuneplex_automodel.checkpoint import (
     export_run,
@@ -102,14 +105,27 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
     check_model_ref(job.model)
     import torch
 
-    dist = init_distributed(dims, cuda=torch.cuda.is_available())
-    try:
-        return _train(job, run_dir, resume=resume, data_spec=data_spec, dist=dist)
-    finally:
-        dist.close()
+    with StopSignals(say=note if os.environ.get("RANK", "0") == "0" else None) as stop:
+        dist = None
+        try:
+            dist = init_distributed(dims, cuda=torch.cuda.is_available())
+            return _train(job, run_dir, resume=resume, data_spec=data_spec, dist=dist, stop=stop)
+        except Stop as exc:  # while setting up: nothing worth saving yet
+            raise stopped_early(run_dir, signum=exc.signum) from None
+        except TuneplexError:
+            raise
+        except Exception:
+            if stop.signum and dims.world_size > 1:  # a peer that stopped first left a collective
+                raise stopped_early(run_dir, signum=stop.signum) from None
+            raise
+        finally:
+            if dist is not None:
+                dist.close()
 
 
-def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict | None:
+def _train(
+    job, run_dir: Path, *, resume: bool, data_spec, dist: Dist, stop: StopSignals
+) -> dict | None:
     if dist.is_main:  # build the token cache once; the other ranks then load it
         prepared = prepare(data_spec)
     dist.barrier()
@@ -193,6 +209,7 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         pad_id=pad_id_of(tokenizer),
         teacher=teacher,
         pipe=pipe,
+        stop=stop,
     )
     if resume:
         loop.restore()
@@ -229,19 +246,25 @@ def _train(job, run_dir: Path, *, resume: bool, data_spec, dist: Dist) -> dict |
         + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
     )
     say(f"run directory: {run_dir}")
+    stop.defer()  # the loop stops between steps, every rank at the same one
     loop.run()
     what = None
     if loop.step == plan.total_steps:
         final_dtype = base_dtype if base_dtype not in (None, rt.dtype) else None
-        what = export_run(
-            run_dir / FINAL_DIR,
-            job=job,
-            model=model,
-            tokenizer=tokenizer,
-            dist=dist,
-            load_dtype=rt.dtype,
-            dtype=final_dtype,
-        )
+        try:
+            stop.expedite()  # final/ is written atomically: a stop abandons it at once
+            what = export_run(
+                run_dir / FINAL_DIR,
+                job=job,
+                model=model,
+                tokenizer=tokenizer,
+                dist=dist,
+                load_dtype=rt.dtype,
+                dtype=final_dtype,
+            )
+        except Stop as exc:
+            raise loop.stopped(exc.signum, during="writing final/") from None
+        stop.defer()  # the run is complete: a signal from here on changes nothing
     dist.barrier()
     if not dist.is_main:
         loop.close()
@@ -284,8 +307,10 @@ class _Loop:
         pad_id,
         teacher=None,
         pipe=None,
+        stop: StopSignals | None = None,
     ):
         self.job, self.run_dir, self.rt, self.dist = job, run_dir, rt, dist
+        self.stop = stop
         self.teacher, self.pipe = teacher, pipe
         self.loss_sum = loss_sum
         if dist.dims.cp > 1:
@@ -367,20 +392,41 @@ class _Loop:
                 for i in range(within, len(micro_plan)):
                     if self.step >= plan.total_steps:
                         break
+                    self._stop_if_asked()
                     rows = step_rows[i]  # the whole step's rows, every rank's
                     n_targets = int(self.train_rows.target_counts[rows].sum())
                     tokens = int(self.train_rows.lengths[rows].sum())
                     self._train_step(micro_plan[i], n_targets, tokens)
-        except KeyboardInterrupt:
-            self._close_progress()
-            if self.dist.is_main:
-                write_summary(self.run_dir, self.summary("interrupted"))
-            raise Interrupted(
-                f"interrupted at step {self.step}; `tuneplex train ... --resume` continues from "
-                + (self.last_checkpoint or "the start (no checkpoint yet)")
-            ) from None
+            self._stop_if_asked()  # a signal during the last step
+        except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
+            raise self.stopped(None) from None
         finally:
             self._close_progress()
+
+    def _stop_if_asked(self) -> None:
+        """Between steps: stop if any rank was told to (every rank takes the same answer, so
+        none waits in a collective), with a checkpoint at the last completed step."""
+        if self.stop is None:
+            return
+        signum = self.dist.max_over_ranks(self.stop.signum)
+        if not signum:
+            return
+        if self.step and self.last_checkpoint != str(checkpoint_path(self.run_dir, self.step)):
+            self._checkpoint()
+        raise self.stopped(signum)
+
+    def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
+        """Record the stop in summary.json (rank 0); the error that says how to resume."""
+        self._close_progress()
+        if self.dist.is_main:
+            write_summary(self.run_dir, self.summary("interrupted"))
+        line = resume_line(
+            f"interrupted at step {self.step}",
+            signum=signum,
+            during=during,
+            continues_from=self.last_checkpoint,
+        )
+        return interrupted(line, signum=signum)
 
     def _close_progress(self) -> None:
         if self.progress is not None:

@@ -1,8 +1,9 @@
 """One worker process of a multi-process job:
-`python -m tuneplex_automodel.worker JOB_JSON RUN_DIR [--resume]`.
+`python -m tuneplex_automodel.worker JOB_JSON RUN_DIR --launcher PID [--resume]`.
 
 Started by `launch` with the resolved job in a node-local JSON file (users running torchrun
-themselves run `tuneplex train` in every worker instead).
+themselves run `tuneplex train` in every worker instead). The worker's life is tied to the
+launcher's (PID, its parent) before anything else happens.
 Errors are printed once, by rank 0, one line each; the exit code says what kind they were.
 """
 
@@ -18,18 +19,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_json, run_dir = Path(argv[0]), Path(argv[1])
     resume = "--resume" in argv[2:]
+    if "--launcher" in argv:
+        from tuneplex.signals import tie_to_parent
+
+        tie_to_parent(int(argv[argv.index("--launcher") + 1]))
+    from tuneplex import console
     from tuneplex.errors import TuneplexError
     from tuneplex.plugins import registry
     from tuneplex.progress import quiet_third_party_logs
+    from tuneplex.runs import LOG_FILE
 
     quiet_third_party_logs()
 
+    rank = os.environ.get("RANK", "0")
     backend = registry().get("automodel").backend
     try:
-        job = backend.job_schema.model_validate(json.loads(job_json.read_text(encoding="utf-8")))
-        backend.train(job, run_dir, resume=resume)
+        with console.capture(run_dir / LOG_FILE, title=f"worker rank {rank}"):
+            job = backend.job_schema.model_validate(
+                json.loads(job_json.read_text(encoding="utf-8"))
+            )
+            backend.train(job, run_dir, resume=resume)
     except TuneplexError as exc:
-        if os.environ.get("RANK", "0") == "0":
+        if rank == "0":
             for line in exc.lines():
                 print(line, file=sys.stderr, flush=True)
         return exc.exit_code

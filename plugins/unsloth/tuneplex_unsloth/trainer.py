@@ -33,6 +33,7 @@ from tuneplex.runs import (
     run_summary,
     write_summary,
 )
+from tuneplex.signals import Stop, StopSignals, interrupted, resume_line, stopped_early
 
 from tuneplex_unsloth.model import Loader, UnslothLoader
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -127,8 +128,11 @@ def make_callback(**kw):
     class RunDirCallback(_callback_base()):
         """metrics.jsonl, progress, validation, NaN stop and step_N checkpoints for HF's loop."""
 
-        def __init__(self, *, job, run_dir, val_rows, pad_id, counter, resumed_from, header):
+        def __init__(
+            self, *, job, run_dir, val_rows, pad_id, counter, resumed_from, header, stop=None
+        ):
             self.job, self.run_dir, self.val_rows = job, run_dir, val_rows
+            self.stop = stop
             self.pad_id, self.counter, self.header = pad_id, counter, header
             self.resumed_from = resumed_from
             self.metrics = MetricsLog(run_dir, resume_step=resumed_from)
@@ -161,6 +165,8 @@ def make_callback(**kw):
 
         def on_step_end(self, args, state, control, model=None, **_):
             self.step = state.global_step
+            if self.stop is not None and self.stop.signum:  # asked to stop: after this step
+                control.should_log = control.should_save = control.should_training_stop = True
             if self.val_rows is None:
                 return
             every = self.job.schedule.eval_steps
@@ -286,6 +292,16 @@ def trainer_class():
 
 
 def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
+    with StopSignals(say=note) as stop:
+        try:
+            return _train(job, run_dir, resume=resume, data_spec=data_spec, stop=stop)
+        except Stop as exc:  # while loading: nothing worth saving yet
+            raise stopped_early(run_dir, signum=exc.signum, backend="unsloth") from None
+
+
+def _train(
+    job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec, stop: StopSignals
+) -> dict[str, Any]:
     quiet_third_party_logs()
     select_gpus(job)
     loader = LOADER()  # imports unsloth first on the real path
@@ -333,6 +349,7 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
         counter=counter,
         resumed_from=found[0] if found else None,
         header=header,
+        stop=stop,
     )
     if found:
         callback.last_checkpoint = str(found[1])
@@ -352,16 +369,15 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # RunDirCallback prints what the run shows
+    stop.defer()  # HF's loop stops after the step in progress: RunDirCallback.on_step_end
     try:
         trainer.train(resume_from_checkpoint=str(found[1]) if found else None)
-    except KeyboardInterrupt:
-        write_summary(run_dir, callback.summary("interrupted"))
-        raise Interrupted(
-            f"interrupted at step {callback.step}; `tuneplex train ... --backend unsloth "
-            "--resume` continues from " + (callback.last_checkpoint or "the start")
-        ) from None
+    except KeyboardInterrupt:  # raised in a step, not by a signal handler of ours
+        raise _stopped(callback, None) from None
     finally:
         callback.metrics.close()
+    if stop.signum:
+        raise _stopped(callback, stop.signum)
     if callback.failed_step is not None:
         write_summary(run_dir, callback.summary("diverged", failed_step=callback.failed_step))
         raise TrainingStopped(
@@ -371,13 +387,31 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
         )
     from tuneplex_unsloth.export import export_final
 
-    what = export_final(
-        run_dir / FINAL_DIR, model=trainer.model, tokenizer=tokenizer, job=job, loader=loader
-    )
+    try:
+        stop.expedite()  # final/ is written atomically: a stop abandons it at once
+        what = export_final(
+            run_dir / FINAL_DIR, model=trainer.model, tokenizer=tokenizer, job=job, loader=loader
+        )
+    except Stop as exc:
+        raise _stopped(callback, exc.signum, during="writing final/") from None
+    stop.defer()  # the run is complete: a signal from here on changes nothing
     summary = callback.summary("completed")
     write_summary(run_dir, summary)
     print(f"final: {run_dir / FINAL_DIR} ({what})", flush=True)
     return summary
+
+
+def _stopped(callback, signum: int | None, *, during: str | None = None) -> Interrupted:
+    """Record the stop in summary.json; the error that says how to resume."""
+    write_summary(callback.run_dir, callback.summary("interrupted"))
+    line = resume_line(
+        f"interrupted at step {callback.step}",
+        signum=signum,
+        during=during,
+        continues_from=callback.last_checkpoint,
+        backend="unsloth",
+    )
+    return interrupted(line, signum=signum)
 
 
 def _float(x):
