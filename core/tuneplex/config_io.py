@@ -110,7 +110,7 @@ def _check_expansion(root: yaml.Node) -> None:
                     if values > MAX_VALUES
                     else f"is nested deeper than {MAX_DEPTH} levels"
                 )
-                reason = f"this value {too} once its aliases are expanded"
+                reason = f"this value {too} (aliases expanded)"
                 raise ComposerError(None, None, reason, node.start_mark)
             done[id(node)] = (values, depth)
         elif id(node) in entered:
