@@ -256,6 +256,7 @@ def test_a_huge_shared_value_is_quoted_in_bounded_time():
         ("FIFO", "{fifo}: not a regular file (a named pipe)"),
         ("DIR", "{dir}: is a directory, not a job file"),
     ],
+    ids=["dev-zero", "fifo", "directory"],
 )
 def test_job_must_be_a_regular_file(tmp_path, path, expected):
     fifo = tmp_path / "job.yaml"
