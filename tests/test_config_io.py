@@ -69,6 +69,11 @@ def test_yaml_duplicate_key(write):
     assert lines(load_job_file, path) == [f"{path}:4:1: duplicate key 'model' (first at line 1)"]
 
 
+def test_json_duplicate_key(write):
+    path = write("dup.json", '{"model": "a", "dataset": {"training": "d"}, "model": "b"}')
+    assert lines(load_job_file, path) == [f"{path}: duplicate key 'model'"]
+
+
 def test_json_syntax_error(write):
     path = write("bad.json", '{"model": "m",\n "dataset": }')
     (line,) = lines(load_job_file, path)

@@ -230,6 +230,20 @@ def _json_int(text: str) -> int:
     return int(text)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects as YAML mappings are read: a key given twice is refused, not overwritten."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _too_deep(data: Any) -> bool:
     stack = [(data, 1)]
     while stack:
@@ -245,9 +259,11 @@ def _too_deep(data: Any) -> bool:
 def parse_json(text: str, *, source: str) -> Any:
     """Parse a JSON job; errors become `source:line:col: reason`, as for YAML."""
     try:
-        data = json.loads(text, parse_int=_json_int)
+        data = json.loads(text, parse_int=_json_int, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise UsageError(Problem(f"{source}:{exc.lineno}:{exc.colno}", exc.msg)) from None
+    except _DuplicateKey as exc:
+        raise UsageError(Problem(source, f"duplicate key {show(str(exc))}")) from None
     except _LongInteger as exc:
         digits = str(exc)
         before = text[: text.find(digits)].split("\n")
