@@ -62,6 +62,7 @@ def single(workdir):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ft", "packed", "procs", "shown"),
     [
@@ -83,6 +84,7 @@ def test_context_parallel_equals_one_process(workdir, single, ft, packed, procs,
     load_final(run, ft)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "ft", "procs"),
     [
@@ -101,19 +103,17 @@ def test_expert_parallel_equals_one_process(workdir, single, model, ft, procs):
     assert f"{procs} processes (dp {procs} × ep 2)" in proc.stdout
     assert_run_directory(run)
     assert_same_run(reference, run)
-    # AdamW moves a weight by up to ~lr (5e-3) whatever its gradient's size, so fp32
-    # summation-order noise on a near-zero gradient element can show up to ~lr/20 (seen: one
-    # element of 2,048 off by 1.8e-4); every loss above still agrees within 1e-5
-    assert_same_final(reference, run, atol=5e-4)
+    assert_same_final(reference, run)
     load_final(run, ft)
     if (model, ft, procs) == ("qwen3-moe", "all_weights", 2):  # sharded experts come back
         shutil.rmtree(run / "checkpoints" / "step_4")
         shutil.rmtree(run / "final")
         cli(spec, "-o", run, "--resume", *layout(2, expert_parallel_size=2))
         assert_same_run(reference, run)
-        assert_same_final(reference, run, atol=5e-4)
+        assert_same_final(reference, run)
 
 
+@pytest.mark.slow
 def test_expert_parallel_needs_experts_it_divides(workdir, tokenizers, tmp_path):
     from tuneplex.tiny import build_moe
 

@@ -41,6 +41,7 @@ def single(workdir):
     return reference_runs(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ft", ["lora", "all_weights"])
 @pytest.mark.parametrize(("procs", "tp"), [(2, 1), (2, 2), (4, 2)], ids=["dp2", "tp2", "dp2xtp2"])
 def test_parallel_run_equals_one_process(workdir, single, ft, procs, tp):
@@ -62,6 +63,7 @@ def test_parallel_run_equals_one_process(workdir, single, ft, procs, tp):
     load_final(run, ft)
 
 
+@pytest.mark.slow
 def test_resume_across_ranks(workdir, single):
     """Data-parallel run resumed from a checkpoint written by rank 0 and read by every rank."""
     import shutil
@@ -76,6 +78,7 @@ def test_resume_across_ranks(workdir, single):
     assert_same_final(single["all_weights"], run)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost(workdir, single):
     run = workdir / "two-nodes"
     port = free_port()
@@ -126,13 +129,14 @@ def test_two_nodes_on_localhost(workdir, single):
             "parallelism: pipeline parallelism with context parallelism is not supported; set "
             "pipeline_parallel_size or context_parallel_size to 1",
         ),
-        (  # an error inside the workers, printed once by rank 0
+        pytest.param(  # an error inside the workers, printed once by rank 0
             [
                 "parallelism.num_gpus_per_node=2",
                 "parallelism.tensor_parallel_size=2",
                 "training.lora.target_modules=[nope]",
             ],
             "training.lora.target_modules: ['nope']",
+            marks=pytest.mark.slow,  # starts the workers
         ),
     ],
     ids=["no-rendezvous", "unsupported-combination", "worker-error"],
@@ -145,6 +149,7 @@ def test_launch_errors_are_one_line(workdir, tmp_path, sets, line):
     assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
+@pytest.mark.slow
 def test_started_by_torchrun_the_workers_join(workdir, single):
     run = workdir / "own-torchrun"
     proc = subprocess.run(

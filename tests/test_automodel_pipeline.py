@@ -45,6 +45,7 @@ def single(workdir):
     return reference_runs(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ft", "procs", "tp", "micro", "shown"),
     [
@@ -70,6 +71,7 @@ def test_pipeline_equals_one_process(workdir, single, ft, procs, tp, micro, show
         assert len(final.model.layers) == 4
 
 
+@pytest.mark.slow
 def test_pipeline_resumes_from_a_merged_checkpoint(workdir, single):
     """Rank 0 writes one checkpoint for both stages; each stage reads back its own part."""
     run = workdir / "pp2-resumed"
