@@ -199,6 +199,29 @@ def test_a_signal_during_the_final_export_leaves_the_run_resumable(
     assert read_metrics(run) == before
 
 
+def test_a_signal_while_setting_up_stops_at_once_with_one_line(
+    capsys, workdir, tmp_path, monkeypatch, restore_signals
+):
+    """In-process: SIGTERM as the data is being prepared, before any step."""
+    import tuneplex_automodel.trainer as trainer
+
+    prepare = trainer.prepare
+
+    def signalled_while_preparing(spec):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(spec)
+
+    monkeypatch.setattr(trainer, "prepare", signalled_while_preparing)
+    run = tmp_path / "run"
+    code, _, err = train(capsys, workdir / "job.yaml", "-o", run)
+    assert code == 143, err
+    assert err.strip().splitlines() == [
+        "interrupted by SIGTERM; `tuneplex train ... --resume` continues from the start (no "
+        "checkpoint yet)"
+    ]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for entry in os.listdir("/proc"):

@@ -25,26 +25,41 @@ def main(argv: list[str] | None = None) -> int:
         tie_to_parent(int(argv[argv.index("--launcher") + 1]))
     from tuneplex import console
     from tuneplex.errors import TuneplexError
-    from tuneplex.plugins import registry
     from tuneplex.progress import quiet_third_party_logs
     from tuneplex.runs import LOG_FILE
 
     quiet_third_party_logs()
-
     rank = os.environ.get("RANK", "0")
-    backend = registry().get("automodel").backend
     try:
         with console.capture(run_dir / LOG_FILE, title=f"worker rank {rank}"):
-            job = backend.job_schema.model_validate(
-                json.loads(job_json.read_text(encoding="utf-8"))
-            )
-            backend.train(job, run_dir, resume=resume)
+            _train(job_json, run_dir, resume=resume)
     except TuneplexError as exc:
         if rank == "0":
             for line in exc.lines():
                 print(line, file=sys.stderr, flush=True)
         return exc.exit_code
     return 0
+
+
+def _train(job_json: Path, run_dir: Path, *, resume: bool) -> None:
+    """Train, with output captured: an unexpected error's traceback goes to the run's log and
+    becomes one line, as in `tuneplex train`."""
+    from tuneplex import console
+    from tuneplex.errors import InternalError, TuneplexError, first_line
+    from tuneplex.plugins import registry
+
+    backend = registry().get("automodel").backend
+    try:
+        job = backend.job_schema.model_validate(json.loads(job_json.read_text(encoding="utf-8")))
+        backend.train(job, run_dir, resume=resume)
+    except TuneplexError:
+        raise
+    except Exception as exc:
+        console.log_traceback()
+        raise InternalError(
+            f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
+            f"(traceback in {console.log_path()})"
+        ) from None
 
 
 if __name__ == "__main__":
