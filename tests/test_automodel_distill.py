@@ -139,6 +139,7 @@ def test_distillation_with_tensor_parallel_is_refused(capsys, job, tmp_path):
     ]
 
 
+@pytest.mark.slow  # worker processes
 def test_data_parallel_distillation_equals_one_process(job, tmp_path):
     import os
     import subprocess

@@ -240,6 +240,7 @@ def reference(models, batch) -> dict:
     return out
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process(case, ranks, reference):
     got, want = ranks[case], reference[case]
@@ -258,12 +259,14 @@ def test_two_ranks_equal_one_process(case, ranks, reference):
         )
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("case", list(CASES))
 def test_unsharded_call_after_enable_is_plain_attention(case, ranks, reference):
     """Evaluation on whole rows (no shard mask) still builds the model's own SDPA mask."""
     assert torch.allclose(ranks[case]["whole"], reference[case]["loss"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow  # worker processes
 def test_gather_gradient_sums_every_rank(ranks):
     check = ranks["gather"]
     gathered_ok, grad = check[False]

@@ -85,6 +85,7 @@ def ep_runs(models, tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_gradients_equal_one_process(ep_runs, case):
     for rank, run in enumerate(ep_runs):
@@ -108,6 +109,7 @@ def test_loss_and_gradients_equal_one_process(ep_runs, case):
             assert m["expert_grad_max_diff"] <= TOL * max(1.0, m["expert_grad_max"]), (rank, m)
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("case", CASES)
 def test_state_dict_gathers_and_scatters_the_shards(ep_runs, case):
     for run in ep_runs:
@@ -119,6 +121,7 @@ def test_state_dict_gathers_and_scatters_the_shards(ep_runs, case):
         assert abs(m["reloaded_loss"] - m["ref_loss"]) <= TOL * abs(m["ref_loss"])
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("scenario", ["one_sided", "one_rank_empty"])
 def test_uneven_and_empty_routing(ep_runs, scenario):
     """All tokens to rank 0's experts, and a rank with no tokens at all: the collectives still
