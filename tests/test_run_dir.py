@@ -192,13 +192,25 @@ time.sleep(120)
 """
 
 
+WORKER = """
+import sys, time
+from tuneplex.runs import hold_as_worker
+hold_as_worker(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("holder_code", [HOLDER, WORKER], ids=["train", "orphaned-worker"])
 def test_one_writer_per_run_and_the_lock_dies_with_its_process(
-    fake_registry, job, tmp_path, capsys
+    fake_registry, job, tmp_path, capsys, holder_code
 ):
+    """A `train` holding the run, or rank 0 of the workers of one whose launcher was killed
+    (they still finish their stop): either way a second train is refused until it is gone."""
     out = tmp_path / "run"
     assert train(capsys, job, out)[0] == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", holder_code, str(out)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -370,3 +382,22 @@ def test_time_bound(tmp_path):
     t0 = time.perf_counter()
     assert len(files_of(root)) == MAX_FILES
     assert time.perf_counter() - t0 < 30
+
+
+def test_a_signal_before_the_backend_takes_over_is_one_line(fake_registry, job, tmp_path, capsys):
+    """SIGTERM while the backend is still starting (importing torch, say): exit 143, one line."""
+    import threading
+
+    out = tmp_path / "run"
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    code, _, err = train(capsys, job, out, "--set", "schedule.pause_s=1.5")
+    timer.join()
+    assert code == 143
+    assert err == (
+        "interrupted by SIGTERM; `tuneplex train ... --resume` continues from the start (no "
+        "checkpoint yet)\n"
+    )
+    assert (out / "job.json").is_file()  # the run stays, resumable
+    code, _, err = train(capsys, job, out, "--resume", "--set", "schedule.pause_s=1.5")
+    assert code == 0, err

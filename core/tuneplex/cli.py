@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -237,8 +238,9 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
     """Open (and lock) the run directory, then train with third-party output in train.log;
     an unexpected error is one line here and its traceback in train.log."""
     from tuneplex import console
-    from tuneplex.errors import InternalError, Interrupted, first_line
+    from tuneplex.errors import InternalError, first_line
     from tuneplex.runs import LOG_FILE, open_run
+    from tuneplex.signals import Stop, StopSignals, stopped_early
 
     public = parsed.to_public_dict()
     with open_run(
@@ -248,15 +250,17 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
         try:
             with console.capture(log, title=f"tuneplex {__version__} train {job}"):
                 try:
-                    backend.train(parsed, run_dir, resume=run.resuming)
+                    # a signal before the backend installs its own handlers (while importing
+                    # torch, say) is a stop too: one line, exit 130 / 143
+                    with StopSignals(say=console.note):
+                        backend.train(parsed, run_dir, resume=run.resuming)
                 except TuneplexError as exc:
                     if exc.exit_code == EXIT_USAGE:  # refused before training: leave no run
                         run.discard()
                     raise
-                except KeyboardInterrupt:
-                    raise Interrupted(
-                        "interrupted before training started; nothing to resume yet"
-                    ) from None
+                except KeyboardInterrupt as exc:  # Stop, or a Ctrl-C a backend let through
+                    signum = exc.signum if isinstance(exc, Stop) else signal.SIGINT
+                    raise stopped_early(run_dir, signum=signum) from None
                 except Exception as exc:
                     console.log_traceback()
                     raise InternalError(

@@ -185,9 +185,14 @@ class TrainingStopped(TuneplexError):
 
 
 class Interrupted(TuneplexError):
-    """Ctrl-C during training: the run can be resumed. Exit 130, as for SIGINT."""
+    """A run stopped by a signal, resumable. The exit code is the shell's for the signal: 130
+    for SIGINT (Ctrl-C), 143 for SIGTERM."""
 
     exit_code = 130
+
+    def __init__(self, problems: str | Problem | Iterable[Problem | str], *, exit_code: int = 130):
+        super().__init__(problems)
+        self.exit_code = exit_code
 
 
 class InternalError(TuneplexError):

@@ -56,9 +56,7 @@ class Stop(KeyboardInterrupt):
 
 def interrupted(message: str, *, signum: int | None) -> Interrupted:
     """`Interrupted` whose exit code is the signal's (130 for a plain KeyboardInterrupt)."""
-    exc = Interrupted(message)
-    exc.exit_code = exit_code(signum or signal.SIGINT)
-    return exc
+    return Interrupted(message, exit_code=exit_code(signum or signal.SIGINT))
 
 
 def resume_line(
@@ -124,9 +122,11 @@ class StopSignals:
 
     def __exit__(self, *exc_info) -> None:
         for sig, handler in self._previous.items():
-            # stopped, the process is on its way out: ignore the signals for good (Python
-            # resets its own handlers during the second or so of teardown, SIG_IGN it keeps)
-            signal.signal(sig, signal.SIG_IGN if self.signum else handler)
+            # stopped (here, or by a StopSignals nested inside), the process is on its way
+            # out: ignore the signals for good (Python resets its own handlers during the
+            # second or so of teardown, SIG_IGN it keeps)
+            stopped = self.signum or signal.getsignal(sig) is signal.SIG_IGN
+            signal.signal(sig, signal.SIG_IGN if stopped else handler)
         self._previous.clear()
 
     def defer(self) -> None:

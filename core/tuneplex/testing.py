@@ -43,6 +43,9 @@ class FakeSchedule(StrictModel):
     crash: bool = Field(
         default=False, description="Fail inside train with an unexpected error (a defect)."
     )
+    pause_s: float = Field(
+        default=0.0, ge=0, description="Seconds to wait before training (a slow import)."
+    )
 
 
 class FakeOutput(StrictModel):
@@ -83,6 +86,10 @@ class FakeBackend:
         )
 
     def train(self, job: FakeJobInput, run_dir: Path, *, resume: bool = False) -> None:
+        if job.schedule.pause_s:
+            import time
+
+            time.sleep(job.schedule.pause_s)
         with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
             for step in range(1, job.schedule.steps + 1):
                 row = {"step": step, "split": "train", "loss": 1.0 / step, "resumed": resume}

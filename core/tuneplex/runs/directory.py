@@ -37,6 +37,9 @@ LOG_FILE = "train.log"
 STATE_DIR = ".tuneplex"
 MARKER = f"{STATE_DIR}/run.json"
 LOCK = f"{STATE_DIR}/lock"
+WORKER_LOCK = f"{STATE_DIR}/worker.lock"
+"""Held by rank 0 of the workers a launcher starts: should the launcher die first (SIGKILL),
+its workers still finish their stop, and no new `train` may start on the run meanwhile."""
 RUN_FORMAT = 1
 OWNED = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, FINAL_DIR, LOG_FILE, "wandb", "tensorboard")
 """Entries of a run directory that tuneplex writes (and `--overwrite` replaces); checkpoints/
@@ -197,10 +200,31 @@ def _start(run_dir: Path, *, job: Mapping[str, Any], lock_fd: int) -> Run:
 
 
 def _lock(run_dir: Path) -> int:
-    """Take the run's exclusive lock, or refuse naming who holds it."""
+    """Take the run's exclusive lock, or refuse naming who holds it (a `train`, or workers a
+    `train` started that are still stopping)."""
+    fd = _take(run_dir, LOCK)
+    try:
+        os.close(_take(run_dir, WORKER_LOCK))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_worker_lock: int | None = None
+
+
+def hold_as_worker(run_dir: Path) -> None:
+    """Rank 0 of a launcher's workers: hold WORKER_LOCK until this process ends."""
+    global _worker_lock
+    if _worker_lock is None:
+        _worker_lock = _take(Path(run_dir), WORKER_LOCK)
+
+
+def _take(run_dir: Path, name: str) -> int:
     import fcntl
 
-    path = run_dir / LOCK
+    path = run_dir / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:

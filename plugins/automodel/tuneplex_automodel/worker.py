@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     from tuneplex import console
     from tuneplex.errors import TuneplexError
     from tuneplex.progress import quiet_third_party_logs
-    from tuneplex.runs import LOG_FILE
+    from tuneplex.runs import LOG_FILE, hold_as_worker
 
     quiet_third_party_logs()
     rank = os.environ.get("RANK", "0")
     try:
+        if rank == "0":  # keeps the run locked while stopping, should the launcher die first
+            hold_as_worker(run_dir)
         with console.capture(run_dir / LOG_FILE, title=f"worker rank {rank}"):
             _train(job_json, run_dir, resume=resume)
     except TuneplexError as exc:
