@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -57,3 +58,13 @@ def tiny_model(tokenizers, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-llama")
     build_llama(out, tokenizer=tokenizers["chatml"][1], hidden=64, layers=2, init_std=0.1)
     return str(out)
+
+
+@pytest.fixture(autouse=True)
+def _restore_signals():
+    """In-process runs that stop leave SIGINT / SIGTERM ignored (the process is about to exit);
+    restored here, so that no later test, nor the processes it starts, inherits that."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

@@ -57,15 +57,6 @@ def uninterrupted(workdir):
     return _run
 
 
-@pytest.fixture
-def restore_signals():
-    """In-process runs leave SIGINT / SIGTERM ignored after a stop (the process would exit)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def _env(root) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1", "TUNEPLEX_CACHE": str(root / "cache")}
 
@@ -163,7 +154,7 @@ def test_a_second_signal_during_the_stop_is_one_note_never_a_traceback(workdir):
 
 
 def test_a_signal_during_the_final_export_leaves_the_run_resumable(
-    capsys, workdir, tiny_model, tmp_path, monkeypatch, restore_signals
+    capsys, workdir, tiny_model, tmp_path, monkeypatch
 ):
     """In-process, so that SIGTERM arrives at a known moment of the export: after the weights
     are written into final/'s temporary directory, as the tokenizer is being saved."""
@@ -200,7 +191,7 @@ def test_a_signal_during_the_final_export_leaves_the_run_resumable(
 
 
 def test_a_signal_while_setting_up_stops_at_once_with_one_line(
-    capsys, workdir, tmp_path, monkeypatch, restore_signals
+    capsys, workdir, tmp_path, monkeypatch
 ):
     """In-process: SIGTERM as the data is being prepared, before any step."""
     import tuneplex_automodel.trainer as trainer
@@ -253,19 +244,19 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_child_tied_to_its_parent_ends_when_the_parent_is_killed(tmp_path):
-    """tie_to_parent alone: a parent killed with SIGKILL takes its child along."""
+@pytest.mark.parametrize("sigterm", ["default", "ignored"])
+def test_a_child_tied_to_its_parent_ends_when_the_parent_is_killed(tmp_path, sigterm):
+    """tie_to_parent alone: a parent killed with SIGKILL takes its child along — also when the
+    child inherited SIGTERM ignored (as from a process that had stopped, or a job manager)."""
     pid_file = tmp_path / "child.pid"
     child = (
         "import os, sys, time; from tuneplex.signals import tie_to_parent; "
         "tie_to_parent(int(sys.argv[1])); open(sys.argv[2], 'w').write(str(os.getpid())); "
         "time.sleep(600)"
     )
-    parent = (
-        "import os, subprocess, sys, time; "
-        f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), sys.argv[1]]); "
-        "time.sleep(600)"
-    )
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if sigterm == "ignored" else ""
+    spawn = f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), sys.argv[1]]); "
+    parent = "import os, signal, subprocess, sys, time; " + ignore + spawn + "time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", parent, str(pid_file)])
     deadline = time.monotonic() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:

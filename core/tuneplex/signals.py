@@ -168,6 +168,8 @@ def tie_to_parent(parent_pid: int, *, grace_s: float = STOP_GRACE_S) -> None:
     therefore live as long as its process (the launcher starts its workers from its main
     thread). A parent already gone ends this process now.
     """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # inherited: it must reach us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         kernel_tells = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
