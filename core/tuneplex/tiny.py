@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-std", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    from tuneplex.progress import quiet_third_party_logs
+
+    quiet_third_party_logs()
     tok = build_tokenizer(args.out, style=args.style, vocab_size=args.vocab, seed=args.seed)
     build_llama(
         args.out,
