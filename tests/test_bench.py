@@ -36,3 +36,14 @@ def test_train_throughput_tiny(tmp_path, capsys):
     assert results[1]["trainable_parameters"] == results[1]["total_parameters"]
     assert results[0]["trainable_parameters"] < results[0]["total_parameters"]
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_stop_latency_tiny(tmp_path, capsys):
+    """bench/stop_latency.py keeps working: one SIGTERM stop of the tiny model, timed."""
+    import stop_latency
+
+    args = ["--setups", "lora", "--procs", "1", "--repeats", "1", "--seq", "32"]
+    (row,) = stop_latency.main([*args, "--workdir", str(tmp_path)])
+    assert row["setup"] == "lora" and row["procs"] == 1 and row["workers_gone_s"] is None
+    assert 0 < row["checkpoint_s"] <= row["exit_s"] < 60
+    assert "SIGTERM→ckpt" in capsys.readouterr().out
