@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import SETUPS, SHAPES, build_data, build_model
+from tuneplex.testing import child_pids, is_running
 
 
 def job_text(work: Path, setup: str, args) -> str:
@@ -46,25 +47,6 @@ def _train_steps(run: Path) -> int:
     if not path.is_file():
         return 0
     return sum('"split": "train"' in line for line in path.read_text().splitlines())
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def one_stop(work: Path, setup: str, procs: int, args, *, sig: int) -> dict:
@@ -87,11 +69,11 @@ def one_stop(work: Path, setup: str, procs: int, args, *, sig: int) -> dict:
         for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
         if e["split"] == "train" and e["step"] > 1 and e.get("tokens_per_s")  # after warm-up
     )
-    workers = _children(proc.pid)
+    workers = child_pids(proc.pid)
     t0 = time.perf_counter()
     os.kill(proc.pid, sig)
     times: dict[str, float] = {"step_s": step_s}
-    while proc.poll() is None or (sig == signal.SIGKILL and any(map(_alive, workers))):
+    while proc.poll() is None or (sig == signal.SIGKILL and any(map(is_running, workers))):
         now = time.perf_counter() - t0
         if "checkpoint_s" not in times and latest_checkpoint(run) is not None:
             times["checkpoint_s"] = now

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from tuneplex.cli import main
+from tuneplex.files import fingerprint as fingerprint_file
 from tuneplex.runs import (
     MARKER,
     damage,
@@ -18,7 +19,6 @@ from tuneplex.runs import (
     remove_stale_temporaries,
     resume_checkpoint,
 )
-from tuneplex.runs.inputs import fingerprint_file
 
 FAKE_JOB = "model: m\ndataset:\n  path: {data}\nschedule:\n  steps: 3\n"
 
@@ -401,3 +401,23 @@ def test_a_signal_before_the_backend_takes_over_is_one_line(fake_registry, job, 
     assert (out / "job.json").is_file()  # the run stays, resumable
     code, _, err = train(capsys, job, out, "--resume", "--set", "schedule.pause_s=1.5")
     assert code == 0, err
+
+
+def test_a_settled_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    """The run's input record and the data cache key read the same files: hashed once, while
+    a file that changes (or just changed: timestamps are coarse) is read again."""
+    from tuneplex import files
+
+    reads = []
+    real = files._hash
+    monkeypatch.setattr(files, "_hash", lambda *a, **kw: reads.append(a[0]) or real(*a, **kw))
+    monkeypatch.setattr(files, "SETTLED_S", 0.05)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    assert files.fingerprint(data) == files.fingerprint(data)
+    assert len(reads) == 2  # just written: not trusted yet
+    time.sleep(0.1)
+    first = files.fingerprint(data)
+    assert files.fingerprint(data) == first and len(reads) == 3
+    data.write_text('{"text": "b"}\n')
+    assert files.fingerprint(data) != first and len(reads) == 4

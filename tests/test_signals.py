@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 
 from helpers import chat_rows, cli, layout, merge_yaml, train, write_rows  # noqa: E402
 from tuneplex.runs import latest_checkpoint, read_metrics  # noqa: E402
+from tuneplex.testing import child_pids, is_running  # noqa: E402
 
 TOTAL_STEPS = 128
 JOB = """\
@@ -213,34 +214,11 @@ def test_a_signal_while_setting_up_stops_at_once_with_one_line(
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    stat = fh.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a parent that never reaps it counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(is_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if is_running(p)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -263,7 +241,7 @@ def test_a_child_tied_to_its_parent_ends_when_the_parent_is_killed(tmp_path, sig
         time.sleep(0.02)
     kid = int(pid_file.read_text())
     time.sleep(1.0)
-    assert _alive(kid)  # the tie does not stop a child whose parent lives
+    assert is_running(kid)  # the tie does not stop a child whose parent lives
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_gone([kid], timeout=5) == []
@@ -277,8 +255,8 @@ def test_workers_never_outlive_a_launcher_killed_with_sigkill(workdir, uninterru
     argv = [sys.executable, "-m", "tuneplex", "train", workdir / "job.yaml", "-o", run]
     proc = start(argv + layout(2), run, _env(workdir))
     wait_for_steps(run, proc)
-    workers = _children(proc.pid)
-    assert len(workers) == 2 and all(_alive(p) for p in workers)
+    workers = child_pids(proc.pid)
+    assert len(workers) == 2 and all(is_running(p) for p in workers)
     os.kill(proc.pid, signal.SIGKILL)  # as the OOM killer would
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert _wait_gone(workers, timeout=15) == []

@@ -238,7 +238,6 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
     """Open (and lock) the run directory, then train with third-party output in train.log;
     an unexpected error is one line here and its traceback in train.log."""
     from tuneplex import console
-    from tuneplex.errors import InternalError, first_line
     from tuneplex.runs import LOG_FILE, open_run
     from tuneplex.signals import Stop, StopSignals, stopped_early
 
@@ -252,7 +251,7 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
                 try:
                     # a signal before the backend installs its own handlers (while importing
                     # torch, say) is a stop too: one line, exit 130 / 143
-                    with StopSignals(say=console.note):
+                    with StopSignals(say=console.note), console.defects_as_one_line():
                         backend.train(parsed, run_dir, resume=run.resuming)
                 except TuneplexError as exc:
                     if exc.exit_code == EXIT_USAGE:  # refused before training: leave no run
@@ -261,12 +260,6 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
                 except KeyboardInterrupt as exc:  # Stop, or a Ctrl-C a backend let through
                     signum = exc.signum if isinstance(exc, Stop) else signal.SIGINT
                     raise stopped_early(run_dir, signum=signum) from None
-                except Exception as exc:
-                    console.log_traceback()
-                    raise InternalError(
-                        f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
-                        f"(traceback in {log})"
-                    ) from None
         except OSError as exc:  # the log itself could not be opened
             raise UsageError(
                 Problem(f"--output {run_dir}", f"cannot write there ({exc.strerror or exc})")

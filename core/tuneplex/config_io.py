@@ -27,9 +27,9 @@ from tuneplex.errors import (
     format_validation_error,
     is_secret_key,
     one_line,
-    open_regular,
     show,
 )
+from tuneplex.files import open_regular
 
 MAX_JOB_BYTES = 1 << 20
 MAX_DEPTH = 64

@@ -51,6 +51,24 @@ def _stderr_fd() -> int | None:
 
 
 @contextlib.contextmanager
+def defects_as_one_line() -> Iterator[None]:
+    """An unexpected exception (a defect, not bad input) becomes one `InternalError` line; its
+    traceback goes to the log. What tuneplex reports itself passes through unchanged."""
+    from tuneplex.errors import InternalError, TuneplexError, first_line
+
+    try:
+        yield
+    except TuneplexError:
+        raise
+    except Exception as exc:
+        log_traceback()
+        raise InternalError(
+            f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
+            f"(traceback in {_log_path or 'stderr'})"
+        ) from None
+
+
+@contextlib.contextmanager
 def capture(log: Path, *, title: str) -> Iterator[Path]:
     """Send file descriptor 2 (and so sys.stderr when it is that descriptor) to `log`,
     appending, headed by `title`; restore it on exit."""

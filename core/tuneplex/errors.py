@@ -7,13 +7,10 @@ Every problem with user input (job file, override, data file, model path, CLI fl
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import reprlib
-import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -108,40 +105,6 @@ def show_key(name: str) -> str:
 def show(value: object, *, limit: int = 60) -> str:
     """How a message quotes a user's value: `repr`-like, one line, at most `limit` characters."""
     return _cut(_escape(_Brief(limit).repr(value)), limit)
-
-
-_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a named pipe",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def file_kind(mode: int) -> str:
-    """`a named pipe`, `a character device`, ...: what a path is when it is no regular file."""
-    return _KINDS.get(stat.S_IFMT(mode), "a special file")
-
-
-def open_regular(path: str | os.PathLike, *, what: str) -> BinaryIO:
-    """Open `path` for reading only if it is a regular file: a FIFO would block and /dev/zero
-    never ends. Refusals are UsageErrors naming the path; `what` (`job file`) words them."""
-    where = str(path)
-    try:  # non-blocking: opening a FIFO with no writer must not hang
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise UsageError(Problem(where, "no such file")) from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or first_line(exc)
-        raise UsageError(Problem(where, f"cannot read it ({reason})")) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise UsageError(Problem(where, f"is a directory, not a {what}"))
-        raise UsageError(Problem(where, f"not a regular file ({file_kind(mode)})"))
-    return os.fdopen(fd, "rb")
 
 
 def first_line(exc: BaseException) -> str:

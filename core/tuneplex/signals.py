@@ -54,25 +54,22 @@ class Stop(KeyboardInterrupt):
         self.signum = signum
 
 
-def interrupted(message: str, *, signum: int | None) -> Interrupted:
-    """`Interrupted` whose exit code is the signal's (130 for a plain KeyboardInterrupt)."""
-    return Interrupted(message, exit_code=exit_code(signum or signal.SIGINT))
-
-
-def resume_line(
+def interrupted(
     event: str,
     *,
     signum: int | None,
     continues_from: str | None,
     during: str | None = None,
     backend: str | None = None,
-) -> str:
-    """The one line a stopped run prints: what happened and how to go on."""
+) -> Interrupted:
+    """The error a stopped run ends with: one line saying what happened and how to go on, and
+    the signal's exit code (130 for a plain KeyboardInterrupt)."""
     by = f" by {signal_name(signum)}" if signum else ""
     while_ = f" while {during}" if during else ""
     flag = f" --backend {backend}" if backend else ""
     where = continues_from or "the start (no checkpoint yet)"
-    return f"{event}{by}{while_}; `tuneplex train ...{flag} --resume` continues from {where}"
+    line = f"{event}{by}{while_}; `tuneplex train ...{flag} --resume` continues from {where}"
+    return Interrupted(line, exit_code=exit_code(signum or signal.SIGINT))
 
 
 def stopped_early(run_dir, *, signum: int, backend: str | None = None) -> Interrupted:
@@ -81,10 +78,9 @@ def stopped_early(run_dir, *, signum: int, backend: str | None = None) -> Interr
     from tuneplex.runs import latest_checkpoint
 
     found = latest_checkpoint(run_dir)
-    line = resume_line(
+    return interrupted(
         "interrupted", signum=signum, continues_from=found and str(found[1]), backend=backend
     )
-    return interrupted(line, signum=signum)
 
 
 def _stderr_line(text: str) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.errors import Problem, UsageError, file_kind, first_line, open_regular
+from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.files import file_kind, fingerprint, open_regular
 
 SUPPORTED = (".jsonl", ".json", ".parquet")
 
@@ -35,10 +36,7 @@ class Source:
             h.update(f"hub:{self.hub_id}".encode())
             return h.hexdigest()
         for path in self.files:
-            h.update(str(path.name).encode() + b"\0")
-            with open_regular(path, what="data file") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            h.update(str(path.name).encode() + b"\0" + fingerprint(path, what="data file").encode())
         return h.hexdigest()
 
 

@@ -1,17 +1,16 @@
 """The local files a job reads (data, model, tokenizer, templates), and fingerprints of them.
 
-A run records the fingerprint of every input file when it starts; `--resume` compares them,
-so a run never continues silently on changed data or weights. Text and data files are hashed
-in full; large weight files by their size, safetensors header and evenly spaced samples
-(hashing a 140 GB checkpoint on every start would cost minutes).
+A run records the fingerprint of every input file when it starts (`tuneplex.files.fingerprint`);
+`--resume` compares them, so a run never continues silently on changed data or weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from tuneplex.files import fingerprint
 
 SKIPPED_SECTIONS = ("output", "integrations")
 """Where a job names things tuneplex writes or services it talks to, never inputs."""
@@ -19,9 +18,6 @@ INPUT_KEYS = frozenset(
     {"model", "teacher_model", "name", "training", "validation", "path", "validation_path"}
 )
 """Keys whose value is a model or data reference even when it has no path separator."""
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-SAMPLED_ABOVE = 64 << 20
-SAMPLES, SAMPLE_SIZE = 32, 64 << 10
 MAX_FILES = 4096
 """A directory input past this many files is fingerprinted by its first MAX_FILES only."""
 
@@ -76,22 +72,6 @@ def files_of(path: Path) -> list[Path]:
     return out
 
 
-def fingerprint_file(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    size = path.stat().st_size
-    h.update(str(size).encode() + b"\0")
-    with path.open("rb") as fh:
-        if size > SAMPLED_ABOVE and path.suffix.lower() in WEIGHT_SUFFIXES:
-            h.update(fh.read(1 << 20))  # the header: tensor names, shapes, offsets
-            for i in range(SAMPLES):
-                fh.seek((size - SAMPLE_SIZE) * i // (SAMPLES - 1))
-                h.update(fh.read(SAMPLE_SIZE))
-            return "sampled:" + h.hexdigest()
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprints(inputs: Mapping[str, Path], *, skip_under: Path) -> dict[str, dict[str, str]]:
     """{key: {file: fingerprint}} for every input not inside `skip_under` (the run itself)."""
     root = skip_under.resolve()
@@ -100,7 +80,7 @@ def fingerprints(inputs: Mapping[str, Path], *, skip_under: Path) -> dict[str, d
         real = path.resolve()
         if real == root or root in real.parents:
             continue
-        out[key] = {str(f): fingerprint_file(f) for f in files_of(path)}
+        out[key] = {str(f): fingerprint(f) for f in files_of(path)}
     return out
 
 

@@ -32,7 +32,7 @@ from tuneplex.runs import (
     run_summary,
     write_summary,
 )
-from tuneplex.signals import Stop, StopSignals, interrupted, resume_line, stopped_early
+from tuneplex.signals import Stop, StopSignals, interrupted, stopped_early
 
 from tuneplex_automodel.checkpoint import (
     export_run,
@@ -420,13 +420,12 @@ class _Loop:
         self._close_progress()
         if self.dist.is_main:
             write_summary(self.run_dir, self.summary("interrupted"))
-        line = resume_line(
+        return interrupted(
             f"interrupted at step {self.step}",
             signum=signum,
             during=during,
             continues_from=self.last_checkpoint,
         )
-        return interrupted(line, signum=signum)
 
     def _close_progress(self) -> None:
         if self.progress is not None:

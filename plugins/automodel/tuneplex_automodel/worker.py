@@ -47,21 +47,12 @@ def _train(job_json: Path, run_dir: Path, *, resume: bool) -> None:
     """Train, with output captured: an unexpected error's traceback goes to the run's log and
     becomes one line, as in `tuneplex train`."""
     from tuneplex import console
-    from tuneplex.errors import InternalError, TuneplexError, first_line
     from tuneplex.plugins import registry
 
     backend = registry().get("automodel").backend
-    try:
+    with console.defects_as_one_line():
         job = backend.job_schema.model_validate(json.loads(job_json.read_text(encoding="utf-8")))
         backend.train(job, run_dir, resume=resume)
-    except TuneplexError:
-        raise
-    except Exception as exc:
-        console.log_traceback()
-        raise InternalError(
-            f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "
-            f"(traceback in {console.log_path()})"
-        ) from None
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tuneplex.runs import (
     run_summary,
     write_summary,
 )
-from tuneplex.signals import Stop, StopSignals, interrupted, resume_line, stopped_early
+from tuneplex.signals import Stop, StopSignals, interrupted, stopped_early
 
 from tuneplex_unsloth.model import Loader, UnslothLoader
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -404,14 +404,13 @@ def _train(
 def _stopped(callback, signum: int | None, *, during: str | None = None) -> Interrupted:
     """Record the stop in summary.json; the error that says how to resume."""
     write_summary(callback.run_dir, callback.summary("interrupted"))
-    line = resume_line(
+    return interrupted(
         f"interrupted at step {callback.step}",
         signum=signum,
         during=during,
         continues_from=callback.last_checkpoint,
         backend="unsloth",
     )
-    return interrupted(line, signum=signum)
 
 
 def _float(x):
