@@ -394,3 +394,6 @@ def _worker(models: dict[str, str], out_dir: str) -> None:
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]), sys.argv[2])
+    # results on disk, group closed: skip the teardown that can abort (see test_context_parallel)
+    sys.stdout.flush()
+    os._exit(0)
