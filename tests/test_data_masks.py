@@ -200,9 +200,10 @@ def test_custom_jinja_template(tokenizers):
     assert trained_runs(tok, ids, labels) == [" Two.<|im_end|>", " Three.<|im_end|>"]
 
 
-def test_template_that_rewrites_history_is_refused(tokenizers):
+def test_template_that_drops_an_earlier_answer_trains_what_it_renders_and_says_so(tokenizers):
     _, tok = tokenizers["chatml"]
-    # drops all but the last assistant answer, as reasoning templates do with old thoughts
+    # drops all but the last assistant answer, as some reasoning templates do with old thoughts:
+    # the conversation as rendered is what trains, and the loss of the first answer is reported
     template = (
         "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}"
         "{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
@@ -210,14 +211,13 @@ def test_template_that_rewrites_history_is_refused(tokenizers):
     )
     msgs = [
         {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"},
+        {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": "c"},
-        {"role": "assistant", "content": "d"},
+        {"role": "assistant", "content": "second answer"},
     ]
-    with pytest.raises(UsageError) as info:
-        encode(tok, [{"messages": msgs}], chat_template=template)
-    (line,) = info.value.lines()
-    assert line.startswith("t.jsonl:1: the chat template does not render turn 1")
+    split, [(ids, labels)] = encode(tok, [{"messages": msgs}], chat_template=template)
+    assert trained_runs(tok, ids, labels) == [" second answer"]
+    assert split.stats.template_drops == {"assistant messages": {"rows": 1, "first": "t.jsonl:1"}}
 
 
 def test_template_error_names_the_row(tokenizers):

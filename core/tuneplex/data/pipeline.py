@@ -20,10 +20,11 @@ from typing import Any
 from tuneplex.data import formats, sources
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
-from tuneplex.data.templates import IGNORE_INDEX, Encoder, TemplateMismatch
+from tuneplex.data.templates import IGNORE_INDEX, Encoder
+from tuneplex.data.turns import TurnNotFound
 from tuneplex.errors import Problem, UsageError, first_line
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 MAX_REPORTED = 20
 CHUNK = 1024
 
@@ -173,30 +174,38 @@ def _split(
 
 
 def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Split:
-    """Rows -> examples -> tokens and labels -> truncated, filtered, packed. No caching."""
+    """Rows -> examples -> tokens and labels -> truncated, filtered, packed. No caching.
+
+    Every row that cannot be read, rendered or masked is found in one pass and reported
+    together (or left out and counted, under `spec.skip_invalid_rows`)."""
 
     stats = DataStats(rows=len(rows))
-    problems: list[Problem] = []
+    problems: list[tuple[int, Problem]] = []
     normalised: list[tuple[str, str, dict]] = []
-    for where, row in rows:
+    for index, (where, row) in enumerate(rows):
         try:
             fmt, example = formats.normalise(row, where, spec)
         except UsageError as exc:
-            problems.extend(exc.problems)
-            if len(problems) >= MAX_REPORTED:
-                break
+            problems.append((index, exc.problems[0]))
             continue
         stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
         normalised.append((where, fmt, example))
-    if problems:
-        raise UsageError(problems[:MAX_REPORTED])
 
     encoder = Encoder(tok, spec)
     encoder.calibrate([(fmt, ex) for _, fmt, ex in normalised[:64]])
     limit = spec.max_seq_length
     input_ids: list = []
     labels: list = []
-    for ids, lab in _encode_all(encoder, normalised):
+    position = {where: i for i, (where, _) in enumerate(rows)} if problems else None
+    for (where, fmt, _), result in zip(normalised, _encode_all(encoder, normalised), strict=True):
+        if isinstance(result, Problem):
+            problems.append((position[where] if position else len(problems), result))
+            stats.formats[fmt] -= 1
+            continue
+        ids, lab, drops = result
+        for kind in drops:
+            seen = stats.template_drops.setdefault(kind, {"rows": 0, "first": where})
+            seen["rows"] += 1
         if len(ids) > limit:
             stats.truncated += 1
             ids, lab = ids[:limit], lab[:limit]
@@ -208,15 +217,23 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
         stats.trained_tokens += trained
         input_ids.append(ids)
         labels.append(lab)
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        if not spec.skip_invalid_rows:
+            raise UsageError(_report(key, [p for _, p in problems], len(rows)))
+        stats.skipped_invalid_rows = len(problems)
+        stats.first_skipped = str(problems[0][1])
+        stats.formats = {f: n for f, n in stats.formats.items() if n}
     stats.examples = len(input_ids)
     if not input_ids:
+        left_out = f", {stats.skipped_invalid_rows} left out" if stats.skipped_invalid_rows else ""
         raise UsageError(
             Problem(
                 key,
                 (
                     f"no example has a trained token ({stats.rows} rows, "
                     f"{stats.dropped_no_trained_tokens} without an answer after truncation to "
-                    f"{limit} tokens)"
+                    f"{limit} tokens{left_out})"
                 ),
             )
         )
@@ -232,31 +249,73 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
     return Split(examples=examples, packed=packed, stats=stats)
 
 
+def _report(key: str, problems: list[Problem], rows: int) -> list[Problem]:
+    """The first rows that cannot be used, one line each, then how many there are in all."""
+    if len(problems) == 1:
+        return problems
+    lines = problems[:MAX_REPORTED]
+    if len(problems) > MAX_REPORTED:
+        lines.append(Problem("", f"... and {len(problems) - MAX_REPORTED:,} more rows"))
+    lines.append(
+        Problem(
+            key,
+            f"{len(problems):,} of {rows:,} rows cannot be used; fix them, or set "
+            "dataset.skip_invalid_rows: true to leave them out (counted in the stats)",
+        )
+    )
+    return lines
+
+
+def notes(prepared: Prepared, spec: DataSpec) -> list[str]:
+    """One line per thing the user should know about the data: rows the chat template leaves
+    text out of, rows left out as invalid."""
+    out = []
+    splits = ((prepared.train, spec.train_key), (prepared.validation, spec.validation_key))
+    for split, key in splits:
+        if split is None:
+            continue
+        s = split.stats
+        for kind, seen in sorted(s.template_drops.items()):
+            out.append(
+                f"{key}: the chat template drops {kind} ({seen['rows']:,} of {s.rows:,} rows; "
+                f"first: {seen['first']})"
+            )
+        if s.skipped_invalid_rows:
+            out.append(
+                f"{key}: left out {s.skipped_invalid_rows:,} of {s.rows:,} rows that cannot be "
+                f"used (dataset.skip_invalid_rows); first: {s.first_skipped}"
+            )
+    return out
+
+
 # -- encoding, in worker processes when there is enough work ---------------------------
 _WORK: tuple[Encoder, list] | None = None
 PARALLEL_MIN_ROWS = 4096
 
 
 def _encode_range(bounds: tuple[int, int]):
+    """Per row: (ids, labels, what the template dropped) or the Problem that row has. A setting
+    that no row can satisfy (chats without a template) raises at once."""
     encoder, items = _WORK
-    rendered = []
+    rendered: list = []
     for where, fmt, example in items[bounds[0] : bounds[1]]:
         try:
             rendered.append(encoder.render(fmt, example))
-        except TemplateMismatch as exc:
-            return Problem(
-                where,
-                (
-                    f"the chat template does not render turn {exc.args[0]} of this conversation as "
-                    "a prefix of the whole (it rewrites earlier turns), so the loss mask cannot be "
-                    "exact; split the conversation or use another template"
-                ),
+        except UsageError:
+            raise
+        except TurnNotFound as exc:
+            rendered.append(
+                Problem(
+                    where,
+                    f"cannot locate assistant turn {exc.turn} in the chat template's rendering "
+                    f"({exc.why}); fix the row or use another template",
+                )
             )
-        except UsageError as exc:
-            return exc.problems[0]
         except Exception as exc:  # jinja raise_exception and friends
-            return Problem(where, f"chat template error: {first_line(exc)}")
-    return encoder.encode_many(rendered)
+            rendered.append(Problem(where, f"chat template error: {first_line(exc)}"))
+    good = [r for r in rendered if not isinstance(r, Problem)]
+    encoded = iter(encoder.encode_many(good))
+    return [r if isinstance(r, Problem) else (*next(encoded), r.dropped) for r in rendered]
 
 
 def _encode_all(encoder: Encoder, items: list):
@@ -277,8 +336,6 @@ def _encode_all(encoder: Encoder, items: list):
     finally:
         _WORK = None
     for result in results:
-        if isinstance(result, Problem):
-            raise UsageError(result)
         yield from result
 
 

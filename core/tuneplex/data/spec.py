@@ -33,6 +33,8 @@ class DataSpec:
     messages are refused; any other string: a custom Jinja template."""
     packing: bool = False
     trust_remote_code: bool = False
+    skip_invalid_rows: bool = False
+    """Leave out (and count) rows that cannot be read, rendered or masked, instead of failing."""
     train_key: str = "dataset.training"
     validation_key: str = "dataset.validation"
     """Job keys named in error messages about the two references."""
@@ -57,6 +59,12 @@ class DataStats:
     packed_rows: int | None = None
     packing_efficiency: float | None = None
     """Real tokens / (packed rows × max_seq_length)."""
+    skipped_invalid_rows: int = 0
+    """Rows left out under `skip_invalid_rows`; `first_skipped` says the first one and why."""
+    first_skipped: str | None = None
+    template_drops: dict[str, dict] = field(default_factory=dict)
+    """What the chat template leaves out of rows: {"system messages": {"rows": n, "first":
+    "file:line"}, ...}."""
 
     def as_dict(self) -> dict:
         return asdict(self)

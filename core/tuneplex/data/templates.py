@@ -1,10 +1,8 @@
 """Rendering examples to text and tokens, with loss masks taken from the rendering itself.
 
-For a chat, each assistant turn's trained span is found by rendering the conversation up to the
-turn with the generation prompt (where the answer starts) and up to and including the turn
-(where it ends, end-of-turn token included, trailing whitespace not). Each rendering must be a
-prefix of the full conversation, which is checked; nothing is searched for by marker strings,
-so templates whose markers also occur elsewhere (Mistral's `[INST]`) mask exactly.
+A chat is rendered once, as the model trains on it; `turns.locate` finds each assistant turn's
+span in that text (see there how, without searching for marker strings), and the tokens that
+hold any of its characters are trained. Character offsets need a fast (Rust) tokenizer.
 """
 
 from __future__ import annotations
@@ -13,14 +11,12 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from tuneplex.data import turns
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
 
 IGNORE_INDEX = -100
-
-
-class TemplateMismatch(Exception):
-    """The chat template does not render conversation prefixes as prefixes of the whole."""
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
 
 
 @dataclass
@@ -30,6 +26,8 @@ class Rendered:
     """[start, end) character ranges whose tokens are trained."""
     add_bos: bool
     add_eos: bool
+    dropped: frozenset[str] = frozenset()
+    """What the template left out of the rendering (`system messages`, ...)."""
 
 
 class Encoder:
@@ -57,6 +55,10 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         self._fast = None
         self._template_vars = dict(tokenizer.special_tokens_map)
+        added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+        self.bounds = turns.Boundaries([*added, *tokenizer.all_special_tokens])
+        self.appendix = ""
+        """What the template appends after a whole conversation (Phi's eos): never trained."""
 
     # -- rendering ---------------------------------------------------------------------
     def _render_chat(self, messages, tools, *, generation: bool) -> str:
@@ -82,6 +84,7 @@ class Encoder:
         """Use the compiled template directly (about twice as fast) only if it renders these
         samples exactly as `apply_chat_template` does; otherwise keep the public path."""
         self._fast = None
+        self._find_appendix(samples)
         if self.template is None or self.mode in ("passthrough", "none"):
             return
         try:
@@ -107,6 +110,25 @@ class Encoder:
             return
         if chats:
             self._fast = fast
+
+    def _find_appendix(self, samples: list[tuple[str, dict[str, Any]]]) -> None:
+        self.appendix = ""
+        if self.template is None or self.mode in ("passthrough", "none"):
+            return
+        ends_answered = [
+            e["messages"]
+            for f, e in samples
+            if f == "chat"
+            and e["messages"][-1]["role"] == "assistant"
+            and e["messages"][-1].get("content")
+        ]
+        probes = [PROBE, *ends_answered[:4]]
+        for probe in probes:
+            try:
+                self.appendix = turns.appendix(self._renderer(None), probe, self.bounds)
+                return
+            except Exception:
+                continue
 
     def render(self, fmt: str, example: dict[str, Any]) -> Rendered:
         if fmt == "chat":
@@ -150,34 +172,21 @@ class Encoder:
                 )
             )
         full = self._render_chat(messages, tools, generation=False)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start_text = self._start_of_turn(messages[:i], tools, full)
-            upto = (
-                full
-                if i == len(messages) - 1
-                else self._render_chat(messages[: i + 1], tools, generation=False)
-            )
-            if not (full.startswith(upto) and upto.startswith(start_text)):
-                raise TemplateMismatch(i)
-            start, end = len(start_text), len(upto)
-            while end > start and upto[end - 1].isspace():
-                end -= 1
-            spans.append((start, end))
-        return Rendered(full, spans, False, False)
+        spans = turns.locate(
+            self._renderer(tools),
+            messages,
+            full,
+            tail=self.appendix,
+            bounds=self.bounds,
+            opening=lambda: _leading_specials(full, self.tok),
+        )
+        return Rendered(full, spans, False, False, frozenset(turns.dropped(messages, tools, full)))
 
-    def _start_of_turn(self, history, tools, full: str) -> str:
-        """The rendering that ends where the next assistant answer starts."""
-        try:
-            return self._render_chat(history, tools, generation=True)
-        except Exception:
-            if history:
-                raise
-            # a template that cannot render an empty conversation: the answer starts after
-            # whatever special tokens (BOS) open the text
-            return full[: _leading_specials(full, self.tok)]
+    def _renderer(self, tools) -> turns.Render:
+        def render(messages: list, generation: bool) -> str:
+            return self._render_chat(messages, tools, generation=generation)
+
+        return render
 
     # -- tokenizing --------------------------------------------------------------------
     def encode_many(self, rendered: list[Rendered]):
