@@ -142,11 +142,11 @@ def conversations() -> list[dict]:
 
 
 def tokenizer_for(template: str, out: Path):
+    import random
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from tuneplex.tiny import corpus
-
-    import random
 
     markers = sorted(set(MARKERS.findall(template)) | {"<s>", "</s>", "<pad>"})
     tk = Tokenizer(models.BPE())
@@ -199,7 +199,8 @@ def check_row(tok, row: dict, ids: list[int], labels: list[int]) -> str | None:
         add_special_tokens=False,
     )["input_ids"]
     whole_ids = whole_ids["input_ids"]
-    same = next((j for j, (x, y) in enumerate(zip(whole_ids, prompt_ids)) if x != y), None)
+    pairs = enumerate(zip(whole_ids, prompt_ids, strict=False))
+    same = next((j for j, (x, y) in pairs if x != y), None)
     if same is not None and any(lab != -100 for lab in labels[len(ids) - len(whole_ids) + same :]):
         return "text appended after the conversation is trained"
     for run in runs:
@@ -255,16 +256,20 @@ def main() -> int:
             wrong += bad is not None
             if args.show or bad:
                 drops = split.stats.template_drops
-                print(f"── {f.stem} row {i}: {'exact' if bad is None else 'WRONG: ' + bad}"
-                      + (f" (template drops {', '.join(drops)})" if drops else ""))
+                print(
+                    f"── {f.stem} row {i}: {'exact' if bad is None else 'WRONG: ' + bad}"
+                    + (f" (template drops {', '.join(drops)})" if drops else "")
+                )
                 if args.show:
                     segs = _segments(tok, ex["input_ids"], ex["labels"])
                     print("".join(f"⟦{s}⟧" if t else s for t, s in segs))
         table.append((f.name, tried, exact, template_errors, refused, wrong))
-    print(f"\n{'template':<22}{'rows':>5}{'exact':>7}{'template error':>16}{'refused':>9}"
-          f"{'wrong':>7}")
+    print(
+        f"\n{'template':<22}{'rows':>5}{'exact':>7}{'template error':>16}{'refused':>9}{'wrong':>7}"
+    )
     for name, *nums in table:
-        print(f"{name:<22}" + "".join(f"{n:>{w}}" for n, w in zip(nums, (5, 7, 16, 9, 7))))
+        cells = zip(nums, (5, 7, 16, 9, 7), strict=True)
+        print(f"{name:<22}" + "".join(f"{n:>{w}}" for n, w in cells))
     return 0 if all(r[4] == 0 and r[5] == 0 for r in table) else 1
 
 
