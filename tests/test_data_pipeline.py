@@ -2,8 +2,10 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+import yaml
 from tuneplex.cli import app, main
 from tuneplex.data import pipeline, sources
 from tuneplex.data.packing import best_fit, pack
@@ -69,9 +71,9 @@ def test_rows_read_exactly_as_written(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(UsageError) as info:
-        sources.read_rows(sources.resolve(str(path), key="k"), key="k")
-    assert info.value.lines() == [f"{path}{message}"]
+    rows = sources.read_rows(sources.resolve(str(path), key="k"), key="k")
+    assert rows[0] == (f"{path}:1", {"text": "ok"})
+    assert [str(row) for _, row in rows[1:]] == [f"{path}{message}"]
 
 
 def test_missing_path_and_bad_suffix(tmp_path):
@@ -317,3 +319,119 @@ def test_collated_padding_changes_nothing(tokenizers, tmp_path):
             k = len(r["input_ids"])
             solo = model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0]
             torch.testing.assert_close(out[i, :k], solo, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ bad rows, all at once
+def write_bad_data(tmp_path, bad: int) -> Path:
+    """Good chat rows with `bad` unusable lines among them: broken JSON, a role the data
+    format rejects, and chats the template refuses (roles that do not alternate)."""
+    lines = []
+    for i in range(bad):
+        lines.append(json.dumps(CHAT))
+        kind = i % 3
+        if kind == 0:
+            lines.append('{"messages": [')
+        elif kind == 1:
+            lines.append(json.dumps({"messages": [{"role": "robot", "content": "x"}]}))
+        else:
+            msgs = [*CHAT["messages"], {"role": "assistant", "content": "again"}]
+            lines.append(json.dumps({"messages": msgs}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+ALTERNATING = (
+    "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def bad_rows_job(tmp_path, tokenizers, bad: int, extra: str = "") -> Path:
+    data = write_bad_data(tmp_path, bad)
+    path, _ = tokenizers["chatml"]
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": path,
+                "dataset": {"training": str(data), "prompt_template": ALTERNATING},
+                "training": {"max_seq_length": 128},
+            }
+        )
+        + extra
+    )
+    return job
+
+
+def test_every_bad_row_is_reported_in_one_run(tokenizers, tmp_path, capsys):
+    job = bad_rows_job(tmp_path, tokenizers, 25)
+    assert main(["data", "inspect", str(job)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    data = tmp_path / "train.jsonl"
+    expected = {
+        0: "invalid JSON: Expecting value (column 1)",
+        1: "messages[0].role: must be one of system, user, assistant, tool (got 'robot')",
+        2: "chat template error: roles must alternate",
+    }
+    assert lines[:20] == [f"{data}:{2 * i + 2}: {expected[i % 3]}" for i in range(20)]
+    assert lines[20:] == [
+        "... and 5 more rows",
+        "dataset.training: 25 of 50 rows cannot be used; fix them, or set "
+        "dataset.skip_invalid_rows: true to leave them out (counted in the stats)",
+    ]
+
+
+def test_skip_invalid_rows_leaves_them_out_and_counts_them(tokenizers, tmp_path, capsys):
+    job = bad_rows_job(tmp_path, tokenizers, 25)
+    data = tmp_path / "train.jsonl"
+    skip = ["--set", "dataset.skip_invalid_rows=true"]
+    for attempt in ("built", "cached"):  # the cached rerun says it too
+        assert main(["data", "inspect", str(job), "--json", *skip]) == 0
+        out = capsys.readouterr()
+        stats = json.loads(out.out)["stats"]
+        assert stats["rows"] == 50 and stats["examples"] == 25, attempt
+        assert stats["skipped_invalid_rows"] == 25
+        assert stats["formats"] == {"chat": 25}
+        assert stats["first_skipped"] == f"{data}:2: invalid JSON: Expecting value (column 1)"
+        assert out.err.splitlines() == [
+            "dataset.training: left out 25 of 50 rows that cannot be used "
+            f"(dataset.skip_invalid_rows); first: {data}:2: invalid JSON: Expecting value "
+            "(column 1)"
+        ]
+    assert main(["data", "inspect", str(job), *skip]) == 0
+    assert "left out (invalid) 25" in capsys.readouterr().out
+
+
+DROPS_SYSTEM = (
+    "{% for m in messages %}{% if m.role != 'system' %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_text_the_template_drops_is_reported_with_a_count_and_the_first_row(
+    tokenizers, tmp_path, capsys
+):
+    system = {"role": "system", "content": "Be brief."}
+    rows = [CHAT, {"messages": [system, *CHAT["messages"]]}, CHAT]
+    data = jsonl(tmp_path / "train.jsonl", rows)
+    path, _ = tokenizers["chatml"]
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "model": path,
+                "dataset": {"training": str(data), "prompt_template": DROPS_SYSTEM},
+                "training": {"max_seq_length": 128},
+            }
+        )
+    )
+    assert main(["data", "inspect", str(job), "-n", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [
+        f"dataset.training: the chat template drops system messages (1 of 3 rows; first: {data}:2)"
+    ]
+    assert "template drops system messages in 1 rows" in out.out

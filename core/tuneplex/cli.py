@@ -302,7 +302,9 @@ def data_inspect_cmd(
     from tuneplex.data.pipeline import prepare
 
     installed, parsed = _load(job, backend, sets)
-    prepared = prepare(installed.backend.data_spec(parsed), use_cache=not no_cache)
+    from tuneplex.console import note
+
+    prepared = prepare(installed.backend.data_spec(parsed), use_cache=not no_cache, report=note)
     if as_json:
         typer.echo(json.dumps(data_inspect.examples_json(prepared, n)))
         return

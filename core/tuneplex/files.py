@@ -56,7 +56,6 @@ def open_regular(path: str | os.PathLike, *, what: str) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-
 _known: dict[tuple, str] = {}
 
 

@@ -73,4 +73,8 @@ def _stats_block(name: str, stats: dict[str, Any]) -> str:
     ]
     if eff is not None:
         parts.append(f"packed rows {stats['packed_rows']}, packing efficiency {eff:.1%}")
+    if stats.get("skipped_invalid_rows"):
+        parts.append(f"left out (invalid) {stats['skipped_invalid_rows']}")
+    for kind, seen in sorted((stats.get("template_drops") or {}).items()):
+        parts.append(f"template drops {kind} in {seen['rows']} rows")
     return " | ".join(parts)

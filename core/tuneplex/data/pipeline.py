@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +131,16 @@ class _LazyTokenizer:
         return self._tok
 
 
-def prepare(spec: DataSpec, *, tokenizer=None, use_cache: bool = True) -> Prepared:
+def prepare(
+    spec: DataSpec,
+    *,
+    tokenizer=None,
+    use_cache: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Prepared:
     """Tokenized splits for `spec`. The tokenizer is loaded only if something must be built
-    (or when `Prepared.tokenizer` is first used)."""
+    (or when `Prepared.tokenizer` is first used). `report` gets one line per thing the user
+    should know about the data (`notes`), whether it was built now or read from the cache."""
     lazy = _LazyTokenizer(spec, tokenizer)
     tok_fp = None if tokenizer is not None else tokenizer_files_fingerprint(spec.tokenizer)
     if tok_fp is None:
@@ -141,7 +149,10 @@ def prepare(spec: DataSpec, *, tokenizer=None, use_cache: bool = True) -> Prepar
     validation = None
     if spec.validation is not None:
         validation = _split(spec, lazy, tok_fp, "validation", use_cache=use_cache)
-    return Prepared(train=train, validation=validation, _tokenizer=lazy)
+    prepared = Prepared(train=train, validation=validation, _tokenizer=lazy)
+    for line in notes(prepared, spec) if report else ():
+        report(line)
+    return prepared
 
 
 def _split(
@@ -183,6 +194,9 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
     problems: list[tuple[int, Problem]] = []
     normalised: list[tuple[str, str, dict]] = []
     for index, (where, row) in enumerate(rows):
+        if isinstance(row, Problem):  # a line that is no row at all
+            problems.append((index, row))
+            continue
         try:
             fmt, example = formats.normalise(row, where, spec)
         except UsageError as exc:

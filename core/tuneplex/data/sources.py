@@ -95,8 +95,10 @@ def _files_in(directory: Path, *, key: str) -> tuple[Path, ...]:
     return tuple(files)
 
 
-def read_rows(source: Source, *, key: str) -> list[tuple[str, dict[str, Any]]]:
-    """All rows as (where, row) pairs; `where` is `file:line` (or file[index]) for messages."""
+def read_rows(source: Source, *, key: str) -> list[tuple[str, dict[str, Any] | Problem]]:
+    """All rows as (where, row) pairs; `where` is `file:line` (or file[index]) for messages. A
+    line that is no row (bad JSON, not UTF-8, not an object) comes as its Problem, so that every
+    bad line is reported at once (or skipped, under dataset.skip_invalid_rows)."""
     if source.hub_id is not None:
         return _read_hub(source.hub_id, key=key)
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -119,12 +121,17 @@ def _read_jsonl(path: Path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise UsageError(Problem(where, _not_utf8(exc, exc.start + 1))) from None
+                yield where, Problem(where, _not_utf8(exc, exc.start + 1))
+                continue
             if not line.strip():
                 continue
-            row = _loads(line, where=where, whole_file=False)
+            try:
+                row = _loads(line, where=where, whole_file=False)
+            except UsageError as exc:
+                yield where, exc.problems[0]
+                continue
             if not isinstance(row, dict):
-                raise UsageError(Problem(where, f"expected a JSON object, got {_kind(row)}"))
+                row = Problem(where, f"expected a JSON object, got {_kind(row)}")
             yield where, row
 
 
@@ -141,11 +148,10 @@ def _read_json(path: Path):
     if not isinstance(data, list):
         raise UsageError(Problem(str(path), f"expected a JSON list of rows, got {_kind(data)}"))
     for index, row in enumerate(data):
+        where = f"{path}[{index}]"
         if not isinstance(row, dict):
-            raise UsageError(
-                Problem(f"{path}[{index}]", f"expected a JSON object, got {_kind(row)}")
-            )
-        yield f"{path}[{index}]", row
+            row = Problem(where, f"expected a JSON object, got {_kind(row)}")
+        yield where, row
 
 
 def _not_utf8(exc: UnicodeDecodeError, column: int) -> str:

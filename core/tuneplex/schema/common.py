@@ -90,6 +90,15 @@ def data_format_field():
     )
 
 
+def skip_invalid_rows_field():
+    return Field(
+        default=False,
+        description="Leave out rows that cannot be read, rendered by the chat template or masked "
+        "(counted in the data stats, summary.json and `tuneplex data inspect`); false: such rows "
+        "stop the job, all of them listed.",
+    )
+
+
 class ColumnMapping(StrictModel):
     """Which columns of an instruction dataset hold the context, question and answer."""
 

@@ -47,6 +47,7 @@ class AutomodelBackend:
             format=d.format,
             column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
             text_field=d.text_field,
+            skip_invalid_rows=d.skip_invalid_rows,
             chat_template=d.prompt_template or d.chat_template,
             packing=job.batch.sequence_packing,
             trust_remote_code=job.training.trust_remote_code,

@@ -15,6 +15,7 @@ from tuneplex.schema.common import (
     data_format_problems,
     keep_checkpoints_field,
     output_dir_field,
+    skip_invalid_rows_field,
 )
 
 from tuneplex_automodel.parallel_dims import ParallelDims
@@ -41,6 +42,7 @@ class AutomodelDataset(StrictModel):
     text_field: str = Field(
         default="text", min_length=1, description="Row field of the text format (all trained)."
     )
+    skip_invalid_rows: bool = skip_invalid_rows_field()
     chat_template: Literal["tokenizer", "passthrough"] = Field(
         default="tokenizer",
         description="tokenizer: render chats with the tokenizer's template (or prompt_template); "

@@ -127,7 +127,7 @@ def _train(
     job, run_dir: Path, *, resume: bool, data_spec, dist: Dist, stop: StopSignals
 ) -> dict | None:
     if dist.is_main:  # build the token cache once; the other ranks then load it
-        prepared = prepare(data_spec)
+        prepared = prepare(data_spec, report=note)
     dist.barrier()
     if not dist.is_main:
         prepared = prepare(data_spec)

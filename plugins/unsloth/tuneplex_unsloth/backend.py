@@ -40,6 +40,7 @@ class UnslothBackend:
             format=d.format,
             column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
             text_field=d.text_field,
+            skip_invalid_rows=d.skip_invalid_rows,
             chat_template="tokenizer" if d.apply_chat_template else "none",
             packing=d.packing,
             trust_remote_code=job.model.trust_remote_code,

@@ -15,6 +15,7 @@ from tuneplex.schema.common import (
     data_format_problems,
     keep_checkpoints_field,
     output_dir_field,
+    skip_invalid_rows_field,
 )
 
 UNSLOTH_TARGET_MODULES = (
@@ -91,6 +92,7 @@ class UnslothDataset(StrictModel):
     )
     format: DataFormatName = data_format_field()
     column_mapping: ColumnMapping | None = column_mapping_field()
+    skip_invalid_rows: bool = skip_invalid_rows_field()
 
     @model_validator(mode="after")
     def _rules(self) -> UnslothDataset:

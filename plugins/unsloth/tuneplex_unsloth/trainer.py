@@ -319,7 +319,7 @@ def _train(
     model, tokenizer = loader.load(job)
     if job.training.lora is not None:
         model = loader.add_lora(model, job)
-    prepared = prepare(data_spec)
+    prepared = prepare(data_spec, report=note)
     pad_id = pad_id_of(prepared.tokenizer)
     val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
 
