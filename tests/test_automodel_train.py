@@ -299,3 +299,21 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(data, tiny_model):
     a = evaluate(model, plain, micro=3, pad_id=0, device="cpu")
     b = evaluate(model, packed, micro=2, pad_id=0, device="cpu")
     assert math.isclose(a, b, rel_tol=1e-5), (a, b)
+
+
+def test_skipped_rows_are_said_and_counted_in_the_summary(capsys, job, tmp_path, data):
+    bad = {"messages": [{"role": "robot", "content": "x"}]}
+    with data[0].open("a") as fh:
+        fh.write(json.dumps(bad) + "\n{not json\n")
+    run = tmp_path / "run"
+    code, _, err = train(capsys, job("schedule: {epochs: 1}"), "-o", run)
+    assert code == 2
+    assert err.splitlines()[-1].startswith("dataset.training: 2 of 18 rows cannot be used")
+    assert not run.exists()  # refused before training: no run directory left behind
+    extra = "schedule: {epochs: 1}\ndataset: {skip_invalid_rows: true}"
+    code, _, err = train(capsys, job(extra), "-o", run)
+    assert code == 0, err
+    assert "dataset.training: left out 2 of 18 rows that cannot be used" in err
+    stats = json.loads((run / "summary.json").read_text())["data"]["train"]
+    assert stats["rows"] == 18 and stats["skipped_invalid_rows"] == 2
+    assert stats["first_skipped"].startswith(f"{data[0]}:17: messages[0].role: must be one of")

@@ -435,3 +435,26 @@ def test_text_the_template_drops_is_reported_with_a_count_and_the_first_row(
         f"dataset.training: the chat template drops system messages (1 of 3 rows; first: {data}:2)"
     ]
     assert "template drops system messages in 1 rows" in out.out
+
+
+@pytest.mark.parametrize(
+    "backend,job",
+    [
+        (
+            "automodel",
+            {"model": "m", "dataset": {"training": "t.jsonl", "skip_invalid_rows": True}},
+        ),
+        (
+            "unsloth",
+            {"model": {"name": "m"}, "dataset": {"path": "t.jsonl", "skip_invalid_rows": True}},
+        ),
+    ],
+)
+def test_both_backends_pass_skip_invalid_rows_to_the_pipeline(backend, job):
+    from tuneplex.config_io import validate_job
+    from tuneplex.plugins import registry
+
+    b = registry().get(backend).backend
+    assert b.data_spec(validate_job(b.job_schema, job)).skip_invalid_rows is True
+    del job["dataset"]["skip_invalid_rows"]
+    assert b.data_spec(validate_job(b.job_schema, job)).skip_invalid_rows is False
