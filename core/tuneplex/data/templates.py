@@ -180,7 +180,8 @@ class Encoder:
             bounds=self.bounds,
             opening=lambda: _leading_specials(full, self.tok),
         )
-        return Rendered(full, spans, False, False, frozenset(turns.dropped(messages, tools, full)))
+        drops = frozenset(turns.dropped(messages, tools, full, spans))
+        return Rendered(full, spans, False, False, drops)
 
     def _renderer(self, tools) -> turns.Render:
         def render(messages: list, generation: bool) -> str:

@@ -219,26 +219,34 @@ def locate(
     return spans
 
 
-def dropped(messages: list, tools: list | None, whole: str) -> set[str]:
+def dropped(
+    messages: list, tools: list | None, whole: str, spans: list[tuple[int, int]]
+) -> set[str]:
     """What the template leaves out of the rendering: `system messages`, `assistant reasoning`,
-    `tool calls`, `tool definitions`, ... (text of the row that does not appear in it)."""
+    `tool calls`, `tool definitions`, ... (text of the row that does not appear in it; for an
+    assistant message, not inside its own turn's span)."""
     kinds: set[str] = set()
+    turns = iter(spans)
     for m in messages:
         role = m.get("role")
+        where = whole
+        if role == "assistant":
+            start, end = next(turns, (0, 0))
+            where = whole[start:end]
         content = m.get("content")
         if isinstance(content, str):
             if role == "assistant" and "</think>" in content:
                 thought, _, content = content.rpartition("</think>")
-                if not _appears(thought.split("<think>")[-1], whole):
+                if not _appears(thought.split("<think>")[-1], where):
                     kinds.add("assistant reasoning")
-            if not _appears(content, whole):
+            if not _appears(content, where):
                 kinds.add(f"{role} messages")
         reasoning = m.get("reasoning_content")
-        if isinstance(reasoning, str) and not _appears(reasoning, whole):
+        if isinstance(reasoning, str) and not _appears(reasoning, where):
             kinds.add("assistant reasoning")
         for call in m.get("tool_calls") or ():
             name = _call_name(call)
-            if name and name not in whole:
+            if name and name not in where:
                 kinds.add("tool calls")
     for tool in tools or ():
         name = _call_name(tool)
