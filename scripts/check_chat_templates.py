@@ -98,6 +98,28 @@ def conversations() -> list[dict]:
             ]
         },
     ]
+    rows.append(  # a tool result sent as a user message (Qwen3 does not count it as a query)
+        {
+            "messages": [
+                u("Q? USER-ONE"),
+                {"role": "assistant", "content": "A ANSWER-ONE.", "reasoning_content": "R1"},
+                u("<tool_response>\nTOOL-ONE\n</tool_response>"),
+                {"role": "assistant", "content": "B ANSWER-TWO.", "reasoning_content": "R2"},
+                u("More? USER-TWO"),
+                a("C ANSWER-THREE."),
+            ]
+        }
+    )
+    rows.append(  # answers with whitespace around them, which templates trim
+        {
+            "messages": [
+                u("  Spaces? USER-ONE \n"),
+                a("\n  Kept ANSWER-ONE.  \n"),
+                u("More? USER-TWO"),
+                a("Done ANSWER-TWO.\n\n"),
+            ]
+        }
+    )
     for as_string in (False, True):
         rows.append(
             {

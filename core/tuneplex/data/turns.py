@@ -79,11 +79,20 @@ def body_length(text: str, tail: str) -> int:
     return len(text) - len(tail) if tail and text.endswith(tail) else len(text)
 
 
-def with_anchor(message: dict[str, Any], mark: str) -> dict[str, Any]:
-    """The message with `mark` after its text: its content, or the name of its last tool call."""
+def with_anchor(message: dict[str, Any], mark: str, *, middle: bool = False) -> dict[str, Any]:
+    """The message with `mark` after its text (its content, or the name of its last tool call),
+    before any trailing whitespace (which templates strip); with `middle`, before the first
+    whitespace inside the content instead (for templates that test how a content ends)."""
     content = message.get("content")
-    if isinstance(content, str) and content:
-        return {**message, "content": content + mark}
+    if isinstance(content, str) and content.strip():
+        if middle:
+            inner = re.search(r"\S\s", content)
+            if inner is None:
+                return message
+            at = inner.start() + 1
+        else:
+            at = len(content.rstrip())
+        return {**message, "content": content[:at] + mark + content[at:]}
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls and isinstance(calls[-1], dict):
         call = dict(calls[-1])
@@ -114,56 +123,89 @@ def read_anchors(rendered: str, expected: str) -> dict[int, int] | None:
 
 
 class Aligner:
-    """Locates the ends of assistant turns in the whole rendering through message anchors."""
+    """Locates the ends of assistant turns in the whole rendering through message anchors.
+
+    Anchors go after every message's text; where that changes what the template renders (it
+    tests how a content ends, as Qwen3 does for tool responses), inside it; failing that, on
+    the assistant messages only. A cut rendering is read with the first placement that leaves
+    both it and the whole rendering as they are."""
+
+    PLACEMENTS = (("all", False), ("all", True), ("assistant", False))
 
     def __init__(self, render: Render, messages: list, whole: str, bounds: Boundaries):
-        self.render, self.whole, self.bounds = render, whole, bounds
-        self.marked: list | None = None
-        self.in_whole: dict[int, int] = {}
-        if _ANCHORS.search(whole) or len(messages) > 0xFFFD:
-            return
-        # every message anchored; failing that (a template that tests how a user message ends,
-        # as Qwen3 does for tool responses), only the assistant ones
-        for picks in (range(len(messages)), [k for k, m in enumerate(messages) if _is_bot(m)]):
-            marked = list(messages)
-            for k in picks:
-                marked[k] = with_anchor(messages[k], chr(ANCHOR_BASE + k))
-            found = read_anchors(render(marked, False), whole)
-            if found:
-                self.marked, self.in_whole = marked, found
-                return
+        self.render, self.messages, self.whole, self.bounds = render, messages, whole, bounds
+        self._placed: dict[int, tuple[list, dict[int, int]] | None] = {}
+        self.usable = not _ANCHORS.search(whole) and len(messages) <= 0xFFFD
 
-    def _follow(self, cut: str, anchors: dict[int, int] | None, last: int) -> int | None:
-        """Where the text after the nearest common anchor (message <= last) in `cut` stops
-        matching the whole rendering."""
-        if not anchors:
+    def _placement(self, n: int) -> tuple[list, dict[int, int]] | None:
+        """(anchored messages, {message: anchor position in the whole}) for placement n."""
+        if n not in self._placed:
+            who, middle = self.PLACEMENTS[n]
+            marked = list(self.messages)
+            for k, m in enumerate(self.messages):
+                if who == "all" or _is_bot(m):
+                    marked[k] = with_anchor(m, chr(ANCHOR_BASE + k), middle=middle)
+            found = read_anchors(self.render(marked, False), self.whole)
+            self._placed[n] = (marked, found) if found else None
+        return self._placed[n]
+
+    def _align(self, upto: int, generation: bool, cut: str, body: int, last: int) -> int | None:
+        """Where the text after the nearest common anchor (message <= last) in `cut` (messages
+        before `upto`) stops matching the whole rendering."""
+        if not self.usable:
             return None
-        k = max((k for k in anchors if k <= last and k in self.in_whole), default=None)
-        if k is None:
+        best = None  # (message, its anchor in cut, in whole): the nearest one wins
+        for n in range(len(self.PLACEMENTS)):
+            placed = self._placement(n)
+            if placed is None:
+                continue
+            marked, in_whole = placed
+            anchors = read_anchors(self.render(marked[:upto], generation), cut)
+            if not anchors:
+                continue
+            k = max((k for k in anchors if k <= last and k in in_whole), default=None)
+            if k is not None and (best is None or k > best[0]):
+                best = (k, anchors[k], in_whole[k])
+                if k == last:
+                    break
+        if best is None:
             return None
-        a, b = anchors[k], self.in_whole[k]
-        return b + self.bounds.common(cut[a:], self.whole[b:])
+        _, a, b = best
+        return b + self.bounds.common(cut[a:body], self.whole[b:])
 
     def start(self, turn: int, head: str) -> int:
         """End of the generation prompt before `turn`; `head` renders the messages before it."""
-        at = None
-        if self.marked is not None and turn > 0:
-            anchored = read_anchors(self.render(self.marked[:turn], True), head)
-            at = self._follow(head, anchored, turn - 1)
-        return at if at is not None else self.bounds.common(head, self.whole)
+        at = self._align(turn, True, head, len(head), turn - 1) if turn else None
+        if at is not None:
+            return at
+        at = self.bounds.common(head, self.whole)
+        if at < self.floor(turn):
+            raise TurnNotFound(turn, "its start cannot be located")
+        return at
 
     def end(self, turn: int, cut: str, cut_body: int) -> int:
         """End of `turn`; `cut` renders the conversation through it (`cut_body`: without what is
         appended after a whole conversation)."""
-        at = None
-        if self.marked is not None:
-            anchored = read_anchors(self.render(self.marked[: turn + 1], False), cut)
-            at = self._follow(cut[:cut_body], anchored, turn)
+        at = self._align(turn + 1, False, cut, cut_body, turn)
         return at if at is not None else self.bounds.common(cut[:cut_body], self.whole)
 
+    def _in_whole(self) -> dict[int, int]:
+        for n in range(len(self.PLACEMENTS)):
+            placed = self._placement(n) if self.usable else None
+            if placed is not None:
+                return placed[1]
+        return {}
+
+    def left_out(self, turn: int) -> bool:
+        """The template renders nothing of this message (its anchor is not in the whole)."""
+        found = self._in_whole()
+        return bool(found) and turn not in found
+
     def floor(self, turn: int) -> int:
-        """Nothing of `turn` can start before the anchor of an earlier message."""
-        return max((v for k, v in self.in_whole.items() if k < turn), default=0)
+        """Where the last message rendered before `turn` ends: nothing of the turn is earlier."""
+        found = self._in_whole()
+        own = found.get(turn, len(self.whole))
+        return max((v for k, v in found.items() if k < turn and v <= own), default=0)
 
 
 def _is_bot(message: dict[str, Any]) -> bool:
@@ -199,8 +241,6 @@ def locate(
         else:
             aligner = aligner or Aligner(render, messages, whole, bounds)
             start = aligner.start(i, head)
-            if start < aligner.floor(i):
-                raise TurnNotFound(i, "its start cannot be located")
         if i == last:
             end = body
         else:
@@ -213,6 +253,8 @@ def locate(
                 end = aligner.end(i, cut, cut_body)
         while end > start and whole[end - 1].isspace():
             end -= 1
+        if end < start and aligner is not None and aligner.left_out(i):
+            end = start  # the template leaves this turn out: nothing of it to train
         if end < start or (spans and start < spans[-1][1]):
             raise TurnNotFound(i, "its end cannot be located")
         spans.append((start, end))
