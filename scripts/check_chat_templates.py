@@ -164,32 +164,15 @@ def conversations() -> list[dict]:
 
 
 def tokenizer_for(template: str, out: Path):
-    import random
+    from tuneplex.tiny import build_tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    from tuneplex.tiny import corpus
-
-    markers = sorted(set(MARKERS.findall(template)) | {"<s>", "</s>", "<pad>"})
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=markers,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(corpus(random.Random(0)), trainer=trainer)
+    markers = sorted(set(MARKERS.findall(template)) | {"<s>", "</s>"})
     eos = next(t for t in EOS_PREFERENCE if t in markers)
     bos = next((t for t in BOS_PREFERENCE if t in markers and t in template), None)
     if bos is None and "bos_token" in template:
         bos = "<s>"
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token="<pad>", chat_template=template
-    )
-    tok.save_pretrained(out)
-    return tok
+    style = {"template": template, "specials": markers, "bos": bos, "eos": eos, "add_bos": False}
+    return build_tokenizer(out, style=style, vocab_size=600)
 
 
 def check_row(tok, row: dict, ids: list[int], labels: list[int]) -> str | None:

@@ -523,10 +523,8 @@ def system(text=SYSTEM):
 # -- tokenizers ------------------------------------------------------------------------------
 
 
-def _corpus() -> list[str]:
+def _extra() -> list[str]:
     """Weather-talk sentences, so the BPE learns whole-word tokens with a leading space."""
-    from tuneplex.tiny import corpus
-
     rng = random.Random(0)
     extra = [
         "It is sunny in Paris.",
@@ -537,38 +535,20 @@ def _corpus() -> list[str]:
         '{"name": "get_weather", "arguments": {"city": "Paris"}}',
         "Let me check. I should call the tool. The tool answered.",
     ]
-    return corpus(rng, lines=2000) + [rng.choice(extra) for _ in range(1000)]
+    return [rng.choice(extra) for _ in range(1000)]
+
+
+def _corpus() -> list[str]:
+    from tuneplex.tiny import corpus
+
+    return corpus(random.Random(0), lines=2000) + _extra()
 
 
 def _bpe_tokenizer(out, *, template, specials, bos, eos, add_bos):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tuneplex.tiny import build_tokenizer
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=["<pad>", *specials],
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(_corpus(), trainer=trainer)
-    if add_bos:
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A",
-            pair=f"{bos} $A {bos} $B",
-            special_tokens=[(bos, tk.token_to_id(bos))],
-        )
-    else:
-        tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token="<pad>",
-        chat_template=template,
-    ).save_pretrained(out)
+    style = {"template": template, "specials": specials, "bos": bos, "eos": eos}
+    build_tokenizer(out, style={**style, "add_bos": add_bos}, vocab_size=700, texts=_extra())
     return load_tokenizer(str(out))
 
 

@@ -199,9 +199,9 @@ def test_a_signal_while_setting_up_stops_at_once_with_one_line(
 
     prepare = trainer.prepare
 
-    def signalled_while_preparing(spec):
+    def signalled_while_preparing(spec, **kw):
         os.kill(os.getpid(), signal.SIGTERM)
-        return prepare(spec)
+        return prepare(spec, **kw)
 
     monkeypatch.setattr(trainer, "prepare", signalled_while_preparing)
     run = tmp_path / "run"

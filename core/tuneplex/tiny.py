@@ -166,23 +166,31 @@ def corpus(rng: random.Random, lines: int = 3000) -> list[str]:
 
 
 def build_tokenizer(
-    out_dir: str | Path, *, style: str = "chatml", vocab_size: int = 512, seed: int = 0
+    out_dir: str | Path,
+    *,
+    style: str | dict = "chatml",
+    vocab_size: int = 512,
+    seed: int = 0,
+    texts: list[str] | None = None,
 ):
-    """Train a byte-level BPE on generated text; save a fast tokenizer with a chat template."""
+    """Train a byte-level BPE on generated text (plus `texts`); save a fast tokenizer with a
+    chat template. `style`: a name in STYLES, or a dict like theirs (template, bos, eos,
+    add_bos) with the template's markers under "specials"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    cfg = STYLES[style]
+    cfg = STYLES[style] if isinstance(style, str) else style
+    specials = list(dict.fromkeys([*SPECIALS, *cfg.get("specials", ())]))
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tk.train_from_iterator(corpus(random.Random(seed)), trainer=trainer)
+    tk.train_from_iterator(corpus(random.Random(seed)) + (texts or []), trainer=trainer)
     if cfg["add_bos"]:
         bos = cfg["bos"]
         tk.post_processor = processors.TemplateProcessing(
