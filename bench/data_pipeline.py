@@ -75,13 +75,13 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "rows": s.rows, "tokens"
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--template", choices=("chatml", "reasoning"), default="chatml")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tuneplex-bench-data"))
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from tuneplex.tiny import build_tokenizer
 

@@ -47,3 +47,21 @@ def test_stop_latency_tiny(tmp_path, capsys):
     assert row["setup"] == "lora" and row["procs"] == 1 and row["workers_gone_s"] is None
     assert 0 < row["checkpoint_s"] <= row["exit_s"] < 60
     assert "SIGTERM→ckpt" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["chatml", "reasoning"])
+def test_data_pipeline_small(tmp_path, capsys, template):
+    """bench/data_pipeline.py keeps working, on both templates: a build, then a cached rerun
+    that gives the same counts."""
+    import json
+
+    import data_pipeline
+
+    out = tmp_path / "out.json"
+    args = ["--rows", "300", "--template", template, "--workdir", str(tmp_path)]
+    assert data_pipeline.main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["first"]["rows"] == result["cached"]["rows"] == 300
+    assert 0 < result["first"]["trained"] == result["cached"]["trained"] < result["first"]["tokens"]
+    assert f"300 chat rows ({template} template)" in capsys.readouterr().out
