@@ -1189,3 +1189,23 @@ def test_skip_invalid_rows_builds_the_good_ones(toks):
     good = [n for n in range(1, 46) if n not in BAD_LINES]
     runs = [trained_runs(tok, r["input_ids"], r["labels"]) for r in split.examples]
     assert runs == [[f"Answer {n}.<end_of_turn>"] for n in good]
+
+
+def test_private_use_characters_in_rows_do_not_confuse_the_alignment(toks):
+    """Turns are aligned with private-use anchors; a row that holds such characters itself is
+    aligned with the other plane, and one that holds both is refused by name, never mis-masked."""
+    tok = toks["qwen3"]
+
+    def chat(extra):
+        return [user("Q1?" + extra), bot("A1."), user("Q2?"), bot("A2.")]
+
+    expected = ["A1.<|im_end|>", "<think>\n\n</think>\n\nA2.<|im_end|>"]
+    for extra in ("", "\U000f0001", "\U00100007"):
+        _, [(ids, labels)] = masks(tok, [{"messages": chat(extra)}])
+        assert trained_runs(tok, ids, labels) == expected, repr(extra)
+    with pytest.raises(UsageError) as info:
+        masks(tok, [{"messages": chat("\U000f0001\U00100001")}])
+    assert info.value.lines() == [
+        "t.jsonl:1: cannot locate assistant turn 1 in the chat template's rendering (its end "
+        "cannot be located); fix the row or use another template"
+    ]

@@ -24,8 +24,22 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-ANCHOR_BASE = 0xF0000  # supplementary private use area A: nothing real is written there
-_ANCHORS = re.compile("[\U000f0000-\U000ffffd]")
+# private use areas (supplementary A and B): no text is written there, but should a row hold
+# one of their characters, the other is used
+ANCHOR_PLANES = (0xF0000, 0x100000)
+ANCHORS_PER_PLANE = 0xFFFE
+
+
+class Anchors:
+    """One private use plane's characters, one per message."""
+
+    def __init__(self, base: int):
+        self.base = base
+        self.pattern = re.compile(f"[{chr(base)}-{chr(base + ANCHORS_PER_PLANE - 1)}]")
+
+    def mark(self, k: int) -> str:
+        return chr(self.base + k)
+
 
 Render = Callable[[list, bool], str]
 """render(messages, add_generation_prompt) -> text, with the row's tools already bound."""
@@ -107,17 +121,17 @@ def with_anchor(message: dict[str, Any], mark: str, *, middle: bool = False) -> 
     return message
 
 
-def read_anchors(rendered: str, expected: str) -> dict[int, int] | None:
+def read_anchors(rendered: str, expected: str, anchors: Anchors) -> dict[int, int] | None:
     """{message index: where its anchor stood in `expected`}, if the anchored rendering is
     `expected` with anchors added (else the anchors changed what the template renders)."""
     found: dict[int, int] = {}
     removed = 0
-    for m in _ANCHORS.finditer(rendered):
-        found[ord(m.group()) - ANCHOR_BASE] = m.start() - removed
+    for m in anchors.pattern.finditer(rendered):
+        found[ord(m.group()) - anchors.base] = m.start() - removed
         removed += 1
     if not removed or len(rendered) - removed != len(expected):
         return None
-    if _ANCHORS.sub("", rendered) != expected:
+    if anchors.pattern.sub("", rendered) != expected:
         return None
     return found
 
@@ -135,7 +149,9 @@ class Aligner:
     def __init__(self, render: Render, messages: list, whole: str, bounds: Boundaries):
         self.render, self.messages, self.whole, self.bounds = render, messages, whole, bounds
         self._placed: dict[int, tuple[list, dict[int, int]] | None] = {}
-        self.usable = not _ANCHORS.search(whole) and len(messages) <= 0xFFFD
+        free = [Anchors(b) for b in ANCHOR_PLANES if not Anchors(b).pattern.search(whole)]
+        self.anchors = free[0] if free else None
+        self.usable = self.anchors is not None and len(messages) <= ANCHORS_PER_PLANE
 
     def _placement(self, n: int) -> tuple[list, dict[int, int]] | None:
         """(anchored messages, {message: anchor position in the whole}) for placement n."""
@@ -144,8 +160,8 @@ class Aligner:
             marked = list(self.messages)
             for k, m in enumerate(self.messages):
                 if who == "all" or _is_bot(m):
-                    marked[k] = with_anchor(m, chr(ANCHOR_BASE + k), middle=middle)
-            found = read_anchors(self.render(marked, False), self.whole)
+                    marked[k] = with_anchor(m, self.anchors.mark(k), middle=middle)
+            found = read_anchors(self.render(marked, False), self.whole, self.anchors)
             self._placed[n] = (marked, found) if found else None
         return self._placed[n]
 
@@ -160,7 +176,7 @@ class Aligner:
             if placed is None:
                 continue
             marked, in_whole = placed
-            anchors = read_anchors(self.render(marked[:upto], generation), cut)
+            anchors = read_anchors(self.render(marked[:upto], generation), cut, self.anchors)
             if not anchors:
                 continue
             k = max((k for k in anchors if k <= last and k in in_whole), default=None)
@@ -183,11 +199,16 @@ class Aligner:
             raise TurnNotFound(turn, "its start cannot be located")
         return at
 
-    def end(self, turn: int, cut: str, cut_body: int) -> int:
+    def end(self, turn: int, start: int, cut: str, cut_body: int) -> int:
         """End of `turn`; `cut` renders the conversation through it (`cut_body`: without what is
         appended after a whole conversation)."""
         at = self._align(turn + 1, False, cut, cut_body, turn)
-        return at if at is not None else self.bounds.common(cut[:cut_body], self.whole)
+        if at is not None:
+            return at
+        at = self.bounds.common(cut[:cut_body], self.whole)
+        if at <= start and not self.left_out(turn):
+            raise TurnNotFound(turn, "its end cannot be located")
+        return at
 
     def _in_whole(self) -> dict[int, int]:
         for n in range(len(self.PLACEMENTS)):
@@ -250,7 +271,7 @@ def locate(
                 end = cut_body
             else:
                 aligner = aligner or Aligner(render, messages, whole, bounds)
-                end = aligner.end(i, cut, cut_body)
+                end = aligner.end(i, start, cut, cut_body)
         while end > start and whole[end - 1].isspace():
             end -= 1
         if end < start and aligner is not None and aligner.left_out(i):
