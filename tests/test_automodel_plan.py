@@ -52,7 +52,14 @@ def test_data_parallel_ranks_split_each_step(dp):
 
 def test_max_steps_caps_the_run():
     assert plan(max_steps=4).total_steps == 4
+    assert plan(max_steps=4).unreached_cap() is None
     assert plan(max_steps=100).total_steps == 6
+    assert plan(max_steps=100).unreached_cap() == (
+        "max_steps 100 is never reached: 2 epochs = 6 steps; raise schedule.epochs"
+    )
+    assert plan(max_steps=60, epochs=1).unreached_cap() == (
+        "max_steps 60 is never reached: 1 epoch = 3 steps; raise schedule.epochs"
+    )
 
 
 def test_learning_rate_warmup_then_cosine_to_ten_percent():

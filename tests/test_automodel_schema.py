@@ -202,8 +202,25 @@ def test_gpus_not_divisible_by_model_parallel():
         job(parallelism={"num_nodes": 2, "num_gpus_per_node": 3, "tensor_parallel_size": 4})
     )
     assert lines == [
-        "parallelism: total GPUs (2 nodes × 3 GPUs per node = 6) must be divisible by tensor × "
-        "pipeline × context parallel size (4 × 1 × 1 = 4)"
+        "parallelism.tensor_parallel_size: total GPUs (num_nodes × num_gpus_per_node = 2 × 3 = "
+        "6) must be divisible by tensor × pipeline × context parallel size (4 × 1 × 1 = 4)"
+    ]
+    lines = problems(
+        job(
+            parallelism={
+                "num_gpus_per_node": 6,
+                "tensor_parallel_size": 2,
+                "pipeline_parallel_size": 2,
+            }
+        )
+    )
+    message = (
+        "total GPUs (num_nodes × num_gpus_per_node = 1 × 6 = 6) must be divisible by tensor × "
+        "pipeline × context parallel size (2 × 2 × 1 = 4)"
+    )
+    assert lines == [
+        f"parallelism.tensor_parallel_size: {message}",
+        f"parallelism.pipeline_parallel_size: {message}",
     ]
 
 

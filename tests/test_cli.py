@@ -169,8 +169,8 @@ def test_validate_cross_field_rule(capsys, write):
     code, _, err = run_main(capsys, "validate", path, "--set", "parallelism.tensor_parallel_size=3")
     assert code == 2
     assert err == (
-        "parallelism: total GPUs (1 nodes × 8 GPUs per node = 8) must be divisible by tensor × "
-        "pipeline × context parallel size (3 × 1 × 1 = 3)\n"
+        "parallelism.tensor_parallel_size: total GPUs (num_nodes × num_gpus_per_node = 1 × 8 = "
+        "8) must be divisible by tensor × pipeline × context parallel size (3 × 1 × 1 = 3)\n"
     )
 
 

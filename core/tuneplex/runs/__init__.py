@@ -26,6 +26,7 @@ from tuneplex.runs.directory import (
     open_run,
     resolve_run_dir,
 )
+from tuneplex.runs.recorder import RunRecorder
 from tuneplex.runs.records import (
     FINAL_DIR,
     METRICS_FILE,
@@ -51,6 +52,7 @@ __all__ = [
     "AtomicDir",
     "MetricsLog",
     "Run",
+    "RunRecorder",
     "checkpoint_path",
     "complete_checkpoints",
     "damage",

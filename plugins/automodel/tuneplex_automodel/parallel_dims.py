@@ -42,14 +42,18 @@ class ParallelDims:
         out: list[tuple[str, str]] = []
         w, m = self.world_size, self.model_parallel_size
         if w % m:
-            out.append(
-                (
-                    "parallelism",
-                    f"total GPUs ({self.num_nodes} nodes × {self.gpus_per_node} GPUs per node "
-                    f"= {w}) must be divisible by tensor × pipeline × context parallel size "
-                    f"({self.tp} × {self.pp} × {self.cp} = {m})",
-                )
+            # named on each model-parallel size that is set: the keys a user would change
+            sizes = (
+                ("tensor_parallel_size", self.tp),
+                ("pipeline_parallel_size", self.pp),
+                ("context_parallel_size", self.cp),
             )
+            message = (
+                f"total GPUs (num_nodes × num_gpus_per_node = {self.num_nodes} × "
+                f"{self.gpus_per_node} = {w}) must be divisible by tensor × pipeline × context "
+                f"parallel size ({self.tp} × {self.pp} × {self.cp} = {m})"
+            )
+            out += [(f"parallelism.{key}", message) for key, size in sizes if size > 1]
         elif self.global_batch_size % (self.micro_batch_size * self.dp):
             per_step = self.micro_batch_size * self.dp
             out.append(

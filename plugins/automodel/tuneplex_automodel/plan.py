@@ -34,6 +34,17 @@ class TrainPlan:
         full = self.epochs * self.steps_per_epoch
         return min(full, self.max_steps) if self.max_steps else full
 
+    def unreached_cap(self) -> str | None:
+        """What to say when max_steps caps nothing (the epochs end first): it is a cap."""
+        full = self.epochs * self.steps_per_epoch
+        if not self.max_steps or self.max_steps <= full:
+            return None
+        unit = "epoch" if self.epochs == 1 else "epochs"
+        return (
+            f"max_steps {self.max_steps} is never reached: {self.epochs} {unit} = {full} steps; "
+            "raise schedule.epochs"
+        )
+
     def epoch_of(self, step: int) -> float:
         """Epochs completed after optimizer step `step` (1-based), as a fraction."""
         return step / self.steps_per_epoch

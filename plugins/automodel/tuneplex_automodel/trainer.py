@@ -19,20 +19,18 @@ from typing import Any
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
-from tuneplex.errors import Interrupted, Problem, TrainingStopped, TuneplexError, UsageError
+from tuneplex.errors import Interrupted, Problem, TuneplexError, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
 from tuneplex.models import parameter_counts
-from tuneplex.progress import Progress, quiet_third_party_logs
+from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
-    MetricsLog,
+    RunRecorder,
     checkpoint_path,
     prune_checkpoints,
     resume_checkpoint,
-    run_summary,
-    write_summary,
 )
-from tuneplex.signals import Stop, StopSignals, interrupted, stopped_early
+from tuneplex.signals import Stop, StopSignals, stopped_early
 
 from tuneplex_automodel.checkpoint import (
     export_run,
@@ -196,9 +194,13 @@ def _train(
             length=longest,
             pad_id=pad_id_of(tokenizer),
         )
+    rec = RunRecorder(
+        run_dir, backend="automodel", job=job, main=dist.is_main, device_type=rt.device.type
+    )
     loop = _Loop(
         job=job,
         run_dir=run_dir,
+        rec=rec,
         rt=rt,
         dist=dist,
         model=model,
@@ -220,7 +222,7 @@ def _train(
         counts = dist.sum_over_stages(torch.tensor([trainable, total], device=dist.device))
         trainable, total = (int(x) for x in counts.tolist())
     layout = f"{dist.world_size} processes ({dims.describe()}) on " if dist.world_size > 1 else ""
-    loop.header = {
+    rec.header = {
         "model": job.model,
         "model_class": model_class,
         "device": layout + rt.label,
@@ -233,9 +235,9 @@ def _train(
             "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
         },
     }
-    say = loop.progress_line
+    say = rec.say
     say(
-        f"automodel: {job.model} ({loop.header['model_class']}, {total:,} parameters, "
+        f"automodel: {job.model} ({model_class}, {total:,} parameters, "
         f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {layout}{rt.label}"
     )
     say(
@@ -244,6 +246,7 @@ def _train(
         + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
         f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
         + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
+        + (f"; {plan.unreached_cap()}" if plan.unreached_cap() else "")
     )
     say(f"run directory: {run_dir}")
     stop.defer()  # the loop stops between steps, every rank at the same one
@@ -266,13 +269,7 @@ def _train(
             raise loop.stopped(exc.signum, during="writing final/") from None
         stop.defer()  # the run is complete: a signal from here on changes nothing
     dist.barrier()
-    if not dist.is_main:
-        loop.close()
-        return None
-    summary = loop.summary("completed")
-    write_summary(run_dir, summary)
-    if what:
-        say(f"final: {run_dir / FINAL_DIR} ({what})")
+    summary = rec.completed(final=what)
     loop.close()
     return summary
 
@@ -297,6 +294,7 @@ class _Loop:
         *,
         job,
         run_dir,
+        rec: RunRecorder,
         rt,
         dist,
         model,
@@ -309,7 +307,7 @@ class _Loop:
         pipe=None,
         stop: StopSignals | None = None,
     ):
-        self.job, self.run_dir, self.rt, self.dist = job, run_dir, rt, dist
+        self.job, self.run_dir, self.rec, self.rt, self.dist = job, run_dir, rec, rt, dist
         self.stop = stop
         self.teacher, self.pipe = teacher, pipe
         self.loss_sum = loss_sum
@@ -325,17 +323,6 @@ class _Loop:
         self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
-        self.tokens_seen = 0
-        self.elapsed_before = 0.0
-        self.last_train_loss: float | None = None
-        self.last_val_loss: float | None = None
-        self.best_val_loss: float | None = None
-        self.last_checkpoint: str | None = None
-        self.resumed_from: int | None = None
-        self.header: dict[str, Any] = {}
-        self.metrics: MetricsLog | None = None
-        self.progress: Progress | None = None
-        self._t0 = time.perf_counter()
 
     # -- resume ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -355,34 +342,17 @@ class _Loop:
                 )
             )
         self.step = step
-        self.resumed_from = step
-        self.tokens_seen = state["tokens_seen"]
-        self.elapsed_before = state["elapsed_s"]
-        self.last_train_loss = state.get("train_loss")
-        self.last_val_loss = state.get("val_loss")
-        self.best_val_loss = state.get("best_val_loss")
-        self.last_checkpoint = str(path)
+        self.rec.restore(state, step=step, checkpoint=str(path))
 
     # -- the loop --------------------------------------------------------------------------
-    def progress_line(self, text: str) -> None:
-        if not self.dist.is_main:
-            return
-        if self.progress is None:
-            print(text, flush=True)
-        else:
-            self.progress.line(text)
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self._t0
-
     def run(self) -> None:
         plan = self.plan
-        if self.dist.is_main:
-            self.metrics = MetricsLog(self.run_dir, resume_step=self.resumed_from)
-            self.progress = Progress(total=plan.total_steps, start=self.step)
-        if self.resumed_from is not None:
-            self.progress_line(f"resuming from {self.last_checkpoint} (step {self.step})")
-        elif self.val_rows is not None:
+        self.rec.begin(
+            total_steps=plan.total_steps,
+            steps_per_epoch=plan.steps_per_epoch,
+            header=self.rec.header,
+        )
+        if self.rec.resumed_from is None and self.val_rows is not None:
             self._validate()  # the starting point, so the curve shows what training changed
         try:
             while self.step < plan.total_steps:
@@ -400,8 +370,6 @@ class _Loop:
             self._stop_if_asked()  # a signal during the last step
         except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
             raise self.stopped(None) from None
-        finally:
-            self._close_progress()
 
     def _stop_if_asked(self) -> None:
         """Between steps: stop if any rank was told to (every rank takes the same answer, so
@@ -411,25 +379,13 @@ class _Loop:
         signum = self.dist.max_over_ranks(self.stop.signum)
         if not signum:
             return
-        if self.step and self.last_checkpoint != str(checkpoint_path(self.run_dir, self.step)):
+        if self.step and self.rec.last_checkpoint != str(checkpoint_path(self.run_dir, self.step)):
             self._checkpoint()
         raise self.stopped(signum)
 
     def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
-        """Record the stop in summary.json (rank 0); the error that says how to resume."""
-        self._close_progress()
-        if self.dist.is_main:
-            write_summary(self.run_dir, self.summary("interrupted"))
-        return interrupted(
-            f"interrupted at step {self.step}",
-            signum=signum,
-            during=during,
-            continues_from=self.last_checkpoint,
-        )
-
-    def _close_progress(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
+        """Record the stop (rank 0); the error that says how to resume."""
+        return self.rec.stopped(signum, during=during)
 
     def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
         import torch
@@ -470,36 +426,20 @@ class _Loop:
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             value = loss_value if what == "loss" else norm_value
-            if self.dist.is_main:
-                write_summary(self.run_dir, self.summary("diverged", failed_step=step))
-            raise TrainingStopped(
-                f"step {step}: {what} is {value}; training stopped, nothing of this step was "
-                "saved (last good checkpoint: "
-                + (self.last_checkpoint or "none yet")
-                + "); lower optimizer.learning_rate or check the data"
-            )
+            raise self.rec.diverged(step=step, what=what, value=value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        self.tokens_seen += tokens
-        self.last_train_loss = loss_value
-        dt = time.perf_counter() - t0
-        event = {
-            "step": step,
-            "epoch": round(self.plan.epoch_of(step), 4),
-            "split": "train",
-            "loss": loss_value,
-            "lr": lr,
-            "grad_norm": norm_value,
-            "tokens": tokens,
-            "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
-            "elapsed_s": round(self.elapsed(), 3),
-        }
-        if self.teacher is not None:
-            event["ce_loss"], event["kd_loss"] = ce_part, kd_part
-        if self.dist.is_main:
-            self.metrics.write(**event)
-            self.progress.train(step, event)
+        extra = {"ce_loss": ce_part, "kd_loss": kd_part} if self.teacher is not None else {}
+        self.rec.train_step(
+            step=step,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=norm_value,
+            tokens=tokens,
+            seconds=time.perf_counter() - t0,
+            **extra,
+        )
         if self.val_rows is not None and self.plan.validate_after(step):
             self._validate()
         if self.plan.checkpoint_after(step):
@@ -557,31 +497,13 @@ class _Loop:
             reduce=lambda t: self.dist.sum_over_stages(self.dist.sum_over_data(t)),
             loss=self.loss_sum if pipe is None else pipe.loss_sum,
         )
-        self.last_val_loss = loss
-        if self.best_val_loss is None or loss < self.best_val_loss:
-            self.best_val_loss = loss
-        epoch = self.plan.epoch_of(self.step)
-        if not self.dist.is_main:
-            return
-        self.metrics.write(
-            step=self.step,
-            epoch=round(epoch, 4),
-            split="val",
-            loss=loss,
-            tokens=int(self.val_rows.lengths.sum()),
-            elapsed_s=round(self.elapsed(), 3),
-        )
-        self.progress.val(self.step, epoch, loss)
+        self.rec.validated(step=self.step, loss=loss, tokens=int(self.val_rows.lengths.sum()))
 
     def _checkpoint(self) -> None:
         state = {
             "epoch": self.plan.position(self.step)[0],
             "step_in_epoch": self.plan.position(self.step)[1],
-            "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed(),
-            "train_loss": self.last_train_loss,
-            "val_loss": self.last_val_loss,
-            "best_val_loss": self.best_val_loss,
+            **self.rec.state(),
             "data": {"rows": self.plan.rows},
             "schedule": {
                 "kind": "linear warmup, cosine decay to 10%",
@@ -599,34 +521,13 @@ class _Loop:
             write=self.dist.is_main,
             merge=stage_merger(self.dist),
         )
-        self.last_checkpoint = str(path)
+        self.rec.checkpoint_saved(path, step=self.step)
         if self.dist.is_main:
             prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
         self.dist.barrier()
 
-    # -- reporting -------------------------------------------------------------------------
-    def summary(self, status: str, **extra: Any) -> dict[str, Any]:
-        return run_summary(
-            status,
-            backend="automodel",
-            header=self.header,
-            steps=self.step,
-            total_steps=self.plan.total_steps,
-            epochs=self.plan.epoch_of(self.step),
-            train_loss=self.last_train_loss,
-            val_loss=self.last_val_loss,
-            best_val_loss=self.best_val_loss,
-            tokens=self.tokens_seen,
-            elapsed_s=self.elapsed(),
-            device_type=self.rt.device.type,
-            last_checkpoint=self.last_checkpoint,
-            **extra,
-        )
-
     def close(self) -> None:
-        self._close_progress()
-        if self.metrics is not None:
-            self.metrics.close()
+        self.rec.close()
 
 
 def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:

@@ -10,30 +10,27 @@ import math
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from tuneplex.console import note
 from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
-from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
+from tuneplex.errors import Problem, UsageError
 from tuneplex.evaluation import evaluate, pad_id_of
 from tuneplex.models import parameter_counts
-from tuneplex.progress import Progress, quiet_third_party_logs
+from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
-    MetricsLog,
+    RunRecorder,
     checkpoint_path,
     mark_complete,
     prune_checkpoints,
     remove_checkpoint,
     resume_checkpoint,
-    run_summary,
-    write_summary,
 )
-from tuneplex.signals import Stop, StopSignals, interrupted, stopped_early
+from tuneplex.signals import Stop, StopSignals, stopped_early
 
 from tuneplex_unsloth.model import Loader, UnslothLoader
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -66,7 +63,6 @@ def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
     from trl import SFTConfig
 
     s, b, o = job.schedule, job.batch, job.optimizer
-    trackers = [name for name in ("wandb", "mlflow") if getattr(job.integrations, name)]
     return SFTConfig(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         num_train_epochs=s.epochs,
@@ -89,7 +85,7 @@ def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
         seed=s.seed,
         data_seed=s.seed,
         **precision_flags(job, cuda=cuda),
-        report_to=trackers or "none",
+        report_to="none",  # the run recorder logs to the job's trackers
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=job.model.max_seq_length,
@@ -126,45 +122,29 @@ def _callback_base():
 
 def make_callback(**kw):
     class RunDirCallback(_callback_base()):
-        """metrics.jsonl, progress, validation, NaN stop and step_N checkpoints for HF's loop."""
+        """HF's loop reported to the run recorder: steps, validation, NaN stop, checkpoints."""
 
-        def __init__(
-            self, *, job, run_dir, val_rows, pad_id, counter, resumed_from, header, stop=None
-        ):
-            self.job, self.run_dir, self.val_rows = job, run_dir, val_rows
+        def __init__(self, *, job, rec, val_rows, pad_id, counter, stop=None):
+            self.job, self.rec, self.val_rows = job, rec, val_rows
             self.stop = stop
-            self.pad_id, self.counter, self.header = pad_id, counter, header
-            self.resumed_from = resumed_from
-            self.metrics = MetricsLog(run_dir, resume_step=resumed_from)
-            self.progress: Progress | None = None
-            self.t0 = time.perf_counter()
-            self.elapsed_before = 0.0
-            self.last_log = (0, time.perf_counter())
-            self.step = resumed_from or 0
-            self.total_steps = 0
-            self.steps_per_epoch = 1.0
-            self.train_loss = self.val_loss = self.best_val_loss = None
+            self.pad_id, self.counter = pad_id, counter
+            self.last_tokens = 0
             self.failed_step: int | None = None
             self.failed_value: float | None = None
-            self.last_checkpoint: str | None = None
             self.val_pending = False
 
-        def elapsed(self):
-            return self.elapsed_before + time.perf_counter() - self.t0
-
         def on_train_begin(self, args, state, control, model=None, **_):
-            self.total_steps = state.max_steps
-            self.steps_per_epoch = state.max_steps / max(args.num_train_epochs, 1)
+            steps_per_epoch = state.max_steps / max(args.num_train_epochs, 1)
             if args.max_steps and args.max_steps > 0 and state.num_train_epochs:
-                self.steps_per_epoch = state.max_steps / state.num_train_epochs
-            self.progress = Progress(total=state.max_steps, start=state.global_step)
-            if self.resumed_from is not None:
-                self.progress.line(f"resuming from {self.last_checkpoint} (step {self.step})")
-            elif self.val_rows is not None:
+                steps_per_epoch = state.max_steps / state.num_train_epochs
+            self.rec.begin(
+                total_steps=state.max_steps, steps_per_epoch=steps_per_epoch, header=self.rec.header
+            )
+            if self.rec.resumed_from is None and self.val_rows is not None:
                 self._validate(model, 0, 0.0)
 
         def on_step_end(self, args, state, control, model=None, **_):
-            self.step = state.global_step
+            self.rec.step = state.global_step
             if self.stop is not None and self.stop.signum:  # asked to stop: after this step
                 control.should_log = control.should_save = control.should_training_stop = True
             if self.val_rows is None:
@@ -179,25 +159,16 @@ def make_callback(**kw):
         def on_log(self, args, state, control, logs=None, model=None, **_):
             logs = logs or {}
             if "loss" in logs:
-                now = time.perf_counter()
-                tokens = self.counter.total - self.last_log[0]
-                dt = now - self.last_log[1]
-                self.last_log = (self.counter.total, now)
+                tokens, self.last_tokens = self.counter.total - self.last_tokens, self.counter.total
                 loss = float(logs["loss"])
-                event = {
-                    "step": state.global_step,
-                    "epoch": round(state.epoch or 0.0, 4),
-                    "split": "train",
-                    "loss": loss,
-                    "lr": logs.get("learning_rate"),
-                    "grad_norm": _float(logs.get("grad_norm")),
-                    "tokens": tokens,
-                    "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
-                    "elapsed_s": round(self.elapsed(), 3),
-                }
-                self.metrics.write(**event)
-                self.progress.train(state.global_step, event)
-                self.train_loss = loss
+                self.rec.train_step(
+                    step=state.global_step,
+                    epoch=state.epoch or 0.0,
+                    loss=loss,
+                    lr=logs.get("learning_rate"),
+                    grad_norm=_float(logs.get("grad_norm")),
+                    tokens=tokens,
+                )
                 if not math.isfinite(loss):
                     self.failed_step, self.failed_value = state.global_step, loss
                     control.should_training_stop = True
@@ -210,18 +181,14 @@ def make_callback(**kw):
 
         def on_save(self, args, state, control, **_):
             written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            target = checkpoint_path(self.run_dir, state.global_step)
+            target = checkpoint_path(self.rec.run_dir, state.global_step)
             if written.is_dir():
                 mark_complete(written, step=state.global_step)  # last, after HF's own files
                 if target.exists():
                     remove_checkpoint(target)
                 os.replace(written, target)
-                self.last_checkpoint = str(target)
-                prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
-
-        def on_train_end(self, args, state, control, **_):
-            if self.progress is not None:
-                self.progress.close()
+                self.rec.checkpoint_saved(target, step=state.global_step)
+                prune_checkpoints(self.rec.run_dir, self.job.output.keep_checkpoints)
 
         def _validate(self, model, step, epoch):
             import torch
@@ -240,38 +207,8 @@ def make_callback(**kw):
                 device=device,
                 autocast=autocast,
             )
-            self.val_loss = loss
-            if self.best_val_loss is None or loss < self.best_val_loss:
-                self.best_val_loss = loss
-            self.metrics.write(
-                step=step,
-                epoch=round(epoch, 4),
-                split="val",
-                loss=loss,
-                tokens=int(self.val_rows.lengths.sum()),
-                elapsed_s=round(self.elapsed(), 3),
-            )
-            self.progress.val(step, epoch, loss)
-
-        def summary(self, status: str, **extra) -> dict[str, Any]:
-            import torch
-
-            return run_summary(
-                status,
-                backend="unsloth",
-                header=self.header,
-                steps=self.step,
-                total_steps=self.total_steps,
-                epochs=self.step / self.steps_per_epoch if self.total_steps else 0.0,
-                train_loss=self.train_loss,
-                val_loss=self.val_loss,
-                best_val_loss=self.best_val_loss,
-                tokens=self.counter.total,
-                elapsed_s=self.elapsed(),
-                device_type="cuda" if torch.cuda.is_available() else "cpu",
-                last_checkpoint=self.last_checkpoint,
-                **extra,
-            )
+            tokens = int(self.val_rows.lengths.sum())
+            self.rec.validated(step=step, loss=loss, tokens=tokens, epoch=epoch)
 
     return RunDirCallback(**kw)
 
@@ -328,7 +265,10 @@ def _train(
     found = resume_checkpoint(run_dir, warn=note) if resume else None
     trainable, total = parameter_counts(model)
     device = "cuda (" + torch.cuda.get_device_name() + ")" if cuda else "cpu"
-    header = {
+    rec = RunRecorder(run_dir, backend="unsloth", job=job, device_type="cuda" if cuda else "cpu")
+    if found:
+        rec.restore({}, step=found[0], checkpoint=str(found[1]))
+    rec.header = {
         "model": job.model.name,
         "loader": loader.name,
         "device": device,
@@ -342,21 +282,11 @@ def _train(
     }
     counter = TokenCounter(pad_id)
     callback = make_callback(
-        job=job,
-        run_dir=run_dir,
-        val_rows=val_rows,
-        pad_id=pad_id,
-        counter=counter,
-        resumed_from=found[0] if found else None,
-        header=header,
-        stop=stop,
+        job=job, rec=rec, val_rows=val_rows, pad_id=pad_id, counter=counter, stop=stop
     )
-    if found:
-        callback.last_checkpoint = str(found[1])
-    print(
+    rec.say(
         f"unsloth: {job.model.name} via {loader.name} ({total:,} parameters, {trainable:,} "
-        f"trained) on {device}; {len(prepared.train.rows):,} training rows",
-        flush=True,
+        f"trained) on {device}; {len(prepared.train.rows):,} training rows"
     )
     trainer = trainer_class()(
         model=model,
@@ -373,18 +303,13 @@ def _train(
     try:
         trainer.train(resume_from_checkpoint=str(found[1]) if found else None)
     except KeyboardInterrupt:  # raised in a step, not by a signal handler of ours
-        raise _stopped(callback, None) from None
+        raise rec.stopped(None) from None
     finally:
-        callback.metrics.close()
+        rec.close()
     if stop.signum:
-        raise _stopped(callback, stop.signum)
+        raise rec.stopped(stop.signum)
     if callback.failed_step is not None:
-        write_summary(run_dir, callback.summary("diverged", failed_step=callback.failed_step))
-        raise TrainingStopped(
-            f"step {callback.failed_step}: loss is {callback.failed_value}; training stopped, "
-            f"nothing of this step was saved (last good checkpoint: "
-            f"{callback.last_checkpoint or 'none yet'}); lower optimizer.learning_rate"
-        )
+        raise rec.diverged(step=callback.failed_step, what="loss", value=callback.failed_value)
     from tuneplex_unsloth.export import export_final
 
     try:
@@ -393,24 +318,9 @@ def _train(
             run_dir / FINAL_DIR, model=trainer.model, tokenizer=tokenizer, job=job, loader=loader
         )
     except Stop as exc:
-        raise _stopped(callback, exc.signum, during="writing final/") from None
+        raise rec.stopped(exc.signum, during="writing final/") from None
     stop.defer()  # the run is complete: a signal from here on changes nothing
-    summary = callback.summary("completed")
-    write_summary(run_dir, summary)
-    print(f"final: {run_dir / FINAL_DIR} ({what})", flush=True)
-    return summary
-
-
-def _stopped(callback, signum: int | None, *, during: str | None = None) -> Interrupted:
-    """Record the stop in summary.json; the error that says how to resume."""
-    write_summary(callback.run_dir, callback.summary("interrupted"))
-    return interrupted(
-        f"interrupted at step {callback.step}",
-        signum=signum,
-        during=during,
-        continues_from=callback.last_checkpoint,
-        backend="unsloth",
-    )
+    return rec.completed(final=what)
 
 
 def _float(x):
