@@ -16,6 +16,7 @@ $tp validate examples/automodel-lora.yaml --set training.lora.rnak=8 || true
 # what the model is trained on: answer tokens highlighted, everything else masked
 $tp data inspect examples/automodel-lora.yaml -n 1
 $tp train examples/automodel-lora.yaml --output runs/demo --overwrite
+$tp runs show runs/demo  # the outcome, and how to load final/; the curves are in runs/demo/curves.png
 set +x
 .venv/bin/python - <<'PY'
 import json

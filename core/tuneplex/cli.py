@@ -149,12 +149,21 @@ def schema_cmd(
         typer.echo(markdown_reference(schema, backend=backend), nl=False)
 
 
-def _load(job: Path, backend: str, sets: list[str] | None):
+def _load(job: Path, backend: str, sets: list[str] | None, *, trackers: bool = False):
+    """The backend and the validated job; with `trackers`, a tracker the job configures but
+    whose package is missing is refused here, before anything heavy loads."""
     from tuneplex.config_io import load_job
     from tuneplex.plugins import registry
 
     installed = registry().get(backend)
-    return installed, load_job(installed.backend.job_schema, job, sets or ())
+    parsed = load_job(installed.backend.job_schema, job, sets or ())
+    if trackers:
+        from tuneplex.runs.trackers import missing_packages
+
+        missing = missing_packages(getattr(parsed, "integrations", None))
+        if missing:
+            raise UsageError(missing)
+    return installed, parsed
 
 
 @app.command("validate")
@@ -166,7 +175,7 @@ def validate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check a job without running it; print the resolved job and the values derived from it."""
-    installed, parsed = _load(job, backend, sets)
+    installed, parsed = _load(job, backend, sets, trackers=True)
     resolved = parsed.to_public_dict()
     derived = dict(installed.backend.derived(parsed))
     if as_json:
@@ -223,7 +232,7 @@ def train_cmd(
     ):
         if value is not None:
             os.environ[f"TUNEPLEX_{name}"] = str(value)
-    installed, parsed = _load(job, backend, sets)
+    installed, parsed = _load(job, backend, sets, trackers=True)
     status = installed.backend.check_environment()
     if not status.ready:
         raise EnvironmentNotReady(f"{backend}: {status.detail}")
@@ -277,6 +286,10 @@ data_app = typer.Typer(
     help="Look at what the data pipeline makes of a job's data.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+
+from tuneplex.cli_runs import runs_app  # noqa: E402 (light: its commands import what they use)
+
+app.add_typer(runs_app, name="runs")
 
 
 @data_app.command("inspect")

@@ -8,6 +8,10 @@ from pydantic import Field, SecretStr
 
 from tuneplex.schema.base import StrictModel
 
+OFF_WHEN_NULL = "x-off-when-null"
+"""Marks a section whose null means off, although every field of it has a default (the job
+template shows it commented out, not filled in)."""
+
 
 class WandbConfig(StrictModel):
     """Weights & Biases logging. The API key is read from WANDB_API_KEY unless set here."""
@@ -48,6 +52,17 @@ class MlflowConfig(StrictModel):
     )
 
 
+class TensorboardConfig(StrictModel):
+    """TensorBoard event files, written locally: `tensorboard --logdir` reads them as they grow."""
+
+    dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Directory the event files are written to; null: tensorboard/ inside the "
+        "run directory.",
+    )
+
+
 class IntegrationsConfig(StrictModel):
     """Where metrics go besides the run directory's metrics.jsonl (always written)."""
 
@@ -56,6 +71,11 @@ class IntegrationsConfig(StrictModel):
     )
     mlflow: MlflowConfig | None = Field(
         default=None, description="Log metrics to MLflow; null: off."
+    )
+    tensorboard: TensorboardConfig | None = Field(
+        default=None,
+        description="Write TensorBoard event files; null: off ({} turns it on).",
+        json_schema_extra={OFF_WHEN_NULL: True},
     )
 
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from tuneplex.schema.base import model_in
+from tuneplex.schema.common import OFF_WHEN_NULL
 
 WIDTH = 96
 
@@ -57,7 +58,9 @@ def _render(model: type[BaseModel], lines: list[str], *, indent: int, prefix: st
             continue
         default = None if required else field.get_default(call_default_factory=True)
         if default is None and not required:
-            if all(not f.is_required() for f in sub.model_fields.values()):
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            off_when_null = bool(extra.get(OFF_WHEN_NULL))
+            if not off_when_null and all(not f.is_required() for f in sub.model_fields.values()):
                 # auto-filled section (e.g. lora): show what it is filled with
                 lines.append(f"{prefix}{pad}{name}:")
                 _render(sub, lines, indent=indent + 2, prefix=prefix)
