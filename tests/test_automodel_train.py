@@ -168,6 +168,7 @@ def test_resume_after_an_interruption_continues_the_same_losses(
     assert code == 130
     assert "interrupted at step 4" in err and "checkpoints/step_3" in err
     assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
+    assert (broken / "curves.png").is_file()  # the picture of a stopped run too
     assert not (broken / "final").exists()
     monkeypatch.setattr(trainer, "loss_sum", real)
 
@@ -202,6 +203,7 @@ def test_nan_stops_at_the_step_and_keeps_the_last_good_checkpoint(capsys, job, t
     assert (run / "checkpoints" / "step_1" / "trainer_state.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["failed_step"] == 2
+    assert (run / "curves.png").is_file()
     assert not (run / "final").exists()
 
 

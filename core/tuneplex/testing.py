@@ -182,6 +182,7 @@ VAL_EVENT_KEYS = frozenset({"step", "epoch", "split", "loss"})
 def assert_run_directory(run_dir, *, completed: bool = True) -> None:
     """The run-directory format every backend writes (see README, "the run directory")."""
     import json
+    from importlib.util import find_spec
     from pathlib import Path
 
     from tuneplex.runs import (
@@ -204,6 +205,8 @@ def assert_run_directory(run_dir, *, completed: bool = True) -> None:
     assert steps == sorted(steps) and len(set(steps)) == len(steps), "train steps repeat"
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["status"] == ("completed" if completed else summary["status"])
+    if find_spec("matplotlib") is not None:  # the plots extra, which both backends bring
+        assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG", "no curves.png"
     if completed:
         assert summary["steps"] == steps[-1]
         final = run_dir / FINAL_DIR

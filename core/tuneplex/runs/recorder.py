@@ -10,6 +10,7 @@ checkpoint carries them), and only the main one writes, prints or logs anything.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,13 @@ class RunRecorder:
             "best_val_loss": self.best_val_loss,
         }
 
-    def begin(self, *, total_steps: int, steps_per_epoch: float, header: dict[str, Any]) -> None:
-        """Training starts (or resumes): the files, the progress display and the trackers."""
+    def begin(self, *, total_steps: int, steps_per_epoch: float) -> None:
+        """Training starts (or resumes): the files, the progress display and the trackers.
+        `header` (what summary.json says about the model, device and data) is set before."""
         from tuneplex.progress import Progress
 
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch or 1.0
-        self.header = header
         self._last_report = time.perf_counter()
         if not self.main:
             return
@@ -185,6 +186,24 @@ class RunRecorder:
     def checkpoint_saved(self, path: Path | str, *, step: int) -> None:
         self.last_checkpoint = str(path)
         self._last_report = time.perf_counter()
+
+    def adopt_checkpoint(self, written: Path, *, step: int, keep: int | None) -> None:
+        """A checkpoint a library wrote in its own place (HF's checkpoint-N): completed with
+        tuneplex_complete.json, moved to checkpoints/step_N, older ones pruned to `keep`."""
+        from tuneplex.runs.checkpoints import (
+            checkpoint_path,
+            mark_complete,
+            prune_checkpoints,
+            remove_checkpoint,
+        )
+
+        target = checkpoint_path(self.run_dir, step)
+        mark_complete(written, step=step)  # last, after the library's own files
+        if target.exists():
+            remove_checkpoint(target)
+        os.replace(written, target)
+        self.checkpoint_saved(target, step=step)
+        prune_checkpoints(self.run_dir, keep)
 
     def _record(self, event: dict[str, Any]) -> None:
         if self._metrics is not None:

@@ -347,11 +347,7 @@ class _Loop:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         plan = self.plan
-        self.rec.begin(
-            total_steps=plan.total_steps,
-            steps_per_epoch=plan.steps_per_epoch,
-            header=self.rec.header,
-        )
+        self.rec.begin(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
         if self.rec.resumed_from is None and self.val_rows is not None:
             self._validate()  # the starting point, so the curve shows what training changed
         try:

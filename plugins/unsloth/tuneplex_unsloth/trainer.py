@@ -24,10 +24,6 @@ from tuneplex.runs import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     RunRecorder,
-    checkpoint_path,
-    mark_complete,
-    prune_checkpoints,
-    remove_checkpoint,
     resume_checkpoint,
 )
 from tuneplex.signals import Stop, StopSignals, stopped_early
@@ -137,9 +133,7 @@ def make_callback(**kw):
             steps_per_epoch = state.max_steps / max(args.num_train_epochs, 1)
             if args.max_steps and args.max_steps > 0 and state.num_train_epochs:
                 steps_per_epoch = state.max_steps / state.num_train_epochs
-            self.rec.begin(
-                total_steps=state.max_steps, steps_per_epoch=steps_per_epoch, header=self.rec.header
-            )
+            self.rec.begin(total_steps=state.max_steps, steps_per_epoch=steps_per_epoch)
             if self.rec.resumed_from is None and self.val_rows is not None:
                 self._validate(model, 0, 0.0)
 
@@ -181,14 +175,9 @@ def make_callback(**kw):
 
         def on_save(self, args, state, control, **_):
             written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            target = checkpoint_path(self.rec.run_dir, state.global_step)
             if written.is_dir():
-                mark_complete(written, step=state.global_step)  # last, after HF's own files
-                if target.exists():
-                    remove_checkpoint(target)
-                os.replace(written, target)
-                self.rec.checkpoint_saved(target, step=state.global_step)
-                prune_checkpoints(self.rec.run_dir, self.job.output.keep_checkpoints)
+                keep = self.job.output.keep_checkpoints
+                self.rec.adopt_checkpoint(written, step=state.global_step, keep=keep)
 
         def _validate(self, model, step, epoch):
             import torch
