@@ -347,6 +347,25 @@ def test_plot_refuses_other_extensions(tp, runs, tmp_path):
         assert not target.exists()
 
 
+def test_plot_never_replaces_a_file_it_did_not_draw(tp, runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("mine.png", "mine.svg"):
+        target = tmp_path / name
+        target.write_text("the user's own file")
+        code, out, err = tp("plot", runs["lora"], "-o", target)
+        assert (code, out) == (2, "")
+        assert err == (
+            f"{target}: exists and is not a picture tuneplex drew; it is kept: choose another "
+            "-o (or remove it)\n"
+        )
+        assert target.read_text() == "the user's own file"
+    drawn = tmp_path / "drawn.png"
+    for _ in range(2):  # a picture it drew is redrawn in place
+        code, out, err = tp("plot", runs["lora"], "-o", drawn)
+        assert code == 0, err
+        assert out == f"{drawn}\n"
+
+
 def test_plot_run_writes_curves_png_for_hard_metrics(tmp_path):
     """NaN and inf losses, a run without grad norm, throughput or validation, one step."""
     pytest.importorskip("matplotlib")

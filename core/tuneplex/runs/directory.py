@@ -41,7 +41,16 @@ WORKER_LOCK = f"{STATE_DIR}/worker.lock"
 """Held by rank 0 of the workers a launcher starts: should the launcher die first (SIGKILL),
 its workers still finish their stop, and no new `train` may start on the run meanwhile."""
 RUN_FORMAT = 1
-OWNED = (JOB_FILE, METRICS_FILE, SUMMARY_FILE, FINAL_DIR, LOG_FILE, "wandb", "tensorboard")
+OWNED = (
+    JOB_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    FINAL_DIR,
+    LOG_FILE,
+    "curves.png",
+    "wandb",
+    "tensorboard",
+)
 """Entries of a run directory that tuneplex writes (and `--overwrite` replaces); checkpoints/
 is emptied of checkpoints only. Anything else in the directory is the user's and stays."""
 

@@ -35,6 +35,29 @@ FEW_POINTS = 30
 Points = tuple[list[float], list[float]]
 
 
+MARK = "tuneplex curves"
+_SIGNATURE = {"png": {"Software": MARK}, "svg": {"Creator": MARK}}
+"""Written into every picture, so that only a picture tuneplex drew is ever replaced."""
+
+
+def _refuse_foreign(out: Path) -> None:
+    """A user's own file at `out` (anything but a picture tuneplex drew) is never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    ours = False
+    if out.is_file() and not out.is_symlink():
+        with out.open("rb") as fh:
+            ours = MARK.encode() in fh.read(1 << 16)
+    if not ours:
+        raise UsageError(
+            Problem(
+                str(out),
+                "exists and is not a picture tuneplex drew; it is kept: choose another -o "
+                "(or remove it)",
+            )
+        )
+
+
 def plot_run(run_dir: Path) -> Path:
     """Draw `run_dir/curves.png` (what every run does when it ends); returns its path."""
     return plot_runs([Path(run_dir)], Path(run_dir) / CURVES_FILE)
@@ -63,9 +86,10 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, *, labels: Sequence[str] | No
     figure = _draw(curves, runs)
     if not out.parent.is_dir():
         raise UsageError(Problem(str(out), f"no such directory: {out.parent}"))
+    _refuse_foreign(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        figure.savefig(tmp, format=fmt, dpi=DPI)
+        figure.savefig(tmp, format=fmt, dpi=DPI, metadata=_SIGNATURE[fmt])
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
