@@ -154,8 +154,8 @@ def test_missing_packages_names_a_database_store_without_sqlalchemy(monkeypatch)
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
     sqlite = integrations(mlflow={"tracking_uri": "sqlite:///mlflow.db"})
     assert [str(p) for p in missing_packages(sqlite)] == [
-        "integrations.mlflow.tracking_uri: a sqlite: store needs the sqlalchemy package, "
-        "which mlflow-skinny lacks (pip install mlflow)"
+        "integrations.mlflow.tracking_uri: a sqlite: store needs the sqlalchemy package "
+        '(pip install "tuneplex[mlflow]")'
     ]
     assert missing_packages(integrations(mlflow={"tracking_uri": "http://h:5000"})) == []
 
@@ -359,14 +359,15 @@ def test_mlflow_run_status_follows_how_the_run_ended(tmp_path, status, mlflow_st
     assert run.data.tags["summary/status"] == status
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("sqlalchemy") is not None,
-    reason="sqlalchemy is installed: a sqlite store works",
-)
-def test_mlflow_sqlite_store_without_sqlalchemy_is_one_warning(tmp_path):
-    section = integrations(mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"})
-    warnings = run_all(section, tmp_path)
-    assert len(warnings) == 1 and warnings[0].startswith("integrations.mlflow: cannot start (")
+def test_mlflow_sqlite_store_holds_every_step(tmp_path, capfd):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_all(integrations(mlflow={"tracking_uri": uri}), tmp_path) == []
+    _, run, history = mlflow_run(uri, tmp_path)
+    assert run.info.status == "FINISHED"
+    assert history["train/loss"] == {e["step"]: e["loss"] for e in TRAIN}
+    assert history["val/loss"] == {e["step"]: e["loss"] for e in VAL}
+    out, err = capfd.readouterr()
+    assert out == err == ""  # MLflow's database set-up lines stay off the terminal
 
 
 def test_library_log_records_stay_off_the_terminal(tmp_path, capfd, caplog):

@@ -85,8 +85,8 @@ def missing_packages(integrations: Any) -> list[Problem]:
             problems.append(
                 Problem(
                     "integrations.mlflow.tracking_uri",
-                    f"a {scheme}: store needs the sqlalchemy package, which mlflow-skinny lacks "
-                    "(pip install mlflow)",
+                    f"a {scheme}: store needs the sqlalchemy package "
+                    '(pip install "tuneplex[mlflow]")',
                 )
             )
     return problems
