@@ -1,6 +1,7 @@
 """Rendezvous settings for multi-node launches (no processes started)."""
 
 import pytest
+from tuneplex.backend import NO_LAUNCH_OPTIONS, LaunchOptions
 from tuneplex.errors import UsageError
 from tuneplex_automodel.launch import expand_nodelist, rendezvous
 from tuneplex_automodel.parallel_dims import ParallelDims
@@ -25,12 +26,8 @@ def test_slurm_nodelist(nodelist, hosts):
 
 
 def test_flags_give_a_static_rendezvous():
-    env = {
-        "TUNEPLEX_NODE_RANK": "1",
-        "TUNEPLEX_MASTER_ADDR": "10.0.0.1",
-        "TUNEPLEX_MASTER_PORT": "1234",
-    }
-    assert rendezvous(dims(), env) == {
+    options = LaunchOptions(node_rank=1, master_addr="10.0.0.1", master_port=1234)
+    assert rendezvous(dims(), options=options, env={}) == {
         "backend": "static",
         "endpoint": "10.0.0.1:1234",
         "node_rank": 1,
@@ -39,30 +36,78 @@ def test_flags_give_a_static_rendezvous():
 
 def test_slurm_variables():
     env = {"SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[3-4]"}
-    assert rendezvous(dims(), env) == {
+    assert rendezvous(dims(), options=NO_LAUNCH_OPTIONS, env=env) == {
         "backend": "static",
         "endpoint": "gpu3:29500",
         "node_rank": 0,
     }
 
 
+def test_flags_win_over_slurm_variables():
+    env = {"SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[3-4]"}
+    options = LaunchOptions(node_rank=1, master_addr="head", master_port=4321)
+    assert rendezvous(dims(), options=options, env=env) == {
+        "backend": "static",
+        "endpoint": "head:4321",
+        "node_rank": 1,
+    }
+    node_only = rendezvous(dims(), options=LaunchOptions(node_rank=1), env=env)
+    assert node_only == {"backend": "static", "endpoint": "gpu3:29500", "node_rank": 1}
+
+
 def test_c10d_endpoint_wins():
-    env = {"TUNEPLEX_RDZV_ENDPOINT": "head:29400", "TUNEPLEX_NODE_RANK": "3"}
-    assert rendezvous(dims(4), env)["backend"] == "c10d"
+    options = LaunchOptions(rdzv_endpoint="head:29400", node_rank=3)
+    assert rendezvous(dims(4), options=options, env={"SLURM_NODEID": "1"}) == {
+        "backend": "c10d",
+        "endpoint": "head:29400",
+        "node_rank": None,
+    }
+
+
+def test_our_old_environment_variables_are_not_read():
+    env = {"TUNEPLEX_NODE_RANK": "1", "TUNEPLEX_MASTER_ADDR": "h", "TUNEPLEX_RDZV_ENDPOINT": "x:1"}
+    with pytest.raises(UsageError) as exc:
+        rendezvous(dims(), options=NO_LAUNCH_OPTIONS, env=env)
+    assert exc.value.lines()[0].startswith(
+        "parallelism.num_nodes: 2 nodes need --node-rank and --master-addr on every node"
+    )
 
 
 def test_single_node_needs_nothing():
-    r = rendezvous(dims(1, 2), {})
+    r = rendezvous(dims(1, 2), options=NO_LAUNCH_OPTIONS, env={})
     assert (
         r["backend"] == "static" and r["endpoint"].startswith("127.0.0.1:") and r["node_rank"] == 0
     )
 
 
 def test_node_rank_out_of_range():
-    env = {"TUNEPLEX_NODE_RANK": "2", "TUNEPLEX_MASTER_ADDR": "h"}
+    options = LaunchOptions(node_rank=2, master_addr="h")
     with pytest.raises(UsageError) as exc:
-        rendezvous(dims(), env)
+        rendezvous(dims(), options=options, env={})
     assert exc.value.lines() == ["--node-rank: 2 is not in 0..1"]
+
+
+def test_backend_hands_the_options_to_the_launcher(monkeypatch, tmp_path):
+    """AutomodelBackend.train -> trainer.train -> launch(...): the options arrive as a value."""
+    import tuneplex_automodel.trainer as trainer
+    from tuneplex.plugins import registry
+
+    seen = {}
+    monkeypatch.setattr(trainer, "check_model_ref", lambda *a, **k: None)
+    monkeypatch.setattr(trainer, "launch", lambda *a, **k: seen.update(args=a, kwargs=k))
+    backend = registry().get("automodel").backend
+    job = backend.job_schema.model_validate(
+        {
+            "model": "org/base",
+            "dataset": {"training": "train.jsonl"},
+            "batch": {"global_batch_size": 4, "micro_batch_size": 1},
+            "parallelism": {"num_nodes": 2, "num_gpus_per_node": 2},
+        }
+    )
+    options = LaunchOptions(node_rank=1, master_addr="head", master_port=29501)
+    backend.train(job, tmp_path, resume=True, launch=options)
+    assert seen["kwargs"] == {"resume": True, "options": options}
+    assert seen["args"][0] == job.parallel_dims() and seen["args"][2] == tmp_path
 
 
 def test_architecture_without_a_plan_is_named():

@@ -284,6 +284,151 @@ def test_train_resume_and_overwrite_together(fake_registry, tmp_path, write, cap
     assert code == 2 and err.startswith("--resume, --overwrite: choose one")
 
 
+# ------------------------------------------------------------------ launch options
+LAUNCH_FLAGS = ("--node-rank", "0", "--master-addr", "head", "--master-port", "29501")
+
+
+def test_train_hands_launch_options_to_the_backend_not_the_environment(
+    fake_registry, tmp_path, write
+):
+    from tuneplex.backend import LaunchOptions
+
+    fake = fake_registry.backends["fake"].backend
+    fake.launches.clear()
+    before = dict(os.environ)
+    path = write("fake.yaml", FAKE_JOB)
+    args = (*LAUNCH_FLAGS, "--rdzv-endpoint", "head:29400")
+    result = invoke("train", path, "-b", "fake", "-o", tmp_path / "run", *args)
+    assert result.exit_code == 0, result.output
+    assert fake.launches == [
+        LaunchOptions(
+            node_rank=0, master_addr="head", master_port=29501, rdzv_endpoint="head:29400"
+        )
+    ]
+    assert dict(os.environ) == before
+    assert not [k for k in os.environ if k.startswith("TUNEPLEX_") and k != "TUNEPLEX_CACHE"]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_train_without_launch_flags_hands_empty_options(fake_registry, tmp_path, write):
+    from tuneplex.backend import NO_LAUNCH_OPTIONS
+
+    fake = fake_registry.backends["fake"].backend
+    fake.launches.clear()
+    path = write("fake.yaml", FAKE_JOB)
+    assert main(["train", str(path), "-b", "fake", "-o", str(tmp_path / "r")]) == 0
+    assert fake.launches == [NO_LAUNCH_OPTIONS] and not NO_LAUNCH_OPTIONS.given()
+
+
+def test_another_node_trains_without_opening_the_run(fake_registry, tmp_path, write):
+    """--node-rank 1: node 0 writes the run (on a shared filesystem); this node only trains."""
+    from tuneplex.backend import LaunchOptions
+
+    fake = fake_registry.backends["fake"].backend
+    fake.launches.clear()
+    out = tmp_path / "shared-run"
+    out.mkdir()  # made by node 0
+    path = write("fake.yaml", FAKE_JOB)
+    assert main(["train", str(path), "-b", "fake", "-o", str(out), "--node-rank", "1"]) == 0
+    assert fake.launches == [LaunchOptions(node_rank=1)]
+    assert not (out / "job.json").exists()  # this node did not open the run
+
+
+@pytest.mark.parametrize(
+    ("node_rank", "slurm_node", "rank", "writes"),
+    [
+        (None, None, None, True),
+        (0, "1", None, True),  # the flag wins over Slurm's node id
+        (1, "0", None, False),
+        (None, "1", None, False),
+        (0, None, "1", False),  # a worker of the user's torchrun
+    ],
+)
+def test_which_process_writes_the_run(monkeypatch, node_rank, slurm_node, rank, writes):
+    from tuneplex.backend import LaunchOptions
+    from tuneplex.cli import _writes_the_run_dir
+
+    for name, value in (("SLURM_NODEID", slurm_node), ("RANK", rank)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TUNEPLEX_NODE_RANK", "1")  # no longer means anything
+    assert _writes_the_run_dir(LaunchOptions(node_rank=node_rank)) is writes
+
+
+UNSLOTH_JOB = "model:\n  name: org/base\ndataset:\n  path: d.jsonl\n"
+UNSLOTH_REFUSAL = (
+    "the unsloth backend trains on one GPU in one process; launch options (--node-rank, "
+    "--master-addr, --master-port, --rdzv-endpoint) apply to automodel only"
+)
+
+
+@pytest.mark.parametrize(
+    ("flags", "where"),
+    [
+        (("--node-rank", "0"), "--node-rank"),  # node 0: opens a new run, then discards it
+        (("--node-rank", "1"), "--node-rank"),  # another node: trains without opening the run
+        (("--master-addr", "h", "--master-port", "29500"), "--master-addr, --master-port"),
+        (("--rdzv-endpoint", "h:29400"), "--rdzv-endpoint"),
+    ],
+)
+def test_unsloth_refuses_launch_options(monkeypatch, tmp_path, write, capsys, flags, where):
+    from tuneplex.backend import EnvironmentStatus
+    from tuneplex.plugins import registry
+
+    backend = registry().get("unsloth").backend
+    monkeypatch.setattr(
+        type(backend), "check_environment", lambda self: EnvironmentStatus(True, "t")
+    )
+    path = write("u.yaml", UNSLOTH_JOB)
+    code, _, err = run_main(capsys, "train", path, "-b", "unsloth", "-o", tmp_path / "r", *flags)
+    assert code == 2
+    assert err.splitlines() == [f"{where}: {UNSLOTH_REFUSAL}"]
+    assert not (tmp_path / "r").exists()
+
+
+def test_unsloth_refusing_launch_options_keeps_the_run_it_would_overwrite(
+    fake_registry, monkeypatch, tmp_path, write, capsys
+):
+    from tuneplex.backend import EnvironmentStatus
+
+    backend = fake_registry.get("unsloth").backend
+    monkeypatch.setattr(
+        type(backend), "check_environment", lambda self: EnvironmentStatus(True, "t")
+    )
+    run = tmp_path / "r"
+    fake = write("f.yaml", FAKE_JOB)
+    assert run_main(capsys, "train", fake, "-b", "fake", "-o", run)[0] == 0
+    before = sorted(p.name for p in run.iterdir())
+    path = write("u.yaml", UNSLOTH_JOB)
+    args = ("train", path, "-b", "unsloth", "-o", run, "--overwrite", "--node-rank", "0")
+    code, _, err = run_main(capsys, *args)
+    assert code == 2
+    assert err.splitlines() == [f"--node-rank: {UNSLOTH_REFUSAL}"]
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing cleared
+
+
+def test_unsloth_refuses_launch_options_before_anything_loads(tmp_path, write):
+    path = write("u.yaml", UNSLOTH_JOB)
+    heavy = imported_heavy_modules(
+        f"""
+        import contextlib, io
+        from tuneplex.backend import EnvironmentStatus
+        from tuneplex.cli import main
+        from tuneplex.plugins import registry
+        backend = registry().get("unsloth").backend
+        type(backend).check_environment = lambda self: EnvironmentStatus(True, "test")
+        out = {str(tmp_path / "r")!r}
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main(["train", {str(path)!r}, "-b", "unsloth", "-o", out, "--node-rank", "0"])
+        assert code == 2 and err.getvalue().startswith("--node-rank: the unsloth"), err.getvalue()
+        """
+    )
+    assert heavy == []
+    assert not (tmp_path / "r").exists()
+
+
 # ------------------------------------------------------------------ fast path
 def test_fast_commands_import_no_heavy_library(tmp_path, write):
     path = write("job.yaml", AUTOMODEL_JOB)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -23,12 +23,39 @@ class EnvironmentStatus:
         return ("ready: " if self.ready else "not ready: ") + self.detail
 
 
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions:
+    """Where this process sits in a multi-node run, as `tuneplex train` was told on the command
+    line (None: not given). Passed to `Backend.train` as a value, never through the environment;
+    a backend that cannot use them refuses them (a UsageError naming `given()`)."""
+
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+
+    def given(self) -> tuple[str, ...]:
+        """The command-line flags of the options that are set: ("--node-rank", ...)."""
+        return tuple(
+            "--" + f.name.replace("_", "-")
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        )
+
+
+NO_LAUNCH_OPTIONS = LaunchOptions()
+"""The default of `Backend.train`'s `launch`: no flag given (one node, or Slurm's variables)."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A training backend.
 
     Every member but `train` must be cheap: the CLI calls them for `backends`, `schema` and
     `validate`, which must not import torch, transformers or any training library.
+
+    Optional: `check_launch(launch: LaunchOptions) -> None`, raising a UsageError for launch
+    options the backend cannot use; the CLI calls it before a run directory is opened.
     """
 
     name: str
@@ -50,6 +77,15 @@ class Backend(Protocol):
         """What the shared data pipeline must build for this job (files, tokenizer, format)."""
         ...
 
-    def train(self, job: JobSchema, run_dir: Path, *, resume: bool = False) -> None:
-        """Train `job`, writing everything into `run_dir` (created and empty unless resuming)."""
+    def train(
+        self,
+        job: JobSchema,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        launch: LaunchOptions = NO_LAUNCH_OPTIONS,
+    ) -> None:
+        """Train `job`, writing everything into `run_dir` (created and empty unless resuming).
+        `launch` holds the multi-node flags; a backend that cannot honour them raises UsageError
+        before loading anything."""
         ...

@@ -13,12 +13,15 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tuneplex import __version__
 from tuneplex.errors import EXIT_USAGE, EnvironmentNotReady, Problem, TuneplexError, UsageError
+
+if TYPE_CHECKING:
+    from tuneplex.backend import Backend, LaunchOptions
 
 app = typer.Typer(
     name="tuneplex",
@@ -222,30 +225,50 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Validate a job, check this machine can run it, and train."""
+    from tuneplex.backend import LaunchOptions
     from tuneplex.runs import resolve_run_dir
 
-    for name, value in (
-        ("NODE_RANK", node_rank),
-        ("MASTER_ADDR", master_addr),
-        ("MASTER_PORT", master_port),
-        ("RDZV_ENDPOINT", rdzv_endpoint),
-    ):
-        if value is not None:
-            os.environ[f"TUNEPLEX_{name}"] = str(value)
+    launch = LaunchOptions(
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        rdzv_endpoint=rdzv_endpoint,
+    )
     installed, parsed = _load(job, backend, sets, trackers=True)
+    check_launch = getattr(installed.backend, "check_launch", None)
+    if check_launch is not None:  # before a run directory is opened (or --overwrite clears one)
+        check_launch(launch)
     status = installed.backend.check_environment()
     if not status.ready:
         raise EnvironmentNotReady(f"{backend}: {status.detail}")
     run_dir = resolve_run_dir(flag=output, job_output_dir=parsed.output.dir, job_path=job)
-    if not _writes_the_run_dir():  # another worker of the user's torchrun writes the run
-        installed.backend.train(parsed, run_dir, resume=resume)
+    if not _writes_the_run_dir(launch):  # node 0, or rank 0 of the user's torchrun, writes it
+        installed.backend.train(parsed, run_dir, resume=resume, launch=launch)
         return
-    _train_into_run(installed.backend, parsed, job, run_dir, resume=resume, overwrite=overwrite)
+    _train_into_run(
+        installed.backend,
+        parsed,
+        job,
+        run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        launch=launch,
+    )
 
 
-def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, overwrite: bool):
+def _train_into_run(
+    backend: Backend,
+    parsed,
+    job: Path,
+    run_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    launch: LaunchOptions,
+) -> None:
     """Open (and lock) the run directory, then train with third-party output in train.log;
-    an unexpected error is one line here and its traceback in train.log."""
+    an unexpected error is one line here and its traceback in train.log. A backend's usage
+    error (refused launch options, say) discards a new run: no directory is left behind."""
     from tuneplex import console
     from tuneplex.runs import LOG_FILE, open_run
     from tuneplex.signals import Stop, StopSignals, stopped_early
@@ -261,7 +284,7 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
                     # a signal before the backend installs its own handlers (while importing
                     # torch, say) is a stop too: one line, exit 130 / 143
                     with StopSignals(say=console.note), console.defects_as_one_line():
-                        backend.train(parsed, run_dir, resume=run.resuming)
+                        backend.train(parsed, run_dir, resume=run.resuming, launch=launch)
                 except TuneplexError as exc:
                     if exc.exit_code == EXIT_USAGE:  # refused before training: leave no run
                         run.discard()
@@ -275,10 +298,13 @@ def _train_into_run(backend, parsed, job: Path, run_dir: Path, *, resume: bool, 
             ) from None
 
 
-def _writes_the_run_dir() -> bool:
-    """One process prepares the run directory: node 0 of a multi-node run, and rank 0 of the
-    workers when each of them runs `tuneplex train` under torchrun."""
-    node = os.environ.get("TUNEPLEX_NODE_RANK") or os.environ.get("SLURM_NODEID") or "0"
+def _writes_the_run_dir(launch: LaunchOptions) -> bool:
+    """One process prepares the run directory: node 0 of a multi-node run (--node-rank, else
+    Slurm's node id), and rank 0 of the workers when each runs `tuneplex train` under torchrun."""
+    if launch.node_rank is not None:
+        node = str(launch.node_rank)
+    else:
+        node = os.environ.get("SLURM_NODEID") or "0"
     return node == "0" and os.environ.get("RANK", "0") == "0"
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from tuneplex.backend import Backend, EnvironmentStatus
+from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus, LaunchOptions
 from tuneplex.data.spec import DataSpec
 from tuneplex.hookspecs import hookimpl
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
@@ -73,6 +73,8 @@ class FakeBackend:
 
     def __init__(self, ready: bool = True):
         self.ready = ready
+        self.launches: list[LaunchOptions] = []
+        """The launch options of every `train` call, in order (what the CLI handed over)."""
 
     def check_environment(self) -> EnvironmentStatus:
         return EnvironmentStatus(self.ready, "always" if self.ready else "switched off for a test")
@@ -85,7 +87,15 @@ class FakeBackend:
             train=job.dataset.path, tokenizer=job.model, max_seq_length=64, train_key="dataset.path"
         )
 
-    def train(self, job: FakeJobInput, run_dir: Path, *, resume: bool = False) -> None:
+    def train(
+        self,
+        job: FakeJobInput,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        launch: LaunchOptions = NO_LAUNCH_OPTIONS,
+    ) -> None:
+        self.launches.append(launch)
         if job.schedule.pause_s:
             import time
 
@@ -341,6 +351,15 @@ class BackendContract:
             """
         )
         assert heavy == []
+
+    def test_train_takes_launch_options_by_keyword(self):
+        import inspect
+
+        params = inspect.signature(self.backend.train).parameters
+        assert list(params)[:2] == ["job", "run_dir"], list(params)
+        for name, default in (("resume", False), ("launch", NO_LAUNCH_OPTIONS)):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+            assert params[name].default == default, name
 
     def test_data_spec_names_the_job_keys(self):
         spec = self.backend.data_spec(self._validate(self.minimal_job))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from tuneplex.backend import EnvironmentStatus
+from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, LaunchOptions
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
 
@@ -55,7 +55,14 @@ class AutomodelBackend:
             validation_key="dataset.validation",
         )
 
-    def train(self, job: AutomodelJobInput, run_dir: Path, *, resume: bool = False) -> None:
+    def train(
+        self,
+        job: AutomodelJobInput,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        launch: LaunchOptions = NO_LAUNCH_OPTIONS,
+    ) -> None:
         from tuneplex_automodel.trainer import train
 
-        train(job, run_dir, resume=resume, data_spec=self.data_spec(job))
+        train(job, run_dir, resume=resume, data_spec=self.data_spec(job), launch_options=launch)

@@ -2,9 +2,9 @@
 
 `tuneplex train` on a job with several processes per node or several nodes calls `launch`, which
 starts `num_gpus_per_node` workers on this node through `torch.distributed.launcher` and waits.
-Rendezvous settings come from `tuneplex train` flags (exported as TUNEPLEX_* variables), else
+Rendezvous settings come from `tuneplex train`'s flags (handed down as `LaunchOptions`), else
 from Slurm's variables, else a single-node run on localhost. Started by torchrun already, a
-worker just joins (see distributed.init).
+worker just joins (see distributed.init); the workers started here need no options.
 
 Workers never outlive the launcher: each ties itself to it (tuneplex.signals.tie_to_parent),
 so a launcher killed outright (SIGKILL, the OOM killer) takes them along. SIGINT or SIGTERM to
@@ -20,10 +20,12 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from tuneplex import console
+from tuneplex.backend import LaunchOptions
 from tuneplex.errors import Problem, TuneplexError, UsageError
 from tuneplex.signals import STOP_GRACE_S, StopSignals, exit_code
 
@@ -60,16 +62,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def rendezvous(dims: ParallelDims, env=os.environ) -> dict:
-    """{"backend", "endpoint", "node_rank"} for this node."""
-    endpoint = env.get("TUNEPLEX_RDZV_ENDPOINT")
-    if endpoint:
-        return {"backend": "c10d", "endpoint": endpoint, "node_rank": None}
-    node_rank = env.get("TUNEPLEX_NODE_RANK") or env.get("SLURM_NODEID")
-    addr = env.get("TUNEPLEX_MASTER_ADDR")
+def rendezvous(
+    dims: ParallelDims, *, options: LaunchOptions, env: Mapping[str, str] = os.environ
+) -> dict:
+    """{"backend", "endpoint", "node_rank"} for this node: the flags in `options` first, then
+    Slurm's variables in `env`."""
+    if options.rdzv_endpoint:
+        return {"backend": "c10d", "endpoint": options.rdzv_endpoint, "node_rank": None}
+    node_rank = options.node_rank if options.node_rank is not None else env.get("SLURM_NODEID")
+    addr = options.master_addr
     if addr is None and env.get("SLURM_JOB_NODELIST") and dims.num_nodes > 1:
         addr = expand_nodelist(env["SLURM_JOB_NODELIST"])[0]
-    port = env.get("TUNEPLEX_MASTER_PORT") or ("29500" if dims.num_nodes > 1 else None)
+    port = options.master_port or (29500 if dims.num_nodes > 1 else None)
     if dims.num_nodes > 1:
         missing = [
             flag
@@ -93,20 +97,22 @@ def rendezvous(dims: ParallelDims, env=os.environ) -> dict:
     return {"backend": "static", "endpoint": f"{addr}:{port}", "node_rank": int(node_rank or 0)}
 
 
-def launch(dims: ParallelDims, job: dict, run_dir: Path, *, resume: bool) -> None:
+def launch(
+    dims: ParallelDims, job: dict, run_dir: Path, *, resume: bool, options: LaunchOptions
+) -> None:
     """Run `job` (its resolved JSON form) on this node's workers and wait for them."""
     import json
     import tempfile
 
     from torch.distributed.launcher.api import LaunchConfig
 
-    rdzv = rendezvous(dims)
+    rdzv = rendezvous(dims, options=options)
     configs = {"rank": rdzv["node_rank"]} if rdzv["backend"] == "static" else {}
     config = LaunchConfig(
         min_nodes=dims.num_nodes,
         max_nodes=dims.num_nodes,
         nproc_per_node=dims.gpus_per_node,
-        run_id=os.environ.get("TUNEPLEX_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "tuneplex",
+        run_id=os.environ.get("SLURM_JOB_ID") or "tuneplex",  # the same on every node
         rdzv_backend=rdzv["backend"],
         rdzv_endpoint=rdzv["endpoint"],
         rdzv_configs=configs,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneplex.backend import LaunchOptions
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
@@ -85,11 +86,19 @@ def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
     return Runtime(device=device, dtype=torch.float32, autocast=None)
 
 
-def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict | None:
+def train(
+    job: AutomodelJobInput,
+    run_dir: Path,
+    *,
+    resume: bool,
+    data_spec,
+    launch_options: LaunchOptions,
+) -> dict | None:
     """Train `job` into `run_dir`; returns the summary (also written to summary.json) on rank 0.
 
-    A job for several processes, started outside torchrun, launches its workers here and
-    waits for them (each worker comes back into this function under torchrun).
+    A job for several processes, started outside torchrun, launches its workers here (with
+    `launch_options`) and waits for them (each worker comes back into this function under
+    torchrun, where the options have done their work).
     """
     quiet_third_party_logs()
     dims = job.parallel_dims()
@@ -98,7 +107,7 @@ def train(job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec) -> 
         check_model_ref(job.training.teacher_model, key="training.teacher_model")
     if dims.world_size > 1 and not under_torchrun():
         check_model_ref(job.model)
-        launch(dims, job.to_private_dict(), run_dir, resume=resume)
+        launch(dims, job.to_private_dict(), run_dir, resume=resume, options=launch_options)
         return None
     check_model_ref(job.model)
     import torch

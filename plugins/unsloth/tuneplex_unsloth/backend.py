@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneplex.backend import EnvironmentStatus
+from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, LaunchOptions
 from tuneplex.data.spec import DataSpec
+from tuneplex.errors import Problem, UsageError
 
 from tuneplex_unsloth import env
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -48,7 +49,33 @@ class UnslothBackend:
             validation_key="dataset.validation_path",
         )
 
-    def train(self, job: UnslothJobInput, run_dir: Path, *, resume: bool = False) -> None:
+    def check_launch(self, launch: LaunchOptions) -> None:
+        """Called by the CLI before the run directory is opened."""
+        refuse_launch_options(launch)
+
+    def train(
+        self,
+        job: UnslothJobInput,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        launch: LaunchOptions = NO_LAUNCH_OPTIONS,
+    ) -> None:
+        refuse_launch_options(launch)  # before unsloth loads; the CLI discards the new run
         from tuneplex_unsloth.trainer import train
 
         train(job, run_dir, resume=resume, data_spec=self.data_spec(job))
+
+
+def refuse_launch_options(launch: LaunchOptions) -> None:
+    """One process on one GPU: multi-node flags would be silently ignored, so they are refused."""
+    given = launch.given()
+    if given:
+        raise UsageError(
+            Problem(
+                ", ".join(given),
+                "the unsloth backend trains on one GPU in one process; launch options "
+                "(--node-rank, --master-addr, --master-port, --rdzv-endpoint) apply to "
+                "automodel only",
+            )
+        )
