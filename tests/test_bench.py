@@ -10,6 +10,7 @@ pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 
+@pytest.mark.slow
 def test_train_throughput_tiny(tmp_path, capsys):
     import train_throughput
 
@@ -38,6 +39,7 @@ def test_train_throughput_tiny(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stop_latency_tiny(tmp_path, capsys):
     """bench/stop_latency.py keeps working: one SIGTERM stop of the tiny model, timed."""
     import stop_latency
