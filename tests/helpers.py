@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,8 +10,12 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from tuneplex.cli import main
@@ -214,9 +219,88 @@ def initial_weights(run) -> dict:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on: a rendezvous for ranks, or a server that
+    is not there."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RANKS_TIMEOUT = 240
+"""Seconds the ranks of `start_ranks` have, together, to finish."""
+
+
+def start_ranks(*, script: str | Path, args: list[str], world: int, threads: int = 1) -> None:
+    """Run `python SCRIPT ARGS` as ranks 0..world-1 of one local torch.distributed group (torch's
+    env:// variables; the script joins with `rank_main`) and wait for all of them. Asserts that
+    every rank exits 0, showing the end of the output of each that did not."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+    }
+    with contextlib.ExitStack() as stack:
+        # files, not pipes: a rank blocked on a full pipe would hang the others in a collective
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(world)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), *args],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for r, log in enumerate(logs)
+        ]
+        deadline, late = time.monotonic() + RANKS_TIMEOUT, set()
+        try:
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for r, p in enumerate(procs):
+                if p.poll() is None:
+                    late.add(r)
+                    p.kill()
+                    p.wait()
+        failed = []
+        for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+            if p.returncode != 0:
+                log.seek(0)
+                why = f"killed after {RANKS_TIMEOUT} s" if r in late else f"exit {p.returncode}"
+                failed.append(f"rank {r} ({why}):\n{log.read()[-3000:]}")
+    assert not failed, "\n".join(failed)
+
+
+@contextlib.contextmanager
+def gloo_group() -> Iterator[int]:
+    """This process's place in a gloo group while the block runs; yields its rank. A rank
+    `start_ranks` started joins its group; pytest's own process forms a group of one."""
+    import torch.distributed as dist
+
+    if "MASTER_PORT" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        where = f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group("gloo", init_method=where, rank=0, world_size=1)
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_main(worker: Callable[[int], object]) -> NoReturn:
+    """The `__main__` of a script that `start_ranks` runs: `worker(rank)` in the group, then exit
+    at once. The results are on disk and the group is closed; interpreter teardown is skipped,
+    where a background thread of torch's now and then aborts the process ("terminate called
+    without an active exception", exit -6: seen once in four full runs on 2 CPU cores)."""
+    with gloo_group() as rank:
+        worker(rank)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 PARALLEL_JOB = """\

@@ -119,7 +119,7 @@ def test_architecture_without_a_plan_is_named():
 
     d = Dist(rank=0, world_size=2, local_rank=0, device=None, dims=dims(1, 2))
     with pytest.raises(UsageError) as exc:
-        parallelize(GPT2LMHeadModel(), dist=d, lora=False)
+        parallelize(GPT2LMHeadModel(), dist=d)
     assert exc.value.lines() == [
         "model: GPT2LMHeadModel: no parallel plan for this architecture; supported: "
         "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "

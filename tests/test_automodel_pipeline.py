@@ -18,6 +18,7 @@ from helpers import (  # noqa: E402
     assert_same_final,
     assert_same_run,
     cli,
+    gloo_group,
     layout,
     load_final,
     parallel_job,
@@ -112,20 +113,17 @@ def test_unsplittable_models_are_refused():
     ]
 
 
-def test_a_stage_computes_what_the_model_computes(tmp_path):
+def test_a_stage_computes_what_the_model_computes():
     """A stage holding every layer gives the model's own logits on a packed row and a padded
     one, with a sliding window (4) shorter than the samples: the stage builds its own mask, and
     the window must survive that."""
-    import torch.distributed as tdist
     from transformers import MistralConfig, MistralForCausalLM
     from tuneplex.data.collate import collate
     from tuneplex_automodel.distributed import Dist
     from tuneplex_automodel.parallel_dims import ParallelDims
     from tuneplex_automodel.pipeline import keep_stage
 
-    store = tdist.FileStore(str(tmp_path / "store"), 1)
-    tdist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+    with gloo_group():
         torch.manual_seed(0)
         config = MistralConfig(
             vocab_size=64,
@@ -151,8 +149,6 @@ def test_a_stage_computes_what_the_model_computes(tmp_path):
                 global_batch_size=1, micro_batch_size=1,
             )  # fmt: skip
             one = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dims=dims)
-            got = keep_stage(model, lora=False, dist=one)(ids, pos)
+            got = keep_stage(model, dist=one)(ids, pos)
         assert not torch.allclose(unwindowed, want, atol=1e-3)  # the window matters here
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    finally:
-        tdist.destroy_process_group()

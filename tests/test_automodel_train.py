@@ -124,6 +124,21 @@ def test_lora_merged_equals_base_plus_adapter(capsys, job, tmp_path, tiny_model)
     assert abs(val_loss_of(merged, run) - summary["val_loss"]) < 1e-4
 
 
+def test_a_peft_wrapper_is_seen_through_by_the_one_helper(tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from tuneplex.models import adapter_names, is_peft, unwrap_peft
+    from tuneplex_automodel.model import apply_lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not is_peft(base) and unwrap_peft(base) is base and adapter_names(base) == []
+    wrapped = apply_lora(base, rank=4, alpha=8, target_modules=None)
+    assert isinstance(wrapped, PeftModel) and is_peft(wrapped)
+    assert unwrap_peft(wrapped) is base
+    assert adapter_names(wrapped) == ["default"]
+    assert hasattr(base, "peft_config") and not is_peft(base)  # peft marks the model it wraps
+
+
 def test_full_weights_with_packing(capsys, job, tmp_path):
     from transformers import AutoModelForCausalLM
 

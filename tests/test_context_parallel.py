@@ -2,15 +2,13 @@
 
 The same batch (one packed row, one right-padded row, an odd length) goes through the model
 once whole, and once split over two ranks with `context_parallel`; the ranks' losses and
-parameter gradients, summed over the group, must be the one-process values. Run as a script,
-this file is one rank's worker.
+parameter gradients, summed over the group, must be the one-process values. Run as a script
+(by `start_ranks`), this file is one rank's worker.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from helpers import rank_main, start_ranks  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
 from tuneplex.data.templates import IGNORE_INDEX  # noqa: E402
 from tuneplex.errors import UsageError  # noqa: E402
@@ -97,11 +96,10 @@ def grads(model) -> dict[str, torch.Tensor]:
 # --- the worker (one rank) -------------------------------------------------------------------
 
 
-def worker(rank: int, store: str, spec_path: str) -> None:
+def worker(rank: int, spec_path: str) -> None:
     import torch.distributed as dist
 
     spec = json.loads(Path(spec_path).read_text())
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     batch = torch.load(spec["batch"])
     results = {"gather": gather_check(rank)}
     for case, path in spec["cases"].items():
@@ -119,7 +117,6 @@ def worker(rank: int, store: str, spec_path: str) -> None:
     if rank == 0:
         torch.save(results, spec["out"])
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def gather_check(rank: int) -> dict:
@@ -203,28 +200,7 @@ def ranks(models, batch, tokenizers, tmp_path_factory) -> dict:
         "out": str(root / "out.pt"),
     }
     (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    args = [str(root / "store"), str(root / "spec.json")]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-4000:]
+    start_ranks(script=__file__, args=[str(root / "spec.json")], world=WORLD, threads=2)
     return torch.load(root / "out.pt")
 
 
@@ -355,9 +331,4 @@ class FixedModel(transformers.PreTrainedModel):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
-    # the results are on disk and the group is closed; skip interpreter teardown, where a
-    # background thread of torch's now and then aborts the process ("terminate called without
-    # an active exception", exit -6: seen once in four full runs on 2 CPU cores)
-    sys.stdout.flush()
-    os._exit(0)
+    rank_main(lambda rank: worker(rank, sys.argv[1]))

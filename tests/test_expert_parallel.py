@@ -17,9 +17,6 @@ mis-routed token, a wrong shard or a dropped gradient moves them by 1e-3 or more
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,16 +25,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from helpers import rank_main, start_ranks  # noqa: E402
+
 FAMILIES = ("qwen3_moe", "mixtral")
 CASES = [f"{f}-{ft}" for f in FAMILIES for ft in ("full", "lora")]
 EXPERT_SUFFIXES = (".experts.gate_up_proj", ".experts.down_proj")
 TOL = 1e-5
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,32 +49,7 @@ def models(tmp_path_factory, tokenizers):
 def ep_runs(models, tmp_path_factory):
     """Both ranks' measurements: [rank0, rank1], each {case: {...}}."""
     out = tmp_path_factory.mktemp("ep-out")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_port()),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, json.dumps(models), str(out)],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    try:
-        outs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    start_ranks(script=__file__, args=[json.dumps(models), str(out)], world=2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -182,8 +150,8 @@ def test_check_divides_refuses_a_dense_model(tiny_model, models):
 
 
 # ----------------------------------------------------------------------------------------------
-# The worker: `python test_expert_parallel.py MODELS_JSON OUT_DIR` with RANK, WORLD_SIZE,
-# MASTER_ADDR and MASTER_PORT set; writes OUT_DIR/rank{RANK}.json.
+# The worker: `python test_expert_parallel.py MODELS_JSON OUT_DIR`, one rank of `start_ranks`;
+# writes OUT_DIR/rank{RANK}.json.
 
 
 def _batches():
@@ -370,30 +338,19 @@ def _edge(path: str, *, mesh) -> dict:
     return out
 
 
-def _worker(models: dict[str, str], out_dir: str) -> None:
-    import torch.distributed as dist
+def _worker(rank: int, models: dict[str, str], out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
-        batches = _batches()
-        result = {}
-        for family, path in models.items():
-            for ft in ("full", "lora"):
-                result[f"{family}-{ft}"] = _case(
-                    path, lora=ft == "lora", batches=batches, mesh=mesh
-                )
-        result["edge"] = _edge(models["qwen3_moe"], mesh=mesh)
-        rank = dist.get_rank()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    batches = _batches()
+    result = {}
+    for family, path in models.items():
+        for ft in ("full", "lora"):
+            result[f"{family}-{ft}"] = _case(path, lora=ft == "lora", batches=batches, mesh=mesh)
+    result["edge"] = _edge(models["qwen3_moe"], mesh=mesh)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]), sys.argv[2])
-    # results on disk, group closed: skip the teardown that can abort (see test_context_parallel)
-    sys.stdout.flush()
-    os._exit(0)
+    torch.set_num_threads(1)
+    rank_main(lambda rank: _worker(rank, json.loads(sys.argv[1]), sys.argv[2]))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from tuneplex.errors import Problem, redact
 from tuneplex.runs.trackers import STATE_FILE, Trackers, missing_packages, tracker_metrics
 from tuneplex.schema import IntegrationsConfig
@@ -426,18 +426,12 @@ def test_tensorboard_own_dir_and_a_resume_replacing_the_steps_logged_again(tmp_p
 # ---------------------------------------------------------------- failures stay warnings
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_mlflow_server_is_one_warning_and_the_rest_goes_on(
     tmp_path, monkeypatch, capfd
 ):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    uri = f"http://user:{SECRET}@127.0.0.1:{closed_port()}"
+    uri = f"http://user:{SECRET}@127.0.0.1:{free_port()}"
     section = integrations(mlflow={"tracking_uri": uri, "token": SECRET}, tensorboard={})
     warnings = run_all(section, tmp_path)
     assert len(warnings) == 1, warnings
@@ -489,7 +483,7 @@ def test_mlflow_server_error_is_one_warning_after_the_token_reached_it(tmp_path,
 def test_unreachable_wandb_server_is_one_warning_and_the_key_stays_secret(
     tmp_path, monkeypatch, capfd
 ):
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     section = integrations(wandb={"project": "p", "api_key": SECRET}, tensorboard={})

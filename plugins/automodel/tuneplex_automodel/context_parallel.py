@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplex.data.templates import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.models import unwrap_peft
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,7 @@ def enable(model: Any, *, group: ProcessGroup | None) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     name = type(base).__name__
     if not isinstance(base, PreTrainedModel) or not getattr(base, "_supports_sdpa", False):
         raise UsageError(Problem(_KEY, f"{name} has no SDPA attention to run sharded"))

@@ -19,6 +19,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from tuneplex.errors import Problem, UsageError
+from tuneplex.models import unwrap_peft
 
 if TYPE_CHECKING:
     import torch
@@ -43,21 +44,17 @@ def moe_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _base_name(model: nn.Module) -> str:
-    base = getattr(model, "get_base_model", None)
-    return type(base() if callable(base) else model).__name__
-
-
 def check_divides(model: nn.Module, *, ep: int) -> None:
     """Refuse, in one line the user can act on, an expert-parallel size the model cannot take."""
     if ep <= 1:
         return
     counts = sorted({int(mod.num_experts) for _, mod in moe_experts(model)})
+    cls = type(unwrap_peft(model)).__name__
     if not counts:
         raise UsageError(
             Problem(
                 EP_KEY,
-                f"{_base_name(model)} is not a mixture-of-experts model (no fused experts "
+                f"{cls} is not a mixture-of-experts model (no fused experts "
                 f"layers); set expert_parallel_size to 1 (got {ep})",
             )
         )
@@ -68,7 +65,7 @@ def check_divides(model: nn.Module, *, ep: int) -> None:
         raise UsageError(
             Problem(
                 EP_KEY,
-                f"{ep} does not divide the {experts} experts of {_base_name(model)}; valid "
+                f"{ep} does not divide the {experts} experts of {cls}; valid "
                 f"sizes: {', '.join(map(str, valid))}",
             )
         )

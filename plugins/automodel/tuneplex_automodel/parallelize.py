@@ -13,6 +13,7 @@ ranks instead and left out of FSDP; `reduce_expert_grads` completes their gradie
 from __future__ import annotations
 
 from tuneplex.errors import Problem, UsageError
+from tuneplex.models import adapter_names, unwrap_peft
 
 from tuneplex_automodel.distributed import Dist
 
@@ -26,7 +27,7 @@ COLWISE = (
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, root=None) -> None:
+def llama_style(model, *, dist: Dist, separate_head: bool = False, root=None) -> None:
     """Llama, Mistral, Qwen2, Qwen3 (and their MoE kin) share module names and shapes.
 
     `separate_head`: the decoder and the output head become FSDP units of their own, so they
@@ -36,7 +37,7 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, r
     """
     import torch.nn as nn
 
-    base = model.get_base_model() if lora else model
+    base = unwrap_peft(model)
     layers = base.model.layers
     layers = list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
     if dist.dims.cp > 1:
@@ -58,16 +59,17 @@ def llama_style(model, *, dist: Dist, lora: bool, separate_head: bool = False, r
         )
 
         plan = {}
+        adapters = adapter_names(model)
         for name in COLWISE:
-            if lora:
+            if adapters:
                 plan[f"{name}.base_layer"] = ColwiseParallel()
-                plan[f"{name}.lora_B.default"] = ColwiseParallel()
+                plan.update({f"{name}.lora_B.{a}": ColwiseParallel() for a in adapters})
             else:
                 plan[name] = ColwiseParallel()
         for name in ROWWISE:
-            if lora:
+            if adapters:
                 plan[f"{name}.base_layer"] = RowwiseParallel()
-                plan[f"{name}.lora_A.default"] = RowwiseParallel()
+                plan.update({f"{name}.lora_A.{a}": RowwiseParallel() for a in adapters})
             else:
                 plan[name] = RowwiseParallel()
         for layer in layers:
@@ -152,12 +154,11 @@ PARALLELIZE = {
 }
 
 
-def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False, root=None) -> None:
+def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) -> None:
     """Apply the job's parallelism in place (nothing on one process)."""
     if dist.world_size == 1:
         return
-    base = model.get_base_model() if lora else model
-    cls = type(base).__name__
+    cls = type(unwrap_peft(model)).__name__
     fn = PARALLELIZE.get(cls)
     if fn is None:
         raise UsageError(
@@ -167,4 +168,4 @@ def parallelize(model, *, dist: Dist, lora: bool, separate_head: bool = False, r
                 f"{', '.join(sorted(PARALLELIZE))} (or train it in one process)",
             )
         )
-    fn(model, dist=dist, lora=lora, separate_head=separate_head, root=root)
+    fn(model, dist=dist, separate_head=separate_head, root=root)

@@ -23,6 +23,7 @@ import torch.nn as nn
 from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.data.templates import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
+from tuneplex.models import unwrap_peft
 
 from tuneplex_automodel.context_parallel import block_causal_mask
 from tuneplex_automodel.context_parallel import enable as enable_exact_attention
@@ -61,9 +62,9 @@ def check_splittable(base, *, stages: int) -> None:
         raise UsageError(problems)
 
 
-def keep_stage(model, *, lora: bool, dist: Dist):
+def keep_stage(model, *, dist: Dist):
     """Prune `model` in place to this rank's stage; returns the stage module to train."""
-    base = model.get_base_model() if lora else model
+    base = unwrap_peft(model)
     stages, s = dist.dims.pp, dist.pp_rank
     check_splittable(base, stages=stages)
     # stages pass a 4-D mask of their own: the attention function that adds each layer's
@@ -92,7 +93,7 @@ class Stage(nn.Module):
         self.autocast = None
 
     def forward(self, x, position_ids):
-        base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+        base = unwrap_peft(self.model)
         decoder = base.model
         ctx = (
             torch.autocast(device_type=x.device.type, dtype=self.autocast)

@@ -22,7 +22,7 @@ from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TuneplexError, UsageError
 from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
-from tuneplex.models import parameter_counts
+from tuneplex.models import parameter_counts, unwrap_peft
 from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import (
     FINAL_DIR,
@@ -159,17 +159,15 @@ def _train(
         model = apply_lora(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
-    model_class = type(model.get_base_model() if lora else model).__name__  # before wrapping
+    model_class = type(unwrap_peft(model)).__name__  # before wrapping
     teacher = load_teacher(job, student=model, tokenizer=tokenizer, device=rt.device)
     stage = None
     if dims.pp > 1:
         from tuneplex_automodel.pipeline import keep_stage
 
-        stage = keep_stage(model, lora=lora is not None, dist=dist)
+        stage = keep_stage(model, dist=dist)
         stage.autocast = rt.autocast
-    parallelize(
-        model, dist=dist, lora=lora is not None, separate_head=teacher is not None, root=stage
-    )
+    parallelize(model, dist=dist, separate_head=teacher is not None, root=stage)
     model.train()
     optimizer = build_optimizer(
         model,
