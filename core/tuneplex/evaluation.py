@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import summed_cross_entropy
 
 
 def loss_sum(model, batch: dict[str, Any], *, autocast=None):
@@ -19,7 +19,6 @@ def loss_sum(model, batch: dict[str, Any], *, autocast=None):
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
     ctx = (
         torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
@@ -34,13 +33,7 @@ def loss_sum(model, batch: dict[str, Any], *, autocast=None):
             use_cache=False,
             **extra,
         )
-    logits = out.logits
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        batch["targets"].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return summed_cross_entropy(logits=out.logits, targets=batch["targets"])
 
 
 def evaluate(

@@ -6,8 +6,9 @@ and the padding, its own causal block. Call the model with `use_cache=False` (a 
 that detection off).
 
 `targets` are the labels shifted by one (the token each position must predict), with the
-last position of every sample masked: a sample never learns to predict the next sample's
-first token, and trainers need no shifting of their own.
+last position of every sample masked (`tuneplex.data.targets`, the one home of that rule):
+a sample never learns to predict the next sample's first token, and trainers need no shifting
+of their own.
 """
 
 from __future__ import annotations
@@ -15,52 +16,71 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import (
+    IGNORE_INDEX,
+    next_token_targets,
+    target_counts,
+    unshifted_labels,
+)
 
 EMPTY_ROW = {"input_ids": [0], "labels": [IGNORE_INDEX]}
 """A one-token row that counts for nothing: what a data-parallel rank with no rows left runs,
 so that every rank takes part in the same collectives."""
 
 
-def collate(rows: Sequence[dict[str, Any]], *, pad_id: int, pad_to_multiple_of: int = 1):
-    """{"input_ids", "labels", "position_ids", "targets"} LongTensors of shape (batch, longest)."""
+def pad_rows(rows: Sequence[dict[str, Any]], *, length: int, pad_id: int, device=None):
+    """{"input_ids", "labels", "position_ids"} LongTensors of shape (len(rows), length).
+
+    The one padding rule of every layout: a row is followed by a padding tail that is a sample
+    of its own (pad tokens, labels IGNORE_INDEX, position ids from 0), so no real token
+    attends to padding, padding never becomes a target, and a row without position ids gets
+    0, 1, ... Rows may be lists, numpy arrays or tensors (e.g. the rows of a collated batch,
+    padded further to a fixed shape: their tails then gain one more padding sample).
+    """
     import torch
 
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long, device=device)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long, device=device)
+    position_ids = torch.zeros((n, length), dtype=torch.long, device=device)
+    tail = torch.arange(length, device=device)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        if k > length:
+            raise ValueError(f"a row of {k} tokens does not fit a length of {length}")
+        input_ids[i, :k] = _tensor(r["input_ids"], device=device)
+        labels[i, :k] = _tensor(r["labels"], device=device)
+        pos = r.get("position_ids")
+        position_ids[i, :k] = _tensor(pos, device=device) if pos is not None else tail[:k]
+        position_ids[i, k:] = tail[: length - k]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def _tensor(values, *, device):
+    import torch
+
+    if isinstance(values, torch.Tensor):
+        return values.to(device)
+    return torch.tensor(values, device=device)  # a copy: Arrow's numpy views are read-only
+
+
+def collate(rows: Sequence[dict[str, Any]], *, pad_id: int, pad_to_multiple_of: int = 1):
+    """{"input_ids", "labels", "position_ids", "targets"} LongTensors of shape (batch, longest)."""
     longest = max(len(r["input_ids"]) for r in rows)
     if pad_to_multiple_of > 1:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(rows)
-    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
-    labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((n, longest), dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        input_ids[i, :k] = torch.tensor(r["input_ids"])
-        labels[i, :k] = torch.tensor(r["labels"])
-        pos = r.get("position_ids")
-        position_ids[i, :k] = torch.tensor(pos) if pos is not None else torch.arange(k)
-        position_ids[i, k:] = torch.arange(longest - k)
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:, :-1] = labels[:, 1:].masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "targets": targets,
-    }
+    batch = pad_rows(rows, length=longest, pad_id=pad_id)
+    batch["targets"] = next_token_targets(
+        labels=batch["labels"], position_ids=batch["position_ids"]
+    )
+    return batch
 
 
 def collate_for_hf(rows: Sequence[dict[str, Any]], *, pad_id: int) -> dict[str, Any]:
-    """A batch for a transformers model that shifts `labels` itself (Trainer, TRL): the labels
-    are `targets` moved back one place, so the model's own shift yields exactly `targets`,
-    and its count of labels != -100 is the count of trained predictions."""
-    import torch
-
+    """A batch for a transformers model that shifts `labels` itself (Trainer, TRL): its labels
+    are `unshifted_labels` of the targets, so the model's own shift yields exactly `targets`."""
     batch = collate(rows, pad_id=pad_id)
-    targets = batch.pop("targets")
-    labels = torch.full_like(targets, IGNORE_INDEX)
-    labels[:, 1:] = targets[:, :-1]
-    batch["labels"] = labels
+    batch["labels"] = unshifted_labels(batch.pop("targets"))
     return batch
 
 
@@ -91,17 +111,11 @@ class RowTable:
                 values, offsets = values[offsets[0] : offsets[-1]], offsets - offsets[0]
             self._cols[name] = (values, offsets)
         values, offsets = self._cols["labels"]
-        counted = values != IGNORE_INDEX
-        if "position_ids" in self._cols:
-            starts = self._cols["position_ids"][0] == 0
-        else:
-            starts = np.zeros(len(values), dtype=bool)
-            starts[offsets[:-1]] = True
-        counted &= ~starts  # a sample's first token is never a prediction target
-        lengths = np.diff(offsets)
-        self.lengths = lengths
-        self.target_counts = np.add.reduceat(counted.astype(np.int64), offsets[:-1])
-        self.target_counts[lengths == 0] = 0
+        positions = self._cols.get("position_ids")
+        self.lengths = np.diff(offsets)
+        self.target_counts = target_counts(
+            labels=values, offsets=offsets, position_ids=None if positions is None else positions[0]
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)

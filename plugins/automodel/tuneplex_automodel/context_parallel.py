@@ -85,11 +85,15 @@ def shard_batch(batch: dict[str, Any], *, rank: int, size: int, pad_id: int) -> 
 
     The sequence is first padded to a multiple of `size`: pad tokens, targets -100, position ids
     continuing the row's last sample (so the padding joins it, after every real token, and
-    changes nothing). Every (batch, seq) tensor is sliced (`input_ids`, `position_ids`,
-    `targets`, `labels`; any other one is padded with -100). `attention_mask` is a boolean
-    (batch, 1, seq/size, seq) tensor: query i may see key j iff j <= i and both lie in the same
-    sample, where a sample starts wherever position ids do not go up by one (transformers' own
-    rule for packed rows). The diagonal is always allowed, so no row of it is empty.
+    changes nothing). This is the one layout that does not pad with `collate.pad_rows` (padding
+    as a sample of its own): it extends a batch whose targets are already fixed, and joining
+    the last block keeps each row's samples, and so the mask's blocks, those of the collated
+    batch (`tests/test_context_parallel.py` holds it to that). Every (batch, seq) tensor is
+    sliced (`input_ids`, `position_ids`, `targets`, `labels`; any other one is padded with
+    -100). `attention_mask` is a boolean (batch, 1, seq/size, seq) tensor: query i may see key
+    j iff j <= i and both lie in the same sample, where a sample starts wherever position ids
+    do not go up by one (transformers' own rule for packed rows). The diagonal is always
+    allowed, so no row of it is empty.
     """
     import torch
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tuneplex.data.collate import EMPTY_ROW, collate
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.collate import EMPTY_ROW, collate, pad_rows
+from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
 from tuneplex.models import unwrap_peft
 
@@ -139,15 +139,7 @@ class Pipeline:
         return self.module.last
 
     def _loss(self, logits, targets):
-        import torch.nn.functional as F
-
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return ce * self.scale
+        return summed_cross_entropy(logits=logits, targets=targets) * self.scale
 
     def batch(self, micro_batches: list[list[dict[str, Any]]], *, device):
         """The step's micro-batches as one (n_microbatches × micro, length) batch; missing
@@ -159,19 +151,17 @@ class Pipeline:
         return self._fill({k: v.to(device) for k, v in collate(rows, pad_id=self.pad_id).items()})
 
     def _fill(self, batch):
-        """A collated batch grown to the schedule's (rows, length) shape; the added columns and
-        rows are padding that counts for nothing, each its own sample (positions from 0)."""
-        n, s = batch["input_ids"].shape
-        out = {}
-        fills = {"input_ids": self.pad_id, "targets": IGNORE_INDEX, "position_ids": 0}
-        for key, fill in fills.items():
-            t = batch[key].new_full((self.rows, self.length), fill)
-            t[:n, :s] = batch[key]
-            out[key] = t
-        positions = torch.arange(self.length, device=out["position_ids"].device)
-        out["position_ids"][:n, s:] = positions[: self.length - s]
-        out["position_ids"][n:] = positions
-        return out
+        """A collated batch grown to the schedule's (rows, length) shape by `pad_rows`: the
+        added columns and rows are padding samples that count for nothing."""
+        n = batch["input_ids"].shape[0]
+        keys = ("input_ids", "labels", "position_ids")
+        rows = [{k: batch[k][i] for k in keys} for i in range(n)]
+        rows += [{"input_ids": (), "labels": ()}] * (self.rows - n)
+        out = pad_rows(
+            rows, length=self.length, pad_id=self.pad_id, device=batch["input_ids"].device
+        )
+        targets = next_token_targets(labels=out.pop("labels"), position_ids=out["position_ids"])
+        return {**out, "targets": targets}
 
     def _run(self, batch, *, train: bool):
         losses: list = []
