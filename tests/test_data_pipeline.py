@@ -349,21 +349,24 @@ ALTERNATING = (
 )
 
 
-def bad_rows_job(tmp_path, tokenizers, bad: int, extra: str = "") -> Path:
-    data = write_bad_data(tmp_path, bad)
+def template_job(tmp_path, tokenizers, data: Path, template: str) -> Path:
+    """An automodel job over `data` rendered with the chat `template`."""
     path, _ = tokenizers["chatml"]
     job = tmp_path / "job.yaml"
     job.write_text(
         yaml.safe_dump(
             {
                 "model": path,
-                "dataset": {"training": str(data), "prompt_template": ALTERNATING},
+                "dataset": {"training": str(data), "prompt_template": template},
                 "training": {"max_seq_length": 128},
             }
         )
-        + extra
     )
     return job
+
+
+def bad_rows_job(tmp_path, tokenizers, bad: int) -> Path:
+    return template_job(tmp_path, tokenizers, write_bad_data(tmp_path, bad), ALTERNATING)
 
 
 def test_every_bad_row_is_reported_in_one_run(tokenizers, tmp_path, capsys):
@@ -418,17 +421,7 @@ def test_text_the_template_drops_is_reported_with_a_count_and_the_first_row(
     system = {"role": "system", "content": "Be brief."}
     rows = [CHAT, {"messages": [system, *CHAT["messages"]]}, CHAT]
     data = jsonl(tmp_path / "train.jsonl", rows)
-    path, _ = tokenizers["chatml"]
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "model": path,
-                "dataset": {"training": str(data), "prompt_template": DROPS_SYSTEM},
-                "training": {"max_seq_length": 128},
-            }
-        )
-    )
+    job = template_job(tmp_path, tokenizers, data, DROPS_SYSTEM)
     assert main(["data", "inspect", str(job), "-n", "0"]) == 0
     out = capsys.readouterr()
     assert out.err.splitlines() == [

@@ -193,6 +193,7 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
     stats = DataStats(rows=len(rows))
     problems: list[tuple[int, Problem]] = []
     normalised: list[tuple[str, str, dict]] = []
+    row_of: list[int] = []  # each normalised example's index in `rows`
     for index, (where, row) in enumerate(rows):
         if isinstance(row, Problem):  # a line that is no row at all
             problems.append((index, row))
@@ -204,16 +205,17 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
             continue
         stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
         normalised.append((where, fmt, example))
+        row_of.append(index)
 
     encoder = Encoder(tok, spec)
     encoder.calibrate([(fmt, ex) for _, fmt, ex in normalised[:64]])
     limit = spec.max_seq_length
     input_ids: list = []
     labels: list = []
-    position = {where: i for i, (where, _) in enumerate(rows)} if problems else None
-    for (where, fmt, _), result in zip(normalised, _encode_all(encoder, normalised), strict=True):
+    encoded = _encode_all(encoder, normalised)
+    for index, (where, fmt, _), result in zip(row_of, normalised, encoded, strict=True):
         if isinstance(result, Problem):
-            problems.append((position[where] if position else len(problems), result))
+            problems.append((index, result))
             stats.formats[fmt] -= 1
             continue
         ids, lab, drops = result

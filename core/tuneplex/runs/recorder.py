@@ -92,19 +92,18 @@ class RunRecorder:
             self.say(f"resuming from {self.last_checkpoint} (step {self.step})")
 
     def _open_trackers(self) -> None:
+        from tuneplex.runs.trackers import Trackers, configured
+
         integrations = getattr(self.job, "integrations", None)
-        if integrations is None or not any(
-            getattr(integrations, name, None) for name in ("wandb", "mlflow", "tensorboard")
-        ):
+        if not configured(integrations):
             return
         from tuneplex.errors import redact
-        from tuneplex.runs.trackers import Trackers
 
         self._trackers = Trackers.open(
             integrations,
             run_dir=self.run_dir,
             run_name=self.run_dir.name,
-            config=redact(self.job.to_private_dict()),
+            config=redact(self.job.to_public_dict()),  # secrets never revealed, shown as ***
             resume=self.resumed_from is not None,
             warn=self._say_warning,
         )

@@ -69,7 +69,7 @@ def missing_packages(integrations: Any) -> list[Problem]:
     """One problem per configured tracker whose package is not installed, found before training
     starts rather than as a warning once the GPUs are busy. Nothing is imported."""
     problems = []
-    for name in _configured(integrations):
+    for name in configured(integrations):
         package, extra, _ = _PACKAGES[name]
         if importlib.util.find_spec(package) is None:
             problems.append(
@@ -92,7 +92,8 @@ def missing_packages(integrations: Any) -> list[Problem]:
     return problems
 
 
-def _configured(integrations: Any) -> list[str]:
+def configured(integrations: Any) -> list[str]:
+    """The trackers a job turns on (W&B in mode disabled is off); none for None."""
     names = [name for name in _PACKAGES if getattr(integrations, name, None) is not None]
     if "wandb" in names and integrations.wandb.mode == "disabled":
         names.remove("wandb")
@@ -127,7 +128,7 @@ class Trackers:
         secrets = _secret_values(integrations)
         live: list[_Tracker] = []
         opened = cls(live, warn=warn, secrets=secrets)
-        for name in _configured(integrations):
+        for name in configured(integrations):
             _quiet_loggers()
             with opened._guard(name, "cannot start"):
                 live.append(
