@@ -4,12 +4,12 @@ import pytest
 from tuneplex.backend import NO_LAUNCH_OPTIONS, LaunchOptions
 from tuneplex.errors import UsageError
 from tuneplex_automodel.launch import expand_nodelist, rendezvous
-from tuneplex_automodel.parallel_dims import ParallelDims
+from tuneplex_automodel.parallel.dims import ParallelDims
 
 
-def dims(nodes=2, gpus=8):
+def dims(nodes=2, gpus=8, *, tp=1, pp=1):
     return ParallelDims(
-        nodes, gpus, 1, 1, 1, 1, global_batch_size=16 * nodes * gpus, micro_batch_size=1
+        nodes, gpus, tp, pp, 1, 1, global_batch_size=16 * nodes * gpus, micro_batch_size=1
     )
 
 
@@ -111,30 +111,38 @@ def test_backend_hands_the_options_to_the_launcher(monkeypatch, tmp_path):
 
 
 def test_architecture_without_a_plan_is_named():
-    from tuneplex_automodel.distributed import Dist
-    from tuneplex_automodel.parallelize import parallelize
+    """Data parallelism needs no plan; tensor and pipeline parallelism name what has one."""
+    from tuneplex_automodel.parallel.parallelize import check_plan
 
-    class GPT2LMHeadModel:  # only the class name matters before any sharding
-        pass
-
-    d = Dist(rank=0, world_size=2, local_rank=0, device=None, dims=dims(1, 2))
+    assert check_plan("GPT2LMHeadModel", dist_dims=dims(1, 2)) is None
     with pytest.raises(UsageError) as exc:
-        parallelize(GPT2LMHeadModel(), dist=d)
+        check_plan("GPT2LMHeadModel", dist_dims=dims(1, 2, tp=2))
     assert exc.value.lines() == [
-        "model: GPT2LMHeadModel: no parallel plan for this architecture; supported: "
-        "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
-        "Qwen3ForCausalLM, Qwen3MoeForCausalLM (or train it in one process)"
+        "parallelism.tensor_parallel_size: 2: GPT2LMHeadModel has no tensor-parallel plan; "
+        "supported: Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, "
+        "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
+        "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM (data, context and expert "
+        "parallelism need none)"
+    ]
+    with pytest.raises(UsageError) as exc:
+        check_plan("Gemma2ForCausalLM", dist_dims=dims(1, 2, pp=2))
+    assert exc.value.lines() == [
+        "parallelism.pipeline_parallel_size: 2: Gemma2ForCausalLM has no pipeline "
+        "description; supported: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
+        "MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+        "Qwen3MoeForCausalLM"
     ]
 
 
 def test_tensor_parallel_must_divide_heads():
     from types import SimpleNamespace
 
-    from tuneplex_automodel.parallelize import _check_divisible
+    from tuneplex_automodel.parallel.plans import FAMILIES
+    from tuneplex_automodel.parallel.tp import check_divisible
 
     config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
     with pytest.raises(UsageError) as exc:
-        _check_divisible(config, 4)
+        check_divisible(config, 4, sizes=FAMILIES["LlamaForCausalLM"].divides)
     assert exc.value.lines() == [
         "parallelism.tensor_parallel_size: 4 does not divide the model's num_key_value_heads (2)"
     ]

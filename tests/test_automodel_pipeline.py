@@ -86,7 +86,7 @@ def test_pipeline_resumes_from_a_merged_checkpoint(workdir, single):
 
 
 def test_stage_split():
-    from tuneplex_automodel.pipeline import stage_layers
+    from tuneplex_automodel.parallel.pp import stage_layers
 
     assert stage_layers(4, 2) == [range(0, 2), range(2, 4)]
     assert stage_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
@@ -95,7 +95,7 @@ def test_stage_split():
 
 def test_unsplittable_models_are_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
-    from tuneplex_automodel.pipeline import check_splittable
+    from tuneplex_automodel.parallel.pp import check_splittable
 
     small = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, vocab_size=64)
     tied = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **small))
@@ -119,9 +119,10 @@ def test_a_stage_computes_what_the_model_computes():
     the window must survive that."""
     from transformers import MistralConfig, MistralForCausalLM
     from tuneplex.data.collate import collate
-    from tuneplex_automodel.distributed import Dist
-    from tuneplex_automodel.parallel_dims import ParallelDims
-    from tuneplex_automodel.pipeline import keep_stage
+    from tuneplex_automodel.parallel.dims import ParallelDims
+    from tuneplex_automodel.parallel.mesh import Dist
+    from tuneplex_automodel.parallel.plans import StageParts
+    from tuneplex_automodel.parallel.pp import keep_stage
 
     with gloo_group():
         torch.manual_seed(0)
@@ -149,6 +150,6 @@ def test_a_stage_computes_what_the_model_computes():
                 global_batch_size=1, micro_batch_size=1,
             )  # fmt: skip
             one = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dims=dims)
-            got = keep_stage(model, dist=one)(ids, pos)
+            got = keep_stage(model, dist=one, parts=StageParts())(ids, pos)
         assert not torch.allclose(unwindowed, want, atol=1e-3)  # the window matters here
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """Context parallelism on CPU (gloo, 2 real processes) equals one process.
 
 The same batch (one packed row, one right-padded row, an odd length) goes through the model
-once whole, and once split over two ranks with `context_parallel`; the ranks' losses and
+once whole, and once split over two ranks with `parallel.cp`; the ranks' losses and
 parameter gradients, summed over the group, must be the one-process values. Run as a script
 (by `start_ranks`), this file is one rank's worker.
 """
@@ -23,7 +23,7 @@ from tuneplex.data.collate import collate  # noqa: E402
 from tuneplex.data.templates import IGNORE_INDEX  # noqa: E402
 from tuneplex.errors import UsageError  # noqa: E402
 from tuneplex.evaluation import loss_sum as full_loss_sum  # noqa: E402
-from tuneplex_automodel import context_parallel as cp  # noqa: E402
+from tuneplex_automodel.parallel import cp  # noqa: E402
 
 nn = torch.nn
 WORLD = 2

@@ -107,7 +107,7 @@ def test_uneven_and_empty_routing(ep_runs, scenario):
 def test_check_divides_refuses_a_size_that_does_not_split_the_experts(models):
     from transformers import AutoModelForCausalLM
     from tuneplex.errors import UsageError
-    from tuneplex_automodel.moe import check_divides, expert_parameters, moe_experts
+    from tuneplex_automodel.parallel.ep import check_divides, expert_parameters, moe_experts
 
     model = AutoModelForCausalLM.from_pretrained(models["qwen3_moe"])
     assert [n for n, _ in moe_experts(model)] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
@@ -126,7 +126,7 @@ def test_check_divides_refuses_a_dense_model(tiny_model, models):
     from transformers import AutoModelForCausalLM
     from tuneplex.errors import UsageError
     from tuneplex_automodel.model import apply_lora
-    from tuneplex_automodel.moe import check_divides, moe_experts
+    from tuneplex_automodel.parallel.ep import check_divides, moe_experts
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert moe_experts(dense) == []
@@ -201,7 +201,7 @@ def _case(path: str, *, lora: bool, batches, mesh) -> dict:
     )
     from torch.distributed.tensor import DTensor
     from tuneplex.evaluation import loss_sum
-    from tuneplex_automodel.moe import expert_parallel, expert_parameters, moe_experts
+    from tuneplex_automodel.parallel.ep import expert_parallel, expert_parameters, moe_experts
 
     rank = mesh.get_local_rank()
     ref = _load(path, lora=lora)
@@ -287,7 +287,7 @@ def _edge(path: str, *, mesh) -> dict:
     import copy
 
     from transformers import AutoModelForCausalLM
-    from tuneplex_automodel.moe import expert_parallel, moe_experts
+    from tuneplex_automodel.parallel.ep import expert_parallel, moe_experts
 
     rank = mesh.get_local_rank()
     base = AutoModelForCausalLM.from_pretrained(path)

@@ -272,6 +272,6 @@ def stage_merger(dist):
     """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
     if dist.dims.pp == 1:
         return None
-    from tuneplex_automodel.pipeline import merge_stages
+    from tuneplex_automodel.parallel.pp import merge_stages
 
     return lambda state: merge_stages(state, dist=dist)

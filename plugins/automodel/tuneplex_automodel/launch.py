@@ -29,7 +29,7 @@ from tuneplex.backend import LaunchOptions
 from tuneplex.errors import Problem, TuneplexError, UsageError
 from tuneplex.signals import STOP_GRACE_S, StopSignals, exit_code
 
-from tuneplex_automodel.parallel_dims import ParallelDims
+from tuneplex_automodel.parallel.dims import ParallelDims
 
 
 class WorkersFailed(TuneplexError):

@@ -18,7 +18,7 @@ from tuneplex.schema.common import (
     skip_invalid_rows_field,
 )
 
-from tuneplex_automodel.parallel_dims import ParallelDims
+from tuneplex_automodel.parallel.dims import ParallelDims
 
 
 class AutomodelDataset(StrictModel):

@@ -21,7 +21,7 @@ from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Interrupted, Problem, TuneplexError, UsageError
-from tuneplex.evaluation import evaluate, loss_sum, pad_id_of
+from tuneplex.evaluation import evaluate, pad_id_of
 from tuneplex.models import parameter_counts, unwrap_peft
 from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import (
@@ -40,11 +40,11 @@ from tuneplex_automodel.checkpoint import (
     stage_merger,
 )
 from tuneplex_automodel.distill import distill_loss_sums, load_teacher
-from tuneplex_automodel.distributed import Dist, clip_grad_norm, under_torchrun
-from tuneplex_automodel.distributed import init as init_distributed
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.model import apply_lora, check_model_ref, load_model
-from tuneplex_automodel.parallelize import parallelize, reduce_expert_grads
+from tuneplex_automodel.parallel.mesh import Dist, clip_grad_norm, under_torchrun
+from tuneplex_automodel.parallel.mesh import init as init_distributed
+from tuneplex_automodel.parallel.parallelize import check_plan, loss_function, parallelize
 from tuneplex_automodel.plan import TrainPlan, learning_rate
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -150,8 +150,9 @@ def _train(
         device=rt.device,
         trust_remote_code=job.training.trust_remote_code,
     )
+    family = check_plan(type(model).__name__, dist_dims=dims)
     if dims.ep > 1:  # before LoRA, which would wrap the experts first
-        from tuneplex_automodel.moe import check_divides
+        from tuneplex_automodel.parallel.ep import check_divides
 
         check_divides(model, ep=dims.ep)
     lora = job.training.lora
@@ -163,11 +164,11 @@ def _train(
     teacher = load_teacher(job, student=model, tokenizer=tokenizer, device=rt.device)
     stage = None
     if dims.pp > 1:
-        from tuneplex_automodel.pipeline import keep_stage
+        from tuneplex_automodel.parallel.pp import keep_stage
 
-        stage = keep_stage(model, dist=dist)
+        stage = keep_stage(model, dist=dist, parts=family.stages)
         stage.autocast = rt.autocast
-    parallelize(model, dist=dist, separate_head=teacher is not None, root=stage)
+    layout = parallelize(model, dist=dist, separate_head=teacher is not None, root=stage)
     model.train()
     optimizer = build_optimizer(
         model,
@@ -190,7 +191,7 @@ def _train(
     )
     pipe = None
     if stage is not None:
-        from tuneplex_automodel.pipeline import Pipeline
+        from tuneplex_automodel.parallel.pp import Pipeline
 
         longest = max(int(train_rows.lengths.max()), int(val_rows.lengths.max()) if val_rows else 0)
         pipe = Pipeline(
@@ -219,6 +220,7 @@ def _train(
         teacher=teacher,
         pipe=pipe,
         stop=stop,
+        layout=layout,
     )
     if resume:
         loop.restore()
@@ -313,19 +315,13 @@ class _Loop:
         teacher=None,
         pipe=None,
         stop: StopSignals | None = None,
+        layout=None,
     ):
         self.job, self.run_dir, self.rec, self.rt, self.dist = job, run_dir, rec, rt, dist
         self.stop = stop
         self.teacher, self.pipe = teacher, pipe
-        self.loss_sum = loss_sum
-        if dist.dims.cp > 1:
-            from functools import partial
-
-            from tuneplex_automodel import context_parallel
-
-            self.loss_sum = partial(
-                context_parallel.loss_sum, rank=dist.cp_rank, size=dist.dims.cp, pad_id=pad_id
-            )
+        self.layout = layout
+        self.loss_sum = loss_function(dist, pad_id=pad_id)
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -410,7 +406,7 @@ class _Loop:
             total = self._pipeline_step(micro_batches, n_targets, scale)
         else:
             total = self._micro_steps(micro_batches, n_targets, scale, parts)
-        reduce_expert_grads(self.model, dist=self.dist)
+        self.layout.finish_grads()
         grad_norm = clip_grad_norm(
             self.params,
             GRAD_CLIP,

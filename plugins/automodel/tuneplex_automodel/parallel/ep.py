@@ -98,6 +98,22 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [getattr(mod, p) for _, mod in moe_experts(model) for p in _PARAMS]
 
 
+def reduce_expert_grads(params: list[nn.Parameter], *, dist) -> None:
+    """Expert gradients as FSDP would leave them: summed over the replicas of each expert
+    shard (data-parallel ranks outside the expert group), divided by the data-parallel width
+    (every rank's loss is scaled by it for FSDP's average)."""
+    import torch.distributed as tdist
+
+    edp = dist.dp_size // dist.dims.ep
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.to_local()
+        if edp > 1:
+            tdist.all_reduce(g, group=dist.group("edp"))
+        g.div_(dist.dp_size)
+
+
 def expert_parallel(model: nn.Module, *, mesh: DeviceMesh) -> None:
     """Shard every experts module over the 1-D `mesh` and route tokens with all-to-all.
 

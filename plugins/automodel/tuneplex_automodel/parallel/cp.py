@@ -76,7 +76,7 @@ def enable(model: Any, *, group: ProcessGroup | None) -> None:
         where = f" ({', '.join(stale)})" if stale else ""
         raise UsageError(Problem(_KEY, f"{name} {_NO_CUSTOM}{where}"))
     if not dist.is_initialized():
-        raise RuntimeError("context_parallel.enable needs an initialised torch.distributed")
+        raise RuntimeError("parallel.cp.enable needs an initialised torch.distributed")
     _GROUP = group if group is not None else dist.group.WORLD
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from tuneplex.errors import Problem, UsageError
 
-from tuneplex_automodel.parallel_dims import ParallelDims
+from tuneplex_automodel.parallel.dims import ParallelDims
 
 
 def under_torchrun() -> bool:

@@ -25,9 +25,10 @@ from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
 from tuneplex.models import unwrap_peft
 
-from tuneplex_automodel.context_parallel import block_causal_mask
-from tuneplex_automodel.context_parallel import enable as enable_exact_attention
-from tuneplex_automodel.distributed import Dist
+from tuneplex_automodel.parallel.cp import block_causal_mask
+from tuneplex_automodel.parallel.cp import enable as enable_exact_attention
+from tuneplex_automodel.parallel.mesh import Dist
+from tuneplex_automodel.parallel.plans import StageParts
 
 KEY = "parallelism.pipeline_parallel_size"
 
@@ -62,52 +63,66 @@ def check_splittable(base, *, stages: int) -> None:
         raise UsageError(problems)
 
 
-def keep_stage(model, *, dist: Dist):
-    """Prune `model` in place to this rank's stage; returns the stage module to train."""
+def keep_stage(model, *, dist: Dist, parts: StageParts):
+    """Prune `model` in place to this rank's stage; returns the stage module to train.
+    `parts` says where the family keeps its embeddings, layers, norm and head."""
     base = unwrap_peft(model)
     stages, s = dist.dims.pp, dist.pp_rank
     check_splittable(base, stages=stages)
     # stages pass a 4-D mask of their own: the attention function that adds each layer's
     # sliding window to such a mask (transformers' SDPA path would drop the window)
     enable_exact_attention(model, group=None)
-    decoder = base.model
-    mine = stage_layers(len(decoder.layers), stages)[s]
-    decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in mine})
+    layers = base.get_submodule(parts.layers)
+    mine = stage_layers(len(layers), stages)[s]
+    _put(base, parts.layers, nn.ModuleDict({str(i): layers[i] for i in mine}))
     first, last = s == 0, s == stages - 1
     if not first:
-        decoder.embed_tokens = None
+        _put(base, parts.embed, None)
     if not last:
-        decoder.norm = None
-        base.lm_head = None
-    return Stage(model, first=first, last=last)
+        _put(base, parts.norm, None)
+        _put(base, parts.head, None)
+    return Stage(model, parts=parts, first=first, last=last)
+
+
+def _put(base, path: str, value) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(base.get_submodule(owner) if owner else base, name, value)
 
 
 class Stage(nn.Module):
     """What the schedule runs on this rank: token ids or hidden states in, hidden states or
     logits out. Each stage builds the attention mask from the position ids it is given."""
 
-    def __init__(self, model, *, first: bool, last: bool):
+    def __init__(self, model, *, parts: StageParts, first: bool, last: bool):
         super().__init__()
         self.model = model
+        self.parts = parts
         self.first, self.last = first, last
         self.autocast = None
 
     def forward(self, x, position_ids):
         base = unwrap_peft(self.model)
-        decoder = base.model
+        parts, config = self.parts, base.config
         ctx = (
             torch.autocast(device_type=x.device.type, dtype=self.autocast)
             if self.autocast is not None
             else contextlib.nullcontext()
         )
         with ctx:
-            h = decoder.embed_tokens(x) if self.first else x
+            if self.first:
+                h = base.get_submodule(parts.embed)(x)
+                if parts.embed_multiplier:
+                    h = h * getattr(config, parts.embed_multiplier)
+            else:
+                h = x
             mask = block_causal_mask(position_ids)
-            pe = decoder.rotary_emb(h, position_ids=position_ids)
-            for layer in decoder.layers.values():
+            pe = base.get_submodule(parts.rotary)(h, position_ids=position_ids)
+            for layer in base.get_submodule(parts.layers).values():
                 h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
             if self.last:
-                h = base.lm_head(decoder.norm(h))
+                h = base.get_submodule(parts.head)(base.get_submodule(parts.norm)(h))
+                if parts.logits_divisor:
+                    h = h / getattr(config, parts.logits_divisor)
         return h
 
 
