@@ -146,3 +146,31 @@ def test_tensor_parallel_must_divide_heads():
     assert exc.value.lines() == [
         "parallelism.tensor_parallel_size: 4 does not divide the model's num_key_value_heads (2)"
     ]
+
+
+def test_readme_family_table_is_generated_from_the_plans():
+    import re
+    from pathlib import Path
+
+    from tuneplex_automodel.parallel.plans import table_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    found = re.search(r"<!-- families:begin[^\n]*-->\n(.*?)<!-- families:end -->", readme, re.S)
+    assert found and found[1] == table_markdown(), "regenerate: bash scripts/gen-docs.sh"
+
+
+def test_lora_plan_follows_the_base_layer():
+    from tuneplex_automodel.parallel.plans import FUSED, LLAMA, lora_plan
+
+    assert lora_plan(LLAMA, []) == dict(LLAMA)
+    got = lora_plan(FUSED, ["default"])
+    assert got == {
+        "self_attn.qkv_proj.base_layer": "colwise_gather",
+        "self_attn.qkv_proj.lora_B.default": "colwise_gather",
+        "self_attn.o_proj.base_layer": "rowwise_split",
+        "self_attn.o_proj.lora_A.default": "rowwise_split",
+        "mlp.gate_up_proj.base_layer": "colwise_gather",
+        "mlp.gate_up_proj.lora_B.default": "colwise_gather",
+        "mlp.down_proj.base_layer": "rowwise_split",
+        "mlp.down_proj.lora_A.default": "rowwise_split",
+    }

@@ -116,19 +116,30 @@ def distill_loss_sums(
         for start in range(0, tg.numel(), CHUNK):
             sl = slice(start, start + CHUNK)
             c, k = torch.utils.checkpoint.checkpoint(
-                _chunk, head, t_head, hs[sl], ht[sl], tg[sl], temperature, use_reentrant=False
+                _chunk,
+                head,
+                t_head,
+                hs[sl],
+                ht[sl],
+                tg[sl],
+                temperature,
+                (student.config, t.config),
+                use_reentrant=False,
             )
             ce, kd = ce + c, kd + k
     return ce, kd
 
 
-def _chunk(head, t_head, hs, ht, tg, temperature: float):
+def _chunk(head, t_head, hs, ht, tg, temperature: float, configs):
     import torch
     import torch.nn.functional as F
 
-    logits = head(hs).float()
+    from tuneplex_automodel.model import finish_logits
+
+    logits = finish_logits(configs[0], head(hs).float())
     with torch.no_grad():
-        t_logp = F.log_softmax(t_head(ht).float() / temperature, dim=-1)
+        t_logits = finish_logits(configs[1], t_head(ht).float())
+        t_logp = F.log_softmax(t_logits / temperature, dim=-1)
     s_logp = F.log_softmax(logits / temperature, dim=-1)
     ce = F.cross_entropy(logits, tg, reduction="sum")
     kd = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2

@@ -54,6 +54,21 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
     return model.to(device), base_dtype
 
 
+def finish_logits(config, logits):
+    """What a family's forward does to the output head's result before the loss: Granite divides
+    by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`. Paths that run the
+    head themselves (pipeline stages, distillation's chunks) call this to match the model."""
+    import torch
+
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
     """A peft LoRA adapter; target_modules None = every linear layer but the output head."""
     from peft import LoraConfig, get_peft_model

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 STYLES = ("colwise", "rowwise", "colwise_gather", "rowwise_split")
 
@@ -39,9 +38,8 @@ class StageParts:
     norm: str = "model.norm"
     head: str = "lm_head"
     embed_multiplier: str | None = None
-    """Config attribute the embeddings are multiplied by (Granite's `embedding_multiplier`)."""
-    logits_divisor: str | None = None
-    """Config attribute the logits are divided by (Granite's `logits_scaling`)."""
+    """Config attribute the embeddings are multiplied by (Granite's `embedding_multiplier`);
+    what the forward does to the logits is `model.finish_logits`'s."""
 
 
 @dataclass(frozen=True)
@@ -90,18 +88,20 @@ FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family(tp=LLAMA),
     "Qwen3ForCausalLM": Family(tp=LLAMA, partial_grads=QK_NORMS),
     "Gemma2ForCausalLM": Family(
-        tp=LLAMA, stages=None, note="embeddings scaled and logits soft-capped in the forward"
+        tp=LLAMA,
+        stages=None,
+        note="no pipeline: its forward scales embeddings and soft-caps logits",
     ),
     "Gemma3ForCausalLM": Family(
         tp=LLAMA,
         partial_grads=QK_NORMS,
         stages=None,
-        note="logits soft-capped and two rotary embeddings in the forward",
+        note="no pipeline: its forward soft-caps logits (two rotary embeddings)",
     ),
     "Phi3ForCausalLM": Family(tp=FUSED),
     "GraniteForCausalLM": Family(
         tp=LLAMA,
-        stages=StageParts(embed_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
+        stages=StageParts(embed_multiplier="embedding_multiplier"),
     ),
     # mixtures of experts: attention split by tensor parallelism, experts by expert parallelism
     "Qwen3MoeForCausalLM": Family(
@@ -139,19 +139,27 @@ def lora_plan(plan: MappingProxyType, adapters: list[str]) -> dict[str, str]:
     return out
 
 
-def table() -> list[dict[str, Any]]:
-    """One row per family for the README: which parallel layouts it trains with."""
-    rows = []
+def table_markdown() -> str:
+    """The README's family x parallelism table, generated from FAMILIES (a test compares)."""
+    yes, no = "yes", "—"
+    lines = [
+        "| Hugging Face class | data parallel (FSDP2) | tensor parallel | pipeline parallel "
+        "| notes |",
+        "|---|---|---|---|---|",
+    ]
     for cls in sorted(FAMILIES):
         f = FAMILIES[cls]
-        rows.append(
-            {
-                "class": cls,
-                "dp": True,
-                "tp": bool(f.tp),
-                "pp": f.stages is not None,
-                "fused": any(s.endswith(("_gather", "_split")) for s in f.tp.values()),
-                "note": f.note,
-            }
+        fused = any(s.endswith(("_gather", "_split")) for s in f.tp.values())
+        tp = "fused projections, output gathered" if fused else yes
+        if set(f.tp) == set(ATTENTION):
+            tp = "attention (experts: expert parallel)"
+        notes = [n for n in (f.note, "q/k norm gradients summed over TP" * bool(f.partial_grads))]
+        lines.append(
+            f"| `{cls}` | {yes} | {tp} | {yes if f.stages else no} | "
+            + "; ".join(n for n in notes if n)
+            + " |"
         )
-    return rows
+    lines.append(
+        "| any other causal LM | yes | — (refused in one line) | — (refused in one line) | |"
+    )
+    return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
 from tuneplex.models import unwrap_peft
 
+from tuneplex_automodel.model import finish_logits
 from tuneplex_automodel.parallel.cp import block_causal_mask
 from tuneplex_automodel.parallel.cp import enable as enable_exact_attention
 from tuneplex_automodel.parallel.mesh import Dist
@@ -121,8 +122,7 @@ class Stage(nn.Module):
                 h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
             if self.last:
                 h = base.get_submodule(parts.head)(base.get_submodule(parts.norm)(h))
-                if parts.logits_divisor:
-                    h = h / getattr(config, parts.logits_divisor)
+                h = finish_logits(config, h)
         return h
 
 
