@@ -110,28 +110,36 @@ def test_backend_hands_the_options_to_the_launcher(monkeypatch, tmp_path):
     assert seen["args"][0] == job.parallel_dims() and seen["args"][2] == tmp_path
 
 
-def test_architecture_without_a_plan_is_named():
+@pytest.mark.parametrize(
+    ("cls", "sizes", "line"),
+    [
+        (
+            "GPT2LMHeadModel",
+            {"tp": 2},
+            "parallelism.tensor_parallel_size: 2: GPT2LMHeadModel has no tensor-parallel plan; "
+            "supported: Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, "
+            "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
+            "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM (data, context and expert "
+            "parallelism need none)",
+        ),
+        (
+            "Gemma2ForCausalLM",
+            {"pp": 2},
+            "parallelism.pipeline_parallel_size: 2: Gemma2ForCausalLM has no pipeline "
+            "description; supported: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
+            "MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+            "Qwen3MoeForCausalLM",
+        ),
+    ],
+)
+def test_architecture_without_a_plan_is_named(cls, sizes, line):
     """Data parallelism needs no plan; tensor and pipeline parallelism name what has one."""
     from tuneplex_automodel.parallel.parallelize import check_plan
 
     assert check_plan("GPT2LMHeadModel", dist_dims=dims(1, 2)) is None
     with pytest.raises(UsageError) as exc:
-        check_plan("GPT2LMHeadModel", dist_dims=dims(1, 2, tp=2))
-    assert exc.value.lines() == [
-        "parallelism.tensor_parallel_size: 2: GPT2LMHeadModel has no tensor-parallel plan; "
-        "supported: Gemma2ForCausalLM, Gemma3ForCausalLM, GraniteForCausalLM, "
-        "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, "
-        "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM (data, context and expert "
-        "parallelism need none)"
-    ]
-    with pytest.raises(UsageError) as exc:
-        check_plan("Gemma2ForCausalLM", dist_dims=dims(1, 2, pp=2))
-    assert exc.value.lines() == [
-        "parallelism.pipeline_parallel_size: 2: Gemma2ForCausalLM has no pipeline "
-        "description; supported: GraniteForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
-        "MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-        "Qwen3MoeForCausalLM"
-    ]
+        check_plan(cls, dist_dims=dims(1, 2, **sizes))
+    assert exc.value.lines() == [line]
 
 
 def test_tensor_parallel_must_divide_heads():
