@@ -170,22 +170,27 @@ def test_resume_after_an_interruption_continues_the_same_losses(
     assert code == 0, err
 
     calls = {"n": 0}
-    real = trainer.loss_sum
+    real = trainer.loss_function
 
-    def interrupt_in_step_5(model, batch, **kw):  # 2 micro-batches per step
-        calls["n"] += model.training
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return real(model, batch, **kw)
+    def interrupt_in_step_5(dist, *, pad_id):  # the loss the layout gives, stopping in step 5
+        loss = real(dist, pad_id=pad_id)
 
-    monkeypatch.setattr(trainer, "loss_sum", interrupt_in_step_5)
+        def counted(model, batch, **kw):  # 2 micro-batches per step
+            calls["n"] += model.training
+            if calls["n"] == 9:
+                raise KeyboardInterrupt
+            return loss(model, batch, **kw)
+
+        return counted
+
+    monkeypatch.setattr(trainer, "loss_function", interrupt_in_step_5)
     code, _, err = train(capsys, path, "-o", broken)
     assert code == 130
     assert "interrupted at step 4" in err and "checkpoints/step_3" in err
     assert json.loads((broken / "summary.json").read_text())["status"] == "interrupted"
     assert (broken / "curves.png").is_file()  # the picture of a stopped run too
     assert not (broken / "final").exists()
-    monkeypatch.setattr(trainer, "loss_sum", real)
+    monkeypatch.setattr(trainer, "loss_function", real)
 
     # a crash while writing a later checkpoint leaves only ignorable debris
     (broken / "checkpoints" / ".step_6.tmp-4242").mkdir()

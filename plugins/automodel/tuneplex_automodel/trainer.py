@@ -1,55 +1,54 @@
-"""The automodel training loop: one process on CPU or one CUDA GPU.
+"""The automodel recipe: named setup steps, then the loop (`loop.Loop`), then `final/`.
 
-Each optimizer step takes `global_batch_size` rows (the last step of an epoch the rows left),
-split into micro-batches; the loss is the mean over every counted token of the whole step, so
-any split into micro-batches (or data-parallel ranks) gives the same gradient.
+`train` is the CLI's entry: a job for several processes started outside torchrun launches its
+workers there; every process that trains (a launched worker through `train_here`, a worker of
+the user's own torchrun, or the one process of a single-process job) runs `train_here`. The
+setup steps each return a value the next ones take, and the loop gets them all as one frozen
+`Components`, so what a step depends on is what it is handed.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneplex.backend import LaunchOptions
 from tuneplex.console import note
-from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
+from tuneplex.data.collate import RowTable
 from tuneplex.data.pipeline import prepare
-from tuneplex.errors import Interrupted, Problem, TuneplexError, UsageError
-from tuneplex.evaluation import evaluate, pad_id_of
+from tuneplex.errors import TuneplexError
+from tuneplex.evaluation import pad_id_of
 from tuneplex.models import parameter_counts, unwrap_peft
 from tuneplex.progress import quiet_third_party_logs
-from tuneplex.runs import (
-    FINAL_DIR,
-    RunRecorder,
-    checkpoint_path,
-    prune_checkpoints,
-    resume_checkpoint,
-)
+from tuneplex.runs import FINAL_DIR, RunRecorder
 from tuneplex.signals import Stop, StopSignals, stopped_early
 
-from tuneplex_automodel.checkpoint import (
-    export_run,
-    load_checkpoint,
-    save_checkpoint,
-    stage_merger,
-)
-from tuneplex_automodel.distill import distill_loss_sums, load_teacher
+from tuneplex_automodel.checkpoint import export_run
+from tuneplex_automodel.distill import load_teacher
 from tuneplex_automodel.launch import launch
+from tuneplex_automodel.loop import Components, Loop
 from tuneplex_automodel.model import apply_lora, check_model_ref, load_model
-from tuneplex_automodel.parallel.mesh import Dist, clip_grad_norm, under_torchrun
+from tuneplex_automodel.parallel.mesh import Dist, under_torchrun
 from tuneplex_automodel.parallel.mesh import init as init_distributed
 from tuneplex_automodel.parallel.parallelize import check_plan, loss_function, parallelize
-from tuneplex_automodel.plan import TrainPlan, learning_rate
+from tuneplex_automodel.plan import TrainPlan
 from tuneplex_automodel.schema import AutomodelJobInput
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tuneplex.data.spec import DataSpec
+
+    from tuneplex_automodel.distill import Teacher
+    from tuneplex_automodel.parallel import plans
+    from tuneplex_automodel.parallel.parallelize import Parallelized
+    from tuneplex_automodel.parallel.pp import Pipeline
+
 DEFAULT_SEED = 42
-GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -86,32 +85,66 @@ def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
     return Runtime(device=device, dtype=torch.float32, autocast=None)
 
 
+@dataclass(frozen=True)
+class Data:
+    """The prepared data as the loop reads it."""
+
+    train_rows: RowTable
+    val_rows: RowTable | None
+    tokenizer: Any
+    pad_id: int
+    stats: dict[str, Any]
+    """The summary header's `data` entry: what preparing the splits kept and dropped."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model as this rank trains it, before any parallelism is applied."""
+
+    model: Any
+    base_dtype: Any
+    """The dtype the checkpoint declares (or None): the dtype `final/` is saved in."""
+    model_class: str
+    """The architecture's class, named before any wrapping hides it."""
+    teacher: Teacher | None
+    stage: Any
+    """This rank's pipeline stage (the module whose forward runs), or None."""
+    family: plans.Family | None
+
+
+# -- entry points ------------------------------------------------------------------------------
 def train(
     job: AutomodelJobInput,
     run_dir: Path,
     *,
     resume: bool,
-    data_spec,
+    data_spec: DataSpec,
     launch_options: LaunchOptions,
 ) -> dict | None:
     """Train `job` into `run_dir`; returns the summary (also written to summary.json) on rank 0.
 
     A job for several processes, started outside torchrun, launches its workers here (with
-    `launch_options`) and waits for them (each worker comes back into this function under
-    torchrun, where the options have done their work).
+    `launch_options`) and waits for them; each worker trains through `train_here`. Under a
+    torchrun of the user's own, this runs in every worker and trains here.
     """
     quiet_third_party_logs()
     dims = job.parallel_dims()
-    distilling = job.training.training_type == "distillation"
-    if distilling:
-        check_model_ref(job.training.teacher_model, key="training.teacher_model")
     if dims.world_size > 1 and not under_torchrun():
-        check_model_ref(job.model)
+        _check_model_refs(job)
         launch(dims, job.to_private_dict(), run_dir, resume=resume, options=launch_options)
         return None
-    check_model_ref(job.model)
+    return train_here(job, run_dir, resume=resume, data_spec=data_spec)
+
+
+def train_here(
+    job: AutomodelJobInput, run_dir: Path, *, resume: bool, data_spec: DataSpec
+) -> dict | None:
+    """Train in this process (one rank of the job); never launches. A stop while setting up
+    leaves nothing worth saving: it ends the run at once, saying how to start again."""
+    _check_model_refs(job)
     import torch
 
+    dims = job.parallel_dims()
     with StopSignals(say=note if os.environ.get("RANK", "0") == "0" else None) as stop:
         dist = None
         try:
@@ -130,24 +163,113 @@ def train(
                 dist.close()
 
 
+def _check_model_refs(job: AutomodelJobInput) -> None:
+    """In one line, before any data work: a model reference that cannot load."""
+    if job.training.training_type == "distillation":
+        check_model_ref(job.training.teacher_model, key="training.teacher_model")
+    check_model_ref(job.model)
+
+
+# -- the recipe --------------------------------------------------------------------------------
 def _train(
-    job, run_dir: Path, *, resume: bool, data_spec, dist: Dist, stop: StopSignals
+    job: AutomodelJobInput,
+    run_dir: Path,
+    *,
+    resume: bool,
+    data_spec: DataSpec,
+    dist: Dist,
+    stop: StopSignals,
 ) -> dict | None:
-    if dist.is_main:  # build the token cache once; the other ranks then load it
-        prepared = prepare(data_spec, report=note)
+    data = setup_data(data_spec, dist=dist)
+    runtime = pick_runtime(job, dist.device)
+    seed = seed_everything(job)
+    loaded = setup_model(job, dist=dist, runtime=runtime, data=data)
+    layout, loss = setup_parallel(loaded, dist=dist, pad_id=data.pad_id)
+    loaded.model.train()
+    optimizer = setup_optimizer(job, model=loaded.model, runtime=runtime)
+    plan = setup_plan(job, rows=len(data.train_rows), seed=seed, dist=dist)
+    pipe = setup_pipeline(job, stage=loaded.stage, dist=dist, data=data)
+    recorder = RunRecorder(
+        run_dir, backend="automodel", job=job, main=dist.is_main, device_type=runtime.device.type
+    )
+    parts = Components(
+        job=job,
+        run_dir=run_dir,
+        runtime=runtime,
+        dist=dist,
+        model=loaded.model,
+        optimizer=optimizer,
+        plan=plan,
+        train_rows=data.train_rows,
+        val_rows=data.val_rows,
+        pad_id=data.pad_id,
+        loss=loss,
+        layout=layout,
+        recorder=recorder,
+        stop=stop,
+        teacher=loaded.teacher,
+        pipe=pipe,
+    )
+    loop = Loop(parts)
+    if resume:
+        loop.restore()
+    open_run(parts, loaded=loaded, data=data)
+    stop.defer()  # the loop stops between steps, every rank at the same one
+    loop.run()
+    final = None
+    if loop.step == plan.total_steps:
+        final = export_final(parts, loaded=loaded, tokenizer=data.tokenizer, loop=loop)
+    dist.barrier()
+    summary = recorder.completed(final=final)
+    loop.close()
+    return summary
+
+
+# -- setup steps -------------------------------------------------------------------------------
+def setup_data(spec: DataSpec, *, dist: Dist) -> Data:
+    """Rank 0 builds the token cache once (saying what it kept and dropped); the other ranks
+    then load it."""
+    if dist.is_main:
+        prepared = prepare(spec, report=note)
     dist.barrier()
     if not dist.is_main:
-        prepared = prepare(data_spec)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    rt = pick_runtime(job, dist.device)
-    dims = dist.dims
-    seed = job.schedule.seed if job.schedule.seed is not None else DEFAULT_SEED
-    _seed_everything(seed)
+        prepared = prepare(spec)
+    validation = prepared.validation
     tokenizer = prepared.tokenizer
+    return Data(
+        train_rows=RowTable(prepared.train.rows),
+        val_rows=RowTable(validation.rows) if validation is not None else None,
+        tokenizer=tokenizer,
+        pad_id=pad_id_of(tokenizer),
+        stats={
+            "train": prepared.train.stats.as_dict(),
+            "validation": validation.stats.as_dict() if validation else None,
+        },
+    )
+
+
+def seed_everything(job: AutomodelJobInput) -> int:
+    """Seeds Python, numpy and torch (LoRA's initial adapter comes from torch's generator);
+    returns the seed, which also orders the rows of each epoch."""
+    import numpy as np
+    import torch
+
+    seed = job.schedule.seed if job.schedule.seed is not None else DEFAULT_SEED
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: Data) -> LoadedModel:
+    """Load and check the model, add LoRA, load the teacher, keep this rank's pipeline stage.
+    Checks that refuse the layout come before the work they would waste."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    dims = dist.dims
     model, base_dtype = load_model(
         job.model,
-        dtype=rt.dtype,
-        device=rt.device,
+        dtype=runtime.dtype,
+        device=runtime.device,
         trust_remote_code=job.training.trust_remote_code,
     )
     family = check_plan(type(model).__name__, dist_dims=dims)
@@ -161,126 +283,42 @@ def _train(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     model_class = type(unwrap_peft(model)).__name__  # before wrapping
-    teacher = load_teacher(job, student=model, tokenizer=tokenizer, device=rt.device)
+    teacher = load_teacher(job, student=model, tokenizer=data.tokenizer, device=runtime.device)
     stage = None
     if dims.pp > 1:
         from tuneplex_automodel.parallel.pp import keep_stage
 
         stage = keep_stage(model, dist=dist, parts=family.stages)
-        stage.autocast = rt.autocast
-    layout = parallelize(model, dist=dist, separate_head=teacher is not None, root=stage)
-    model.train()
-    optimizer = build_optimizer(
+        stage.autocast = runtime.autocast
+    return LoadedModel(
+        model=model,
+        base_dtype=base_dtype,
+        model_class=model_class,
+        teacher=teacher,
+        stage=stage,
+        family=family,
+    )
+
+
+def setup_parallel(
+    loaded: LoadedModel, *, dist: Dist, pad_id: int
+) -> tuple[Parallelized, Callable[..., Any]]:
+    """The job's parallelism applied in place (distillation keeps the output head a unit of its
+    own), and the loss that matches it (context parallelism computes each rank's share)."""
+    layout = parallelize(
+        loaded.model, dist=dist, separate_head=loaded.teacher is not None, root=loaded.stage
+    )
+    return layout, loss_function(dist, pad_id=pad_id)
+
+
+def setup_optimizer(job: AutomodelJobInput, *, model, runtime: Runtime):
+    """Made after parallelism is applied: it holds the sharded parameters."""
+    return build_optimizer(
         model,
         lr=job.optimizer.learning_rate,
         weight_decay=job.optimizer.weight_decay,
-        fused=rt.device.type == "cuda",
+        fused=runtime.device.type == "cuda",
     )
-    train_rows = RowTable(prepared.train.rows)
-    val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
-    plan = TrainPlan(
-        rows=len(train_rows),
-        global_batch=job.batch.global_batch_size,
-        micro_batch=job.batch.micro_batch_size,
-        epochs=job.schedule.epochs,
-        max_steps=job.schedule.max_steps,
-        seed=seed,
-        val_check_interval=job.schedule.val_check_interval,
-        checkpoint_steps=job.output.checkpoint_steps,
-        dp_size=dims.dp,
-    )
-    pipe = None
-    if stage is not None:
-        from tuneplex_automodel.parallel.pp import Pipeline
-
-        longest = max(int(train_rows.lengths.max()), int(val_rows.lengths.max()) if val_rows else 0)
-        pipe = Pipeline(
-            stage,
-            dist=dist,
-            n_microbatches=dims.grad_accum_steps,
-            micro=job.batch.micro_batch_size,
-            length=longest,
-            pad_id=pad_id_of(tokenizer),
-        )
-    rec = RunRecorder(
-        run_dir, backend="automodel", job=job, main=dist.is_main, device_type=rt.device.type
-    )
-    loop = _Loop(
-        job=job,
-        run_dir=run_dir,
-        rec=rec,
-        rt=rt,
-        dist=dist,
-        model=model,
-        optimizer=optimizer,
-        plan=plan,
-        train_rows=train_rows,
-        val_rows=val_rows,
-        pad_id=pad_id_of(tokenizer),
-        teacher=teacher,
-        pipe=pipe,
-        stop=stop,
-        layout=layout,
-    )
-    if resume:
-        loop.restore()
-    trainable, total = parameter_counts(model)
-    if dims.pp > 1:  # each stage holds its own share
-        import torch
-
-        counts = dist.sum_over_stages(torch.tensor([trainable, total], device=dist.device))
-        trainable, total = (int(x) for x in counts.tolist())
-    layout = f"{dist.world_size} processes ({dims.describe()}) on " if dist.world_size > 1 else ""
-    rec.header = {
-        "model": job.model,
-        "model_class": model_class,
-        "device": layout + rt.label,
-        "finetuning_type": job.training.finetuning_type,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "parallel": dims.as_dict(),
-        "data": {
-            "train": prepared.train.stats.as_dict(),
-            "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
-        },
-    }
-    say = rec.say
-    say(
-        f"automodel: {job.model} ({model_class}, {total:,} parameters, "
-        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {layout}{rt.label}"
-    )
-    say(
-        f"data: {len(train_rows):,} training rows"
-        + (f", {len(val_rows):,} validation rows" if val_rows is not None else "")
-        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
-        f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
-        + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
-        + (f"; {plan.unreached_cap()}" if plan.unreached_cap() else "")
-    )
-    say(f"run directory: {run_dir}")
-    stop.defer()  # the loop stops between steps, every rank at the same one
-    loop.run()
-    what = None
-    if loop.step == plan.total_steps:
-        final_dtype = base_dtype if base_dtype not in (None, rt.dtype) else None
-        try:
-            stop.expedite()  # final/ is written atomically: a stop abandons it at once
-            what = export_run(
-                run_dir / FINAL_DIR,
-                job=job,
-                model=model,
-                tokenizer=tokenizer,
-                dist=dist,
-                load_dtype=rt.dtype,
-                dtype=final_dtype,
-            )
-        except Stop as exc:
-            raise loop.stopped(exc.signum, during="writing final/") from None
-        stop.defer()  # the run is complete: a signal from here on changes nothing
-    dist.barrier()
-    summary = rec.completed(final=what)
-    loop.close()
-    return summary
 
 
 def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
@@ -297,251 +335,119 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-class _Loop:
-    def __init__(
-        self,
-        *,
-        job,
-        run_dir,
-        rec: RunRecorder,
-        rt,
-        dist,
-        model,
-        optimizer,
-        plan,
-        train_rows,
-        val_rows,
-        pad_id,
-        teacher=None,
-        pipe=None,
-        stop: StopSignals | None = None,
-        layout=None,
-    ):
-        self.job, self.run_dir, self.rec, self.rt, self.dist = job, run_dir, rec, rt, dist
-        self.stop = stop
-        self.teacher, self.pipe = teacher, pipe
-        self.layout = layout
-        self.loss_sum = loss_function(dist, pad_id=pad_id)
-        self.model, self.optimizer, self.plan = model, optimizer, plan
-        self.train_rows, self.val_rows, self.pad_id = train_rows, val_rows, pad_id
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.step = 0
+def setup_plan(job: AutomodelJobInput, *, rows: int, seed: int, dist: Dist) -> TrainPlan:
+    return TrainPlan(
+        rows=rows,
+        global_batch=job.batch.global_batch_size,
+        micro_batch=job.batch.micro_batch_size,
+        epochs=job.schedule.epochs,
+        max_steps=job.schedule.max_steps,
+        seed=seed,
+        val_check_interval=job.schedule.val_check_interval,
+        checkpoint_steps=job.output.checkpoint_steps,
+        dp_size=dist.dims.dp,
+    )
 
-    # -- resume ----------------------------------------------------------------------------
-    def restore(self) -> None:
-        found = resume_checkpoint(self.run_dir, warn=note if self.dist.is_main else _silent)
-        if found is None:
-            return
-        step, path = found
-        state = load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, partial=self.pipe is not None
-        )
-        if state["data"]["rows"] != self.plan.rows:
-            raise UsageError(
-                Problem(
-                    "--resume",
-                    f"the training data has {self.plan.rows} rows, the checkpoint was made with "
-                    f"{state['data']['rows']}; start a new run",
-                )
-            )
-        self.step = step
-        self.rec.restore(state, step=step, checkpoint=str(path))
 
-    # -- the loop --------------------------------------------------------------------------
-    def run(self) -> None:
-        plan = self.plan
-        self.rec.begin(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
-        if self.rec.resumed_from is None and self.val_rows is not None:
-            self._validate()  # the starting point, so the curve shows what training changed
-        try:
-            while self.step < plan.total_steps:
-                epoch, within = plan.position(self.step)
-                micro_plan = plan.epoch_steps(epoch, dp_rank=self.dist.dp_rank)
-                step_rows = plan.step_rows(epoch)
-                for i in range(within, len(micro_plan)):
-                    if self.step >= plan.total_steps:
-                        break
-                    self._stop_if_asked()
-                    rows = step_rows[i]  # the whole step's rows, every rank's
-                    n_targets = int(self.train_rows.target_counts[rows].sum())
-                    tokens = int(self.train_rows.lengths[rows].sum())
-                    self._train_step(micro_plan[i], n_targets, tokens)
-            self._stop_if_asked()  # a signal during the last step
-        except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
-            raise self.stopped(None) from None
+def setup_pipeline(job: AutomodelJobInput, *, stage, dist: Dist, data: Data) -> Pipeline | None:
+    """The schedule for this rank's stage (None without pipeline parallelism). Its buffers have
+    a fixed shape: the longest row of either split."""
+    if stage is None:
+        return None
+    from tuneplex_automodel.parallel.pp import Pipeline
 
-    def _stop_if_asked(self) -> None:
-        """Between steps: stop if any rank was told to (every rank takes the same answer, so
-        none waits in a collective), with a checkpoint at the last completed step."""
-        if self.stop is None:
-            return
-        signum = self.dist.max_over_ranks(self.stop.signum)
-        if not signum:
-            return
-        if self.step and self.rec.last_checkpoint != str(checkpoint_path(self.run_dir, self.step)):
-            self._checkpoint()
-        raise self.stopped(signum)
+    train_rows, val_rows = data.train_rows, data.val_rows
+    longest = max(int(train_rows.lengths.max()), int(val_rows.lengths.max()) if val_rows else 0)
+    return Pipeline(
+        stage,
+        dist=dist,
+        n_microbatches=dist.dims.grad_accum_steps,
+        micro=job.batch.micro_batch_size,
+        length=longest,
+        pad_id=data.pad_id,
+    )
 
-    def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
-        """Record the stop (rank 0); the error that says how to resume."""
-        return self.rec.stopped(signum, during=during)
 
-    def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
+# -- opening and closing -----------------------------------------------------------------------
+def open_run(parts: Components, *, loaded: LoadedModel, data: Data) -> None:
+    """The summary's header, and the opening lines: what trains, where, on what, for how long."""
+    trainable, total = count_parameters(loaded.model, dist=parts.dist)
+    parts.recorder.header = run_header(
+        parts, model_class=loaded.model_class, counts=(trainable, total), data=data
+    )
+    for line in opening_lines(parts, model_class=loaded.model_class, counts=(trainable, total)):
+        parts.recorder.say(line)
+
+
+def count_parameters(model, *, dist: Dist) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole model; each pipeline stage holds its share."""
+    trainable, total = parameter_counts(model)
+    if dist.dims.pp > 1:
         import torch
 
-        t0 = time.perf_counter()
-        lr = learning_rate(
-            self.step,
-            peak=self.job.optimizer.learning_rate,
-            warmup_steps=self.job.optimizer.warmup_steps,
-            total_steps=self.plan.total_steps,
+        counts = dist.sum_over_stages(torch.tensor([trainable, total], device=dist.device))
+        trainable, total = (int(x) for x in counts.tolist())
+    return trainable, total
+
+
+def run_header(
+    parts: Components, *, model_class: str, counts: tuple[int, int], data: Data
+) -> dict[str, Any]:
+    trainable, total = counts
+    return {
+        "model": parts.job.model,
+        "model_class": model_class,
+        "device": _placement(parts),
+        "finetuning_type": parts.job.training.finetuning_type,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "parallel": parts.dist.dims.as_dict(),
+        "data": data.stats,
+    }
+
+
+def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int]) -> list[str]:
+    job, plan, dims = parts.job, parts.plan, parts.dist.dims
+    trainable, total = counts
+    val_rows = parts.val_rows
+    return [
+        f"automodel: {job.model} ({model_class}, {total:,} parameters, "
+        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {_placement(parts)}",
+        f"data: {len(parts.train_rows):,} training rows"
+        + (f", {len(val_rows):,} validation rows" if val_rows is not None else "")
+        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
+        f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
+        + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
+        + (f"; {plan.unreached_cap()}" if plan.unreached_cap() else ""),
+        f"run directory: {parts.run_dir}",
+    ]
+
+
+def _placement(parts: Components) -> str:
+    """The processes and the device, as the header and the first line say them."""
+    dist = parts.dist
+    processes = f"{dist.world_size} processes ({dist.dims.describe()}) on "
+    return (processes if dist.world_size > 1 else "") + parts.runtime.label
+
+
+def export_final(parts: Components, *, loaded: LoadedModel, tokenizer, loop: Loop) -> Any:
+    """final/, in the dtype the base checkpoint declares. It is written atomically, so a stop
+    abandons it at once; once written, the run is complete and a signal changes nothing."""
+    runtime = parts.runtime
+    base_dtype = loaded.base_dtype
+    final_dtype = base_dtype if base_dtype not in (None, runtime.dtype) else None
+    try:
+        parts.stop.expedite()
+        what = export_run(
+            parts.run_dir / FINAL_DIR,
+            job=parts.job,
+            model=loaded.model,
+            tokenizer=tokenizer,
+            dist=parts.dist,
+            load_dtype=runtime.dtype,
+            dtype=final_dtype,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
-        # already a share of the step's token mean, so scale it back to a sum
-        scale = self.dist.data_size
-        parts = torch.zeros(2, dtype=torch.float32, device=self.rt.device)  # CE, KD (distillation)
-        if self.pipe is not None:
-            total = self._pipeline_step(micro_batches, n_targets, scale)
-        else:
-            total = self._micro_steps(micro_batches, n_targets, scale, parts)
-        self.layout.finish_grads()
-        grad_norm = clip_grad_norm(
-            self.params,
-            GRAD_CLIP,
-            device=self.rt.device,
-            sum_over_stages=self.dist.sum_over_stages,
-        )
-        # non-last pipeline stages hold 0: the sum over stages is the last stage's loss
-        reduced = self.dist.sum_over_stages(
-            self.dist.sum_over_data(torch.cat([total.reshape(1), parts]))
-        )
-        loss_value, ce_part, kd_part, norm_value = torch.cat(
-            [reduced, grad_norm.float().reshape(1)]
-        ).tolist()
-        step = self.step + 1
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            value = loss_value if what == "loss" else norm_value
-            raise self.rec.diverged(step=step, what=what, value=value)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step = step
-        extra = {"ce_loss": ce_part, "kd_loss": kd_part} if self.teacher is not None else {}
-        self.rec.train_step(
-            step=step,
-            loss=loss_value,
-            lr=lr,
-            grad_norm=norm_value,
-            tokens=tokens,
-            seconds=time.perf_counter() - t0,
-            **extra,
-        )
-        if self.val_rows is not None and self.plan.validate_after(step):
-            self._validate()
-        if self.plan.checkpoint_after(step):
-            self._checkpoint()
-
-    def _micro_steps(self, micro_batches, n_targets: int, scale: int, parts):
-        """Forward and backward of each micro-batch; returns this rank's share of the loss."""
-        import torch
-
-        total = torch.zeros((), dtype=torch.float32, device=self.rt.device)
-        sharded = hasattr(self.model, "set_requires_gradient_sync")  # an FSDP2 module
-        for i, rows in enumerate(micro_batches):
-            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            # a rank with no rows left in a short last step still runs the collectives
-            rows_data = self.train_rows.rows(rows) if rows else [EMPTY_ROW]
-            batch = _to(collate(rows_data, pad_id=self.pad_id), self.rt)
-            if self.teacher is None:
-                loss = self.loss_sum(self.model, batch, autocast=self.rt.autocast)
-                loss = loss / max(n_targets, 1)
-            else:
-                ce, kd = distill_loss_sums(
-                    self.model,
-                    self.teacher,
-                    batch,
-                    temperature=self.job.training.distillation_temperature,
-                    autocast=self.rt.autocast,
-                )
-                ratio = self.job.training.distillation_ratio
-                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
-                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
-            (loss * scale if scale > 1 else loss).backward()
-            total += loss.detach()
-        return total
-
-    def _pipeline_step(self, micro_batches, n_targets: int, scale: int):
-        """The step's micro-batches through the pipeline schedule; this rank's share of the
-        loss on the last stage, 0 on the others."""
-        batch = self.pipe.batch(
-            [self.train_rows.rows(rows) for rows in micro_batches], device=self.rt.device
-        )
-        step_loss = self.pipe.train_step(batch, scale=scale / max(n_targets, 1))
-        return step_loss / scale
-
-    def _validate(self) -> None:
-        pipe = self.pipe
-        loss = evaluate(
-            self.model if pipe is None else pipe.module,
-            self.val_rows,
-            micro=self.plan.micro_batch if pipe is None else pipe.rows,
-            pad_id=self.pad_id,
-            device=self.rt.device,
-            autocast=self.rt.autocast,
-            shard=(self.dist.dp_rank, self.dist.dp_size),
-            reduce=lambda t: self.dist.sum_over_stages(self.dist.sum_over_data(t)),
-            loss=self.loss_sum if pipe is None else pipe.loss_sum,
-        )
-        self.rec.validated(step=self.step, loss=loss, tokens=int(self.val_rows.lengths.sum()))
-
-    def _checkpoint(self) -> None:
-        state = {
-            "epoch": self.plan.position(self.step)[0],
-            "step_in_epoch": self.plan.position(self.step)[1],
-            **self.rec.state(),
-            "data": {"rows": self.plan.rows},
-            "schedule": {
-                "kind": "linear warmup, cosine decay to 10%",
-                "peak_lr": self.job.optimizer.learning_rate,
-                "warmup_steps": self.job.optimizer.warmup_steps,
-                "total_steps": self.plan.total_steps,
-            },
-        }
-        path = save_checkpoint(
-            self.run_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            state=state,
-            write=self.dist.is_main,
-            merge=stage_merger(self.dist),
-        )
-        self.rec.checkpoint_saved(path, step=self.step)
-        if self.dist.is_main:
-            prune_checkpoints(self.run_dir, self.job.output.keep_checkpoints)
-        self.dist.barrier()
-
-    def close(self) -> None:
-        self.rec.close()
-
-
-def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:
-    non_blocking = rt.device.type == "cuda"
-    return {k: v.to(rt.device, non_blocking=non_blocking) for k, v in batch.items()}
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _silent(_: str) -> None:
-    """Ranks other than 0 say nothing."""
+    except Stop as exc:
+        raise loop.stopped(exc.signum, during="writing final/") from None
+    parts.stop.defer()
+    return what

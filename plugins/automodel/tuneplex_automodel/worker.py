@@ -3,7 +3,8 @@
 
 Started by `launch` with the resolved job in a node-local JSON file (users running torchrun
 themselves run `tuneplex train` in every worker instead). The worker's life is tied to the
-launcher's (PID, its parent) before anything else happens.
+launcher's (PID, its parent) before anything else happens. It trains through
+`trainer.train_here`: the launch was decided already, and a worker never launches.
 Errors are printed once, by rank 0, one line each; the exit code says what kind they were.
 """
 
@@ -51,8 +52,10 @@ def _train(job_json: Path, run_dir: Path, *, resume: bool) -> None:
 
     backend = registry().get("automodel").backend
     with console.defects_as_one_line():
+        from tuneplex_automodel.trainer import train_here
+
         job = backend.job_schema.model_validate(json.loads(job_json.read_text(encoding="utf-8")))
-        backend.train(job, run_dir, resume=resume)
+        train_here(job, run_dir, resume=resume, data_spec=backend.data_spec(job))
 
 
 if __name__ == "__main__":

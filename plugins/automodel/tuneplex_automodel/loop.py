@@ -1,0 +1,305 @@
+"""The automodel training loop, given the components the recipe (`trainer`) set up.
+
+Each optimizer step takes `global_batch_size` rows (the last step of an epoch the rows left),
+split into micro-batches; the loss is the mean over every counted token of the whole step, so
+any split into micro-batches (or data-parallel ranks) gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneplex.console import note
+from tuneplex.data.collate import EMPTY_ROW, collate
+from tuneplex.errors import Interrupted, Problem, UsageError
+from tuneplex.evaluation import evaluate
+from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
+
+from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
+from tuneplex_automodel.distill import distill_loss_sums
+from tuneplex_automodel.parallel.mesh import clip_grad_norm
+from tuneplex_automodel.plan import learning_rate
+
+if TYPE_CHECKING:
+    from tuneplex.data.collate import RowTable
+    from tuneplex.runs import RunRecorder
+    from tuneplex.signals import StopSignals
+
+    from tuneplex_automodel.distill import Teacher
+    from tuneplex_automodel.parallel.mesh import Dist
+    from tuneplex_automodel.parallel.parallelize import Parallelized
+    from tuneplex_automodel.parallel.pp import Pipeline
+    from tuneplex_automodel.plan import TrainPlan
+    from tuneplex_automodel.schema import AutomodelJobInput
+    from tuneplex_automodel.trainer import Runtime
+
+GRAD_CLIP = 1.0
+
+# The loop's own keys in a checkpoint's trainer state (next to the recorder's)
+EPOCH_KEY = "epoch"
+STEP_IN_EPOCH_KEY = "step_in_epoch"
+DATA_KEY = "data"
+ROWS_KEY = "rows"
+"""Under DATA_KEY: the training rows the run was planned for; a resume with other data would
+replay a different order, so it is refused."""
+SCHEDULE_KEY = "schedule"
+
+
+@dataclass(frozen=True)
+class Components:
+    """Everything the loop works with, set up once by the recipe and never replaced."""
+
+    job: AutomodelJobInput
+    run_dir: Path
+    runtime: Runtime
+    dist: Dist
+    model: Any
+    optimizer: Any
+    plan: TrainPlan
+    train_rows: RowTable
+    val_rows: RowTable | None
+    pad_id: int
+    loss: Callable[..., Any]
+    """`loss(model, batch, autocast=...)`: this rank's part of the summed cross-entropy."""
+    layout: Parallelized
+    recorder: RunRecorder
+    stop: StopSignals
+    teacher: Teacher | None = None
+    pipe: Pipeline | None = None
+
+
+class Loop:
+    """Steps from the recorded position to the plan's end; the step count is its only state."""
+
+    def __init__(self, parts: Components):
+        self.parts = parts
+        self.params = [p for p in parts.model.parameters() if p.requires_grad]
+        self.step = 0
+
+    # -- resume ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        p = self.parts
+        found = resume_checkpoint(p.run_dir, warn=note if p.dist.is_main else _silent)
+        if found is None:
+            return
+        step, path = found
+        state = load_checkpoint(
+            path, model=p.model, optimizer=p.optimizer, partial=p.pipe is not None
+        )
+        if state[DATA_KEY][ROWS_KEY] != p.plan.rows:
+            raise UsageError(
+                Problem(
+                    "--resume",
+                    f"the training data has {p.plan.rows} rows, the checkpoint was made with "
+                    f"{state[DATA_KEY][ROWS_KEY]}; start a new run",
+                )
+            )
+        self.step = step
+        p.recorder.restore(state, step=step, checkpoint=str(path))
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        p, plan = self.parts, self.parts.plan
+        p.recorder.begin(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
+        if p.recorder.resumed_from is None and p.val_rows is not None:
+            self._validate()  # the starting point, so the curve shows what training changed
+        try:
+            while self.step < plan.total_steps:
+                epoch, within = plan.position(self.step)
+                micro_plan = plan.epoch_steps(epoch, dp_rank=p.dist.dp_rank)
+                step_rows = plan.step_rows(epoch)
+                for i in range(within, len(micro_plan)):
+                    if self.step >= plan.total_steps:
+                        break
+                    self._stop_if_asked()
+                    rows = step_rows[i]  # the whole step's rows, every rank's
+                    n_targets = int(p.train_rows.target_counts[rows].sum())
+                    tokens = int(p.train_rows.lengths[rows].sum())
+                    self._train_step(micro_plan[i], n_targets, tokens)
+            self._stop_if_asked()  # a signal during the last step
+        except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
+            raise self.stopped(None) from None
+
+    def _stop_if_asked(self) -> None:
+        """Between steps: stop if any rank was told to (every rank takes the same answer, so
+        none waits in a collective), with a checkpoint at the last completed step."""
+        p = self.parts
+        signum = p.dist.max_over_ranks(p.stop.signum)
+        if not signum:
+            return
+        if self.step and p.recorder.last_checkpoint != str(checkpoint_path(p.run_dir, self.step)):
+            self._checkpoint()
+        raise self.stopped(signum)
+
+    def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
+        """Record the stop (rank 0); the error that says how to resume."""
+        return self.parts.recorder.stopped(signum, during=during)
+
+    def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
+        p = self.parts
+        t0 = time.perf_counter()
+        lr = learning_rate(
+            self.step,
+            peak=p.job.optimizer.learning_rate,
+            warmup_steps=p.job.optimizer.warmup_steps,
+            total_steps=p.plan.total_steps,
+        )
+        for group in p.optimizer.param_groups:
+            group["lr"] = lr
+        loss_value, ce_part, kd_part, norm_value = self._gradients(micro_batches, n_targets)
+        step = self.step + 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            p.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            value = loss_value if what == "loss" else norm_value
+            raise p.recorder.diverged(step=step, what=what, value=value)
+        p.optimizer.step()
+        p.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        extra = {"ce_loss": ce_part, "kd_loss": kd_part} if p.teacher is not None else {}
+        p.recorder.train_step(
+            step=step,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=norm_value,
+            tokens=tokens,
+            seconds=time.perf_counter() - t0,
+            **extra,
+        )
+        if p.val_rows is not None and p.plan.validate_after(step):
+            self._validate()
+        if p.plan.checkpoint_after(step):
+            self._checkpoint()
+
+    def _gradients(self, micro_batches, n_targets: int) -> list[float]:
+        """Forward and backward of the step, gradients finished and clipped; the step's loss,
+        its CE and KD parts (distillation) and the gradient norm, the same on every rank."""
+        import torch
+
+        p = self.parts
+        # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
+        # already a share of the step's token mean, so scale it back to a sum
+        scale = p.dist.data_size
+        parts = torch.zeros(2, dtype=torch.float32, device=p.runtime.device)  # CE, KD
+        if p.pipe is not None:
+            total = self._pipeline_step(micro_batches, n_targets, scale)
+        else:
+            total = self._micro_steps(micro_batches, n_targets, scale, parts)
+        p.layout.finish_grads()
+        grad_norm = clip_grad_norm(
+            self.params,
+            GRAD_CLIP,
+            device=p.runtime.device,
+            sum_over_stages=p.dist.sum_over_stages,
+        )
+        # non-last pipeline stages hold 0: the sum over stages is the last stage's loss
+        reduced = p.dist.sum_over_stages(p.dist.sum_over_data(torch.cat([total.reshape(1), parts])))
+        return torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
+
+    def _micro_steps(self, micro_batches, n_targets: int, scale: int, parts):
+        """Forward and backward of each micro-batch; returns this rank's share of the loss."""
+        import torch
+
+        p = self.parts
+        total = torch.zeros((), dtype=torch.float32, device=p.runtime.device)
+        sharded = hasattr(p.model, "set_requires_gradient_sync")  # an FSDP2 module
+        for i, rows in enumerate(micro_batches):
+            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
+                p.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            # a rank with no rows left in a short last step still runs the collectives
+            rows_data = p.train_rows.rows(rows) if rows else [EMPTY_ROW]
+            batch = _to(collate(rows_data, pad_id=p.pad_id), p.runtime)
+            if p.teacher is None:
+                loss = p.loss(p.model, batch, autocast=p.runtime.autocast)
+                loss = loss / max(n_targets, 1)
+            else:
+                ce, kd = distill_loss_sums(
+                    p.model,
+                    p.teacher,
+                    batch,
+                    temperature=p.job.training.distillation_temperature,
+                    autocast=p.runtime.autocast,
+                )
+                ratio = p.job.training.distillation_ratio
+                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
+                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
+            (loss * scale if scale > 1 else loss).backward()
+            total += loss.detach()
+        return total
+
+    def _pipeline_step(self, micro_batches, n_targets: int, scale: int):
+        """The step's micro-batches through the pipeline schedule; this rank's share of the
+        loss on the last stage, 0 on the others."""
+        p = self.parts
+        batch = p.pipe.batch(
+            [p.train_rows.rows(rows) for rows in micro_batches], device=p.runtime.device
+        )
+        step_loss = p.pipe.train_step(batch, scale=scale / max(n_targets, 1))
+        return step_loss / scale
+
+    def _validate(self) -> None:
+        p, pipe = self.parts, self.parts.pipe
+        dist = p.dist
+        loss = evaluate(
+            p.model if pipe is None else pipe.module,
+            p.val_rows,
+            micro=p.plan.micro_batch if pipe is None else pipe.rows,
+            pad_id=p.pad_id,
+            device=p.runtime.device,
+            autocast=p.runtime.autocast,
+            shard=(dist.dp_rank, dist.dp_size),
+            reduce=lambda t: dist.sum_over_stages(dist.sum_over_data(t)),
+            loss=p.loss if pipe is None else pipe.loss_sum,
+        )
+        p.recorder.validated(step=self.step, loss=loss, tokens=int(p.val_rows.lengths.sum()))
+
+    def _checkpoint(self) -> None:
+        p = self.parts
+        path = save_checkpoint(
+            p.run_dir,
+            self.step,
+            model=p.model,
+            optimizer=p.optimizer,
+            state=self._state(),
+            write=p.dist.is_main,
+            merge=stage_merger(p.dist),
+        )
+        p.recorder.checkpoint_saved(path, step=self.step)
+        if p.dist.is_main:
+            prune_checkpoints(p.run_dir, p.job.output.keep_checkpoints)
+        p.dist.barrier()
+
+    def _state(self) -> dict[str, Any]:
+        """The trainer state saved with a checkpoint: where the loop is, the recorder's
+        counters, and what `restore` checks the resumed run against."""
+        p = self.parts
+        epoch, step_in_epoch = p.plan.position(self.step)
+        return {
+            EPOCH_KEY: epoch,
+            STEP_IN_EPOCH_KEY: step_in_epoch,
+            **p.recorder.state(),
+            DATA_KEY: {ROWS_KEY: p.plan.rows},
+            SCHEDULE_KEY: {
+                "kind": "linear warmup, cosine decay to 10%",
+                "peak_lr": p.job.optimizer.learning_rate,
+                "warmup_steps": p.job.optimizer.warmup_steps,
+                "total_steps": p.plan.total_steps,
+            },
+        }
+
+    def close(self) -> None:
+        self.parts.recorder.close()
+
+
+def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:
+    non_blocking = rt.device.type == "cuda"
+    return {k: v.to(rt.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def _silent(_: str) -> None:
+    """Ranks other than 0 say nothing."""
