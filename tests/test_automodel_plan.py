@@ -11,7 +11,7 @@ from tuneplex_automodel.plan import MIN_LR_RATIO, TrainPlan, learning_rate
 
 def plan(**kw) -> TrainPlan:
     base = dict(
-        rows=10,
+        n_rows=10,
         global_batch=4,
         micro_batch=2,
         epochs=2,
@@ -42,7 +42,7 @@ def test_order_is_seeded_per_epoch_and_reproducible():
 
 @pytest.mark.parametrize("dp", [2, 4])
 def test_data_parallel_ranks_split_each_step(dp):
-    p = plan(rows=37, global_batch=8, micro_batch=2, dp_size=dp)
+    p = plan(n_rows=37, global_batch=8, micro_batch=2, dp_size=dp)
     per_rank = [p.epoch_steps(0, dp_rank=r) for r in range(dp)]
     for i, whole in enumerate(p.step_rows(0)):
         got = sorted(r for rank in per_rank for m in rank[i] for r in m)
@@ -83,7 +83,7 @@ def test_learning_rate_warmup_then_cosine_to_ten_percent():
     ],
 )
 def test_validation_points(interval, spe, expected):
-    p = plan(rows=spe * 4, epochs=2, val_check_interval=interval)
+    p = plan(n_rows=spe * 4, epochs=2, val_check_interval=interval)
     assert p.steps_per_epoch == spe
     got = {s for s in range(1, spe + 1) if p.validate_after(s)}
     assert got == expected

@@ -313,8 +313,8 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(data, tiny_model):
     from tuneplex.evaluation import evaluate
 
     spec = DataSpec(train=str(data[0]), tokenizer=tiny_model, max_seq_length=96)
-    plain = RowTable(prepare(spec).train.rows)
-    packed = RowTable(prepare(replace(spec, packing=True)).train.rows)
+    plain = RowTable(prepare(spec).train.dataset)
+    packed = RowTable(prepare(replace(spec, packing=True)).train.dataset)
     assert len(packed) < len(plain)
     assert packed.target_counts.sum() == plain.target_counts.sum()
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -189,7 +189,7 @@ def test_packing_stats_and_rows(tokenizers, tmp_path):
     assert total == split.stats.tokens
     assert split.stats.packing_efficiency == round(total / (len(split.packed) * 64), 4)
     assert all(len(r) <= 64 for r in split.packed["input_ids"])
-    assert split.rows is split.packed
+    assert split.dataset is split.packed
 
 
 def test_packed_logits_equal_solo_logits(tokenizers, tmp_path):

@@ -112,7 +112,7 @@ def test_row_table_counts_what_collate_targets():
     rows = [r for r in random_rows(3) if "position_ids" in r]
     data = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
     table = RowTable(data.select([3, 0, 2]))
-    counted = (collate(table.rows(range(len(table))), pad_id=0)["targets"] != X).sum(dim=1)
+    counted = (collate(table.take(range(len(table))), pad_id=0)["targets"] != X).sum(dim=1)
     assert table.target_counts.tolist() == counted.tolist()
     empty = target_counts(labels=np.array([5, 6]), offsets=np.array([0, 0, 2, 2]))
     assert empty.tolist() == [0, 1, 0]

@@ -69,7 +69,7 @@ def evaluate(
     with torch.no_grad():
         for i in range(passes):
             chunk = mine[i * micro : (i + 1) * micro]
-            data = rows.rows(chunk) if chunk else [EMPTY_ROW]
+            data = rows.take(chunk) if chunk else [EMPTY_ROW]
             batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
             total += loss(model, batch, autocast=autocast)
     model.train(was_training)

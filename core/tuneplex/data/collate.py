@@ -126,5 +126,5 @@ class RowTable:
             out[name] = values[offsets[i] : offsets[i + 1]]
         return out
 
-    def rows(self, indices) -> list[dict[str, Any]]:
+    def take(self, indices) -> list[dict[str, Any]]:
         return [self.row(int(i)) for i in indices]

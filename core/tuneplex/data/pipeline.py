@@ -39,7 +39,7 @@ class Split:
     stats: DataStats
 
     @property
-    def rows(self):
+    def dataset(self):
         """What the trainer iterates: packed rows when packing, else the examples."""
         return self.packed if self.packed is not None else self.examples
 

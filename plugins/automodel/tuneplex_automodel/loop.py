@@ -91,11 +91,11 @@ class Loop:
         state = load_checkpoint(
             path, model=p.model, optimizer=p.optimizer, partial=p.pipe is not None
         )
-        if state[DATA_KEY][ROWS_KEY] != p.plan.rows:
+        if state[DATA_KEY][ROWS_KEY] != p.plan.n_rows:
             raise UsageError(
                 Problem(
                     "--resume",
-                    f"the training data has {p.plan.rows} rows, the checkpoint was made with "
+                    f"the training data has {p.plan.n_rows} rows, the checkpoint was made with "
                     f"{state[DATA_KEY][ROWS_KEY]}; start a new run",
                 )
             )
@@ -117,9 +117,9 @@ class Loop:
                     if self.step >= plan.total_steps:
                         break
                     self._stop_if_asked()
-                    rows = step_rows[i]  # the whole step's rows, every rank's
-                    n_targets = int(p.train_rows.target_counts[rows].sum())
-                    tokens = int(p.train_rows.lengths[rows].sum())
+                    indices = step_rows[i]  # the whole step's rows, every rank's
+                    n_targets = int(p.train_rows.target_counts[indices].sum())
+                    tokens = int(p.train_rows.lengths[indices].sum())
                     self._train_step(micro_plan[i], n_targets, tokens)
             self._stop_if_asked()  # a signal during the last step
         except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
@@ -184,7 +184,7 @@ class Loop:
         p = self.parts
         # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
         # already a share of the step's token mean, so scale it back to a sum
-        scale = p.dist.data_size
+        scale = p.dist.dp_cp_size
         parts = torch.zeros(2, dtype=torch.float32, device=p.runtime.device)  # CE, KD
         if p.pipe is not None:
             total = self._pipeline_step(micro_batches, n_targets, scale)
@@ -208,12 +208,12 @@ class Loop:
         p = self.parts
         total = torch.zeros((), dtype=torch.float32, device=p.runtime.device)
         sharded = hasattr(p.model, "set_requires_gradient_sync")  # an FSDP2 module
-        for i, rows in enumerate(micro_batches):
+        for i, indices in enumerate(micro_batches):
             if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
                 p.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             # a rank with no rows left in a short last step still runs the collectives
-            rows_data = p.train_rows.rows(rows) if rows else [EMPTY_ROW]
-            batch = _to(collate(rows_data, pad_id=p.pad_id), p.runtime)
+            rows = p.train_rows.take(indices) if indices else [EMPTY_ROW]
+            batch = _to(collate(rows, pad_id=p.pad_id), p.runtime)
             if p.teacher is None:
                 loss = p.loss(p.model, batch, autocast=p.runtime.autocast)
                 loss = loss / max(n_targets, 1)
@@ -237,7 +237,7 @@ class Loop:
         loss on the last stage, 0 on the others."""
         p = self.parts
         batch = p.pipe.batch(
-            [p.train_rows.rows(rows) for rows in micro_batches], device=p.runtime.device
+            [p.train_rows.take(indices) for indices in micro_batches], device=p.runtime.device
         )
         step_loss = p.pipe.train_step(batch, scale=scale / max(n_targets, 1))
         return step_loss / scale
@@ -248,7 +248,7 @@ class Loop:
         loss = evaluate(
             p.model if pipe is None else pipe.module,
             p.val_rows,
-            micro=p.plan.micro_batch if pipe is None else pipe.rows,
+            micro=p.plan.micro_batch if pipe is None else pipe.rows_per_step,
             pad_id=p.pad_id,
             device=p.runtime.device,
             autocast=p.runtime.autocast,
@@ -283,7 +283,7 @@ class Loop:
             EPOCH_KEY: epoch,
             STEP_IN_EPOCH_KEY: step_in_epoch,
             **p.recorder.state(),
-            DATA_KEY: {ROWS_KEY: p.plan.rows},
+            DATA_KEY: {ROWS_KEY: p.plan.n_rows},
             SCHEDULE_KEY: {
                 "kind": "linear warmup, cosine decay to 10%",
                 "peak_lr": p.job.optimizer.learning_rate,

@@ -14,7 +14,7 @@ MIN_LR_RATIO = 0.1
 
 @dataclass(frozen=True)
 class TrainPlan:
-    rows: int
+    n_rows: int
     global_batch: int
     micro_batch: int
     epochs: int
@@ -27,7 +27,7 @@ class TrainPlan:
     @property
     def steps_per_epoch(self) -> int:
         """The last step of an epoch takes the rows left over (nothing is dropped)."""
-        return math.ceil(self.rows / self.global_batch)
+        return math.ceil(self.n_rows / self.global_batch)
 
     @property
     def total_steps(self) -> int:
@@ -61,9 +61,9 @@ class TrainPlan:
         """
         import numpy as np
 
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
         steps = []
-        for start in range(0, self.rows, self.global_batch):
+        for start in range(0, self.n_rows, self.global_batch):
             chunk = order[start : start + self.global_batch]
             mine = np.array_split(chunk, self.dp_size)[dp_rank]
             micro_steps = math.ceil(len(chunk) / (self.micro_batch * self.dp_size))
@@ -74,9 +74,9 @@ class TrainPlan:
         """All rows of each step of `epoch` (every rank's), for the loss normaliser."""
         import numpy as np
 
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
         size = self.global_batch
-        return [order[s : s + size].tolist() for s in range(0, self.rows, size)]
+        return [order[s : s + size].tolist() for s in range(0, self.n_rows, size)]
 
     def validate_after(self, step: int) -> bool:
         """Validate after 1-based optimizer step `step`? Every `val_check_interval` of an epoch

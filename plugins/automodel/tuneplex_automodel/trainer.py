@@ -187,7 +187,7 @@ def _train(
     layout, loss = setup_parallel(loaded, dist=dist, pad_id=data.pad_id)
     loaded.model.train()
     optimizer = setup_optimizer(job, model=loaded.model, runtime=runtime)
-    plan = setup_plan(job, rows=len(data.train_rows), seed=seed, dist=dist)
+    plan = setup_plan(job, n_rows=len(data.train_rows), seed=seed, dist=dist)
     pipe = setup_pipeline(job, stage=loaded.stage, dist=dist, data=data)
     recorder = RunRecorder(
         run_dir, backend="automodel", job=job, main=dist.is_main, device_type=runtime.device.type
@@ -237,8 +237,8 @@ def setup_data(spec: DataSpec, *, dist: Dist) -> Data:
     validation = prepared.validation
     tokenizer = prepared.tokenizer
     return Data(
-        train_rows=RowTable(prepared.train.rows),
-        val_rows=RowTable(validation.rows) if validation is not None else None,
+        train_rows=RowTable(prepared.train.dataset),
+        val_rows=RowTable(validation.dataset) if validation is not None else None,
         tokenizer=tokenizer,
         pad_id=pad_id_of(tokenizer),
         stats={
@@ -335,9 +335,9 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-def setup_plan(job: AutomodelJobInput, *, rows: int, seed: int, dist: Dist) -> TrainPlan:
+def setup_plan(job: AutomodelJobInput, *, n_rows: int, seed: int, dist: Dist) -> TrainPlan:
     return TrainPlan(
-        rows=rows,
+        n_rows=n_rows,
         global_batch=job.batch.global_batch_size,
         micro_batch=job.batch.micro_batch_size,
         epochs=job.schedule.epochs,

@@ -247,7 +247,7 @@ def _train(
         model = loader.add_lora(model, job)
     prepared = prepare(data_spec, report=note)
     pad_id = pad_id_of(prepared.tokenizer)
-    val_rows = RowTable(prepared.validation.rows) if prepared.validation is not None else None
+    val_rows = RowTable(prepared.validation.dataset) if prepared.validation is not None else None
 
     for debris in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"):
         shutil.rmtree(debris, ignore_errors=True)  # a save that never finished
@@ -275,12 +275,12 @@ def _train(
     )
     rec.say(
         f"unsloth: {job.model.name} via {loader.name} ({total:,} parameters, {trainable:,} "
-        f"trained) on {device}; {len(prepared.train.rows):,} training rows"
+        f"trained) on {device}; {len(prepared.train.dataset):,} training rows"
     )
     trainer = trainer_class()(
         model=model,
         args=sft_config(job, run_dir, cuda=cuda),
-        train_dataset=prepared.train.rows,
+        train_dataset=prepared.train.dataset,
         processing_class=tokenizer,
         data_collator=counter,
         callbacks=[callback],

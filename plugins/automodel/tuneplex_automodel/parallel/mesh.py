@@ -68,7 +68,7 @@ class Dist:
         return self.local_rank_in("pp")
 
     @property
-    def data_size(self) -> int:
+    def dp_cp_size(self) -> int:
         """Ranks whose gradients are averaged by FSDP: data parallel × context parallel."""
         return self.dims.dp * self.dims.cp
 
@@ -81,7 +81,7 @@ class Dist:
     def sum_over_data(self, tensor):
         """Sum a tensor over the data- and context-parallel ranks (tensor-parallel peers hold
         equal values; pipeline stages are summed separately where they differ)."""
-        if self.data_size > 1:
+        if self.dp_cp_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(tensor, group=self.group("dp_cp"))

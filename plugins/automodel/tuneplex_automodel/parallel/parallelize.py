@@ -109,7 +109,7 @@ def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) ->
         plan = plans.lora_plan(family.tp, adapter_names(model))
         apply_tp(layers, plan=plan, mesh=dist.mesh("tp"))
         out.tp_partial = partial_grad_params(layers, modules=family.partial_grads)
-    if dist.data_size > 1:
+    if dist.dp_cp_size > 1:
         from tuneplex_automodel.parallel.fsdp import apply_fsdp
 
         separate = (base.get_decoder(), base.get_output_embeddings()) if separate_head else ()

@@ -136,7 +136,7 @@ class Pipeline:
 
         self.dist, self.module = dist, stage
         self.n_microbatches, self.micro, self.length = n_microbatches, micro, length
-        self.rows, self.pad_id = n_microbatches * micro, pad_id
+        self.rows_per_step, self.pad_id = n_microbatches * micro, pad_id
         self.stage = PipelineStage(
             stage, dist.pp_rank, dist.dims.pp, dist.device, group=dist.group("pp")
         )
@@ -171,7 +171,7 @@ class Pipeline:
         n = batch["input_ids"].shape[0]
         keys = ("input_ids", "labels", "position_ids")
         rows = [{k: batch[k][i] for k in keys} for i in range(n)]
-        rows += [{"input_ids": (), "labels": ()}] * (self.rows - n)
+        rows += [{"input_ids": (), "labels": ()}] * (self.rows_per_step - n)
         out = pad_rows(
             rows, length=self.length, pad_id=self.pad_id, device=batch["input_ids"].device
         )
