@@ -352,3 +352,120 @@ def load_final(run, ft: str):
 
     base = AutoModelForCausalLM.from_pretrained(json.loads((run / "job.json").read_text())["model"])
     return PeftModel.from_pretrained(base, run / "final")
+
+
+def cli_together(*jobs: list, env=None) -> list[str]:
+    """`tuneplex train ARGS` for each ARGS of `jobs`, all at once in subprocesses (one job's
+    imports overlap another's work); waits for them, asserts that each exits 0, and returns
+    their outputs (stdout)."""
+    with contextlib.ExitStack() as stack:
+        # files, not pipes: a job blocked on a full pipe would never finish
+        outs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in jobs]
+        errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in jobs]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tuneplex", "train", *map(str, args)],
+                stdout=out,
+                stderr=err,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            )
+            for args, out, err in zip(jobs, outs, errs, strict=True)
+        ]
+        deadline = time.monotonic() + 600
+        try:
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for f in (*outs, *errs):
+            f.seek(0)
+        failed = [
+            f"{' '.join(map(str, args))}: exit {p.returncode}\n{err.read()[-3000:]}"
+            for args, p, err in zip(jobs, procs, errs, strict=True)
+            if p.returncode != 0
+        ]
+        assert not failed, "\n".join(failed)
+        return [out.read() for out in outs]
+
+
+def family_config(cls: str, tok, **overrides):
+    """The config of a 2-layer model of class `cls` sized for CPU, with what makes the family
+    itself: Gemma's tied embeddings, head_dim ≠ hidden / heads, soft-capped logits and sliding
+    window (4 tokens: every row is longer), Granite's multipliers, Phi-3's fused projections.
+    (Gemma's attention soft-capping is set too, but transformers' SDPA attention, which the
+    backend loads, leaves it out.) `overrides` go to the config class with the rest."""
+    import transformers as t
+
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    untied = dict(common, tie_word_embeddings=False)
+    gemma = dict(
+        common,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    )
+    experts = dict(untied, num_experts_per_tok=2, output_router_logits=False)
+    configs = {
+        "LlamaForCausalLM": (t.LlamaConfig, untied),
+        "MistralForCausalLM": (t.MistralConfig, dict(untied, head_dim=16, sliding_window=4)),
+        "Qwen2ForCausalLM": (t.Qwen2Config, untied),
+        "Qwen3ForCausalLM": (t.Qwen3Config, dict(untied, head_dim=16)),
+        "Gemma2ForCausalLM": (t.Gemma2Config, gemma),
+        "Gemma3ForCausalLM": (t.Gemma3TextConfig, gemma),
+        "Phi3ForCausalLM": (t.Phi3Config, untied),
+        "GraniteForCausalLM": (
+            t.GraniteConfig,
+            dict(
+                untied,
+                embedding_multiplier=4.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.1,
+                logits_scaling=2.0,
+            ),
+        ),
+        "Qwen3MoeForCausalLM": (
+            t.Qwen3MoeConfig,
+            dict(
+                experts,
+                head_dim=16,
+                moe_intermediate_size=32,
+                num_experts=4,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+        ),
+        "MixtralForCausalLM": (t.MixtralConfig, dict(experts, num_local_experts=4)),
+        "StableLmForCausalLM": (t.StableLmConfig, untied),
+    }
+    kind, kwargs = configs[cls]
+    return kind(**{**kwargs, **overrides})
+
+
+def build_family(cls: str, tok, **overrides):
+    """A model of `family_config`, from a fixed seed."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(cls, tok, **overrides))
+    assert type(model).__name__ == cls
+    return model

@@ -194,35 +194,25 @@ def test_teacher_is_frozen_and_outside_the_optimizer(tiny_model):
     assert not in_opt & {id(p) for p in teacher.model.parameters()}
 
 
-@pytest.mark.parametrize("family", ["granite", "gemma2"])
-def test_head_run_by_hand_matches_the_model(family):
+@pytest.mark.parametrize(
+    ("cls", "changes"),
+    [
+        ("GraniteForCausalLM", {"logits_scaling": 4.0}),
+        ("Gemma2ForCausalLM", {"final_logit_softcapping": 0.5}),
+    ],
+)
+def test_head_run_by_hand_matches_the_model(cls, changes, tokenizers):
     """Distillation's chunks and pipeline stages run the output head themselves:
     `finish_logits` must do what the family's forward does after it (Granite divides by
     logits_scaling, Gemma 2 soft-caps), or they train on other logits than the model's."""
-    import transformers
+    from helpers import build_family
     from tuneplex_automodel.model import finish_logits
 
-    torch.manual_seed(0)
-    sizes = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    if family == "granite":
-        config = transformers.GraniteConfig(**sizes, logits_scaling=4.0, embedding_multiplier=2.0)
-        model = transformers.GraniteForCausalLM(config)
-    else:
-        config = transformers.Gemma2Config(**sizes, head_dim=16, final_logit_softcapping=3.0)
-        model = transformers.Gemma2ForCausalLM(config)
-    model.eval()
-    ids = torch.randint(0, 96, (2, 7))
+    model = build_family(cls, tokenizers["chatml"][1], **changes).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
     with torch.no_grad():
         want = model(input_ids=ids).logits
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-        got = finish_logits(model.config, model.get_output_embeddings()(hidden))
         plain = model.get_output_embeddings()(hidden)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(finish_logits(model.config, plain), want, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(plain, want, atol=1e-3)  # the family really changes its logits

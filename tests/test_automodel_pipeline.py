@@ -26,6 +26,7 @@ from helpers import (  # noqa: E402
 )
 from tuneplex.errors import UsageError  # noqa: E402
 from tuneplex.testing import assert_run_directory  # noqa: E402
+from tuneplex_automodel.parallel import plans  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,43 +114,37 @@ def test_unsplittable_models_are_refused():
     ]
 
 
-def test_a_stage_computes_what_the_model_computes():
+@pytest.mark.parametrize("cls", plans.supported(pipeline=True))
+def test_a_stage_computes_what_the_model_computes(cls, tokenizers):
     """A stage holding every layer gives the model's own logits on a packed row and a padded
-    one, with a sliding window (4) shorter than the samples: the stage builds its own mask, and
-    the window must survive that."""
-    from transformers import MistralConfig, MistralForCausalLM
+    one: the family's parts (`plans.StageParts`) and scalings (Granite's multipliers) are the
+    ones its forward uses. Mistral's sliding window (4) is shorter than the samples: the stage
+    builds its own mask, and the window must survive that."""
+    from helpers import build_family
     from tuneplex.data.collate import collate
     from tuneplex_automodel.parallel.dims import ParallelDims
     from tuneplex_automodel.parallel.mesh import Dist
-    from tuneplex_automodel.parallel.plans import StageParts
     from tuneplex_automodel.parallel.pp import keep_stage
 
     with gloo_group():
-        torch.manual_seed(0)
-        config = MistralConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=4,
-        )
-        model = MistralForCausalLM(config).eval()
+        model = build_family(cls, tokenizers["chatml"][1]).eval()
+        config = model.config
         packed = {"input_ids": list(range(1, 14)), "position_ids": [*range(7), *range(6)]}
         rows = [packed, {"input_ids": list(range(20, 29))}]
         batch = collate([{**r, "labels": r["input_ids"]} for r in rows], pad_id=0)
         ids, pos = batch["input_ids"], batch["position_ids"]
         with torch.no_grad():
             want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            window = getattr(config, "sliding_window", None)
             config.sliding_window = None
             unwindowed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-            config.sliding_window = 4
+            config.sliding_window = window
             dims = ParallelDims(
                 num_nodes=1, gpus_per_node=1, tp=1, pp=1, cp=1, ep=1,
                 global_batch_size=1, micro_batch_size=1,
             )  # fmt: skip
             one = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dims=dims)
-            got = keep_stage(model, dist=one, parts=StageParts())(ids, pos)
-        assert not torch.allclose(unwindowed, want, atol=1e-3)  # the window matters here
+            got = keep_stage(model, dist=one, parts=plans.FAMILIES[cls].stages)(ids, pos)
+        if cls == "MistralForCausalLM":
+            assert not torch.allclose(unwindowed, want, atol=1e-3)  # the window matters here
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from helpers import rank_main, start_ranks  # noqa: E402
+from helpers import build_family, rank_main, start_ranks  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
 from tuneplex.data.templates import IGNORE_INDEX  # noqa: E402
 from tuneplex.errors import UsageError  # noqa: E402
@@ -151,35 +151,14 @@ def models(tiny_model, tokenizers, tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("cp-models")
     tok = tokenizers["chatml"][1]
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
+    qwen3 = build_family(
+        "Qwen3ForCausalLM", tok, use_sliding_window=True, sliding_window=5, max_window_layers=1
     )
-    configs = {
-        "qwen3": transformers.Qwen3Config(
-            intermediate_size=128,
-            use_sliding_window=True,
-            sliding_window=5,
-            max_window_layers=1,
-            **common,
-        ),
-    }
-    paths = {"llama": tiny_model}
-    for name, config in configs.items():
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(root / name)
-        paths[name] = str(root / name)
+    assert qwen3.config.layer_types == ["full_attention", "sliding_attention"]
+    qwen3.save_pretrained(root / "qwen3")
+    paths = {"llama": tiny_model, "qwen3": str(root / "qwen3")}
     build_moe(root / "qwen3_moe", tokenizer=tok, moe_intermediate=32, init_std=0.1)
     paths["qwen3_moe"] = str(root / "qwen3_moe")
-    assert configs["qwen3"].layer_types == ["full_attention", "sliding_attention"]
     return paths
 
 

@@ -59,4 +59,10 @@ def _train(job_json: Path, run_dir: Path, *, resume: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The worker's work is done and written. Interpreter teardown can race a background thread
+    # of torch's ("terminate called without an active exception", SIGABRT) and turn a finished
+    # run into a failed one: leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -103,12 +103,11 @@ def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) ->
         expert_parallel(model, mesh=dist.mesh("ep"))
         out.experts = expert_parameters(model)
     if dims.tp > 1:
-        from tuneplex_automodel.parallel.tp import apply_tp, check_divisible, partial_grad_params
+        from tuneplex_automodel.parallel.tp import apply_tp, check_divisible
 
         check_divisible(base.config, dims.tp, sizes=family.divides)
         plan = plans.lora_plan(family.tp, adapter_names(model))
         apply_tp(layers, plan=plan, mesh=dist.mesh("tp"))
-        out.tp_partial = partial_grad_params(layers, modules=family.partial_grads)
     if dist.dp_cp_size > 1:
         from tuneplex_automodel.parallel.fsdp import apply_fsdp
 
@@ -121,6 +120,10 @@ def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) ->
             ignored=set(out.experts),
             separate=separate,
         )
+    if dims.tp > 1:  # after FSDP, which replaces the parameters it shards
+        from tuneplex_automodel.parallel.tp import partial_grad_params
+
+        out.tp_partial = partial_grad_params(layers, modules=family.partial_grads)
     return out
 
 
