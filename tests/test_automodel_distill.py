@@ -206,7 +206,7 @@ def test_head_run_by_hand_matches_the_model(cls, changes, tokenizers):
     `finish_logits` must do what the family's forward does after it (Granite divides by
     logits_scaling, Gemma 2 soft-caps), or they train on other logits than the model's."""
     from helpers import build_family
-    from tuneplex_automodel.model import finish_logits
+    from tuneplex.models import finish_logits
 
     model = build_family(cls, tokenizers["chatml"][1], **changes).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7))

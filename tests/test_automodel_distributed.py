@@ -20,6 +20,7 @@ from helpers import (  # noqa: E402
     assert_same_run,
     cli,
     free_port,
+    layout,
     load_final,
     parallel_job,
     reference_runs,
@@ -61,6 +62,24 @@ def test_parallel_run_equals_one_process(workdir, single, ft, procs, tp):
     assert_same_run(single[ft], run)
     assert_same_final(single[ft], run)
     load_final(run, ft)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("procs", "tp"), [(2, 1), (2, 2)], ids=["dp2", "tp2"])
+def test_activation_checkpointing_under_parallelism(workdir, single, procs, tp):
+    """Layers recomputed in backward under FSDP2 (data parallel) and DTensor (tensor parallel):
+    the one-process run without it, again."""
+    run = workdir / f"ac-p{procs}-tp{tp}"
+    cli(
+        workdir / "all_weights.yaml",
+        "-o",
+        run,
+        *layout(procs, tensor_parallel_size=tp),
+        "--set",
+        "training.activation_checkpointing=full",
+    )
+    assert_same_run(single["all_weights"], run)
+    assert_same_final(single["all_weights"], run)
 
 
 @pytest.mark.slow

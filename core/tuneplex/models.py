@@ -64,3 +64,19 @@ def adapter_names(model: Any) -> list[str]:
     """The names of a peft wrapper's adapters (their modules' keys, as in `lora_A.<name>`); none
     for a plain model."""
     return list(model.peft_config) if is_peft(model) else []
+
+
+def finish_logits(config, logits):
+    """What a family's forward does to the output head's result before the loss: Granite divides
+    by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`. Paths that run the
+    head themselves (the chunked loss, pipeline stages, distillation) call this to match the
+    model's own forward."""
+    import torch
+
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None and scaling != 1:
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

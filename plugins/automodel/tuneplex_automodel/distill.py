@@ -133,8 +133,7 @@ def distill_loss_sums(
 def _chunk(head, t_head, hs, ht, tg, temperature: float, configs):
     import torch
     import torch.nn.functional as F
-
-    from tuneplex_automodel.model import finish_logits
+    from tuneplex.models import finish_logits
 
     logits = finish_logits(configs[0], head(hs).float())
     with torch.no_grad():

@@ -54,21 +54,6 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
     return model.to(device), base_dtype
 
 
-def finish_logits(config, logits):
-    """What a family's forward does to the output head's result before the loss: Granite divides
-    by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`. Paths that run the
-    head themselves (pipeline stages, distillation's chunks) call this to match the model."""
-    import torch
-
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None and scaling != 1:
-        logits = logits / scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
     """A peft LoRA adapter; target_modules None = every linear layer but the output head."""
     from peft import LoraConfig, get_peft_model
@@ -99,3 +84,29 @@ def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | No
                 f"layers: {', '.join(linear)}",
             )
         ) from None
+
+
+def checkpoint_activations(model, *, mode: str) -> None:
+    """Activation checkpointing of the decoder layers (transformers' own, non-reentrant, so it
+    composes with LoRA, FSDP2, tensor parallelism and pipeline stages): `full` every layer,
+    `selective` every second one, `none` nothing."""
+    if mode == "none":
+        return
+    from tuneplex.models import unwrap_peft
+
+    base = unwrap_peft(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UsageError(
+            Problem(
+                "training.activation_checkpointing",
+                f"{mode}: {type(base).__name__} does not support activation checkpointing; "
+                "set it to none",
+            )
+        )
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "selective":
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i % 2 == 0

@@ -96,6 +96,12 @@ class AutomodelTraining(StrictModel):
     max_seq_length: int = Field(
         default=2048, ge=1, description="Maximum tokens per sample (longer ones are truncated)."
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="Recompute decoder layers' activations in backward instead of keeping them: "
+        "full = every layer (least memory, ~1 extra forward), selective = every second layer; "
+        "none keeps all (fastest). Same loss and gradients either way.",
+    )
     teacher_model: str | None = Field(
         default=None,
         min_length=1,

@@ -31,7 +31,12 @@ from tuneplex_automodel.checkpoint import export_run
 from tuneplex_automodel.distill import load_teacher
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.loop import Components, Loop
-from tuneplex_automodel.model import apply_lora, check_model_ref, load_model
+from tuneplex_automodel.model import (
+    apply_lora,
+    check_model_ref,
+    checkpoint_activations,
+    load_model,
+)
 from tuneplex_automodel.parallel.mesh import Dist, under_torchrun
 from tuneplex_automodel.parallel.mesh import init as init_distributed
 from tuneplex_automodel.parallel.parallelize import check_plan, loss_function, parallelize
@@ -282,6 +287,7 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
         model = apply_lora(
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
+    checkpoint_activations(model, mode=job.training.activation_checkpointing)
     model_class = type(unwrap_peft(model)).__name__  # before wrapping
     teacher = load_teacher(job, student=model, tokenizer=data.tokenizer, device=runtime.device)
     stage = None

@@ -128,9 +128,17 @@ def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) ->
 
 
 def loss_function(dist: Dist, *, pad_id: int):
-    """`loss(model, batch, autocast=...)`: this rank's part of the summed cross-entropy."""
-    from tuneplex.evaluation import loss_sum
+    """`loss(model, batch, autocast=...)`: this rank's part of the summed cross-entropy.
 
+    Without FSDP (one process, tensor parallelism alone) the output head runs over chunks of
+    the counted tokens (`chunked_loss_sum`: no full-vocabulary logits). FSDP keeps the model's
+    own forward: a head sharded as a unit of its own must be called as often on every rank,
+    and ranks hold different numbers of counted tokens.
+    """
+    from tuneplex.evaluation import chunked_loss_sum, loss_sum
+
+    if dist.dp_cp_size == 1 and dist.dims.pp == 1:
+        return chunked_loss_sum
     if dist.dims.cp == 1:
         return loss_sum
     from tuneplex_automodel.parallel import cp

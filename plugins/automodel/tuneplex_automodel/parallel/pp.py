@@ -23,9 +23,8 @@ import torch.nn as nn
 from tuneplex.data.collate import EMPTY_ROW, collate, pad_rows
 from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
-from tuneplex.models import unwrap_peft
+from tuneplex.models import finish_logits, unwrap_peft
 
-from tuneplex_automodel.model import finish_logits
 from tuneplex_automodel.parallel.cp import block_causal_mask
 from tuneplex_automodel.parallel.cp import enable as enable_exact_attention
 from tuneplex_automodel.parallel.mesh import Dist

@@ -1,0 +1,109 @@
+"""The chunked loss (`evaluation.chunked_loss_sum`: the output head over chunks of the counted
+tokens, no full-vocabulary logits) equals the model's own forward and cross-entropy: the same
+summed loss and the same gradient of every trained parameter, in fp32, within 1e-6 relative."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from helpers import build_family  # noqa: E402
+from tuneplex import evaluation  # noqa: E402
+from tuneplex.data.collate import collate  # noqa: E402
+from tuneplex.data.templates import IGNORE_INDEX as X  # noqa: E402
+
+
+def batch_of(vocab: int):
+    """A packed row (two samples, prompts untrained) and a padded one with one counted token."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (30,), generator=g).tolist()
+    packed = {
+        "input_ids": ids[:17],
+        "labels": [X] * 4 + ids[4:9] + [X] * 3 + ids[12:17],
+        "position_ids": [*range(9), *range(8)],
+    }
+    short = {"input_ids": ids[17:23], "labels": [X] * 4 + ids[21:23]}
+    return collate([packed, short], pad_id=0)
+
+
+@pytest.mark.parametrize("ft", ["all_weights", "lora"])
+@pytest.mark.parametrize(
+    "cls", ["LlamaForCausalLM", "GraniteForCausalLM", "Gemma2ForCausalLM", "Qwen3ForCausalLM"]
+)
+def test_chunked_loss_and_gradients_equal_the_full_logits(cls, ft, tokenizers, monkeypatch):
+    from tuneplex_automodel.model import apply_lora
+
+    tok = tokenizers["chatml"][1]
+    changes = {"final_logit_softcapping": 2.0} if cls.startswith("Gemma") else {}
+    model = build_family(cls, tok, **changes).train()
+    if ft == "lora":
+        model = apply_lora(model, rank=4, alpha=8, target_modules=None)
+        for name, p in model.named_parameters():  # B starts at 0: give A and B gradients both
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    batch = batch_of(len(tok))
+    counted = int((batch["targets"] != X).sum())
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(evaluation, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 tokens a chunk
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trained if p.grad is not None}
+
+    want, want_grads = grads(evaluation.loss_sum)
+    got, got_grads = grads(evaluation.chunked_loss_sum)
+    assert counted > 3  # several chunks
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(trained)
+    for name, g in want_grads.items():
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        assert (got_grads[name] - g).abs().max().item() <= 1e-6 * scale + 1e-12, name
+
+
+def test_a_batch_without_counted_tokens_gives_zero_and_touches_every_parameter(tokenizers):
+    tok = tokenizers["chatml"][1]
+    model = build_family("LlamaForCausalLM", tok).train()
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [X, X, X]}], pad_id=0)
+    loss = evaluation.chunked_loss_sum(model, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_and_gradients(mode, tokenizers):
+    """Recomputing layers in backward changes what is kept, not what is computed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from tuneplex_automodel.model import apply_lora, checkpoint_activations
+
+    tok = tokenizers["chatml"][1]
+    batch = batch_of(len(tok))
+    results, saved = [], []
+    for ac in ("none", mode):
+        model = apply_lora(
+            build_family("Qwen3ForCausalLM", tok), rank=4, alpha=8, target_modules=None
+        ).train()
+        checkpoint_activations(model, mode=ac)
+        kept = []  # what autograd keeps for backward: less when layers are recomputed
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, kept=kept: kept.append(t.numel()) or t, lambda t: t
+        ):
+            loss = evaluation.chunked_loss_sum(model, batch)
+        saved.append(sum(kept))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        results.append((loss.detach(), grads, [m.gradient_checkpointing for m in layers]))
+    (want, want_grads, off), (got, got_grads, on) = results
+    assert off == [False, False]
+    assert on == ([True, True] if mode == "full" else [True, False])
+    assert saved[1] < saved[0], saved
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-6, atol=1e-9)
