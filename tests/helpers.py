@@ -306,7 +306,7 @@ def rank_main(worker: Callable[[int], object]) -> NoReturn:
 PARALLEL_JOB = """\
 model: {model}
 dataset: {{training: {root}/train.jsonl, validation: {root}/val.jsonl}}
-training: {{finetuning_type: {ft}, max_seq_length: 96}}
+training: {{finetuning_type: {ft}, max_seq_length: 96, precision: fp32}}
 schedule: {{epochs: 1, seed: 3}}
 batch: {{global_batch_size: {gbs}, micro_batch_size: 1, sequence_packing: {packed}}}
 optimizer: {{learning_rate: 5.0e-3, warmup_steps: 1}}

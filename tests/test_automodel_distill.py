@@ -27,6 +27,7 @@ training:
   teacher_model: {tiny_model}
   teacher_precision: fp32
   max_seq_length: 96
+  precision: fp32
 schedule: {{epochs: 2, seed: 5}}
 batch: {{global_batch_size: 4, micro_batch_size: 2}}
 optimizer: {{learning_rate: 2.0e-3, warmup_steps: 1}}

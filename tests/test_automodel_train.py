@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import chat_rows, losses, merge_yaml, train, write_rows  # noqa: E402
+from helpers import chat_rows, load_final, losses, merge_yaml, train, write_rows  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
 from tuneplex.testing import assert_run_directory, reference_val_loss  # noqa: E402
 
@@ -36,6 +36,7 @@ dataset:
   validation: {data[1]}
 training:
   max_seq_length: 128
+  precision: fp32
 schedule:
   epochs: 4
   seed: 7
@@ -349,3 +350,49 @@ def test_a_max_steps_cap_above_the_epochs_is_said_in_the_plan_line(capsys, job, 
     assert "; max_steps 60 is never reached: 1 epoch = 4 steps; raise schedule.epochs\n" in out
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["steps"] == summary["total_steps"] == 4
+
+
+@pytest.mark.parametrize("ft", ["lora", "all_weights"])
+def test_bf16_mixed_precision_trains_like_fp32(capsys, job, tmp_path, ft):
+    """`training.precision: bf16` on CPU: bf16 matmuls under autocast (LoRA: a bf16 frozen
+    base; full weights: fp32 master weights, so final/ is fp32), the same losses as fp32 up to
+    bf16 rounding, and a final/ that loads."""
+    import torch
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = tmp_path / precision
+        extra = (
+            f"training: {{finetuning_type: {ft}, precision: {precision}}}\nschedule: {{epochs: 1}}"
+        )
+        code, out, err = train(capsys, job(extra, name=f"{precision}.yaml"), "-o", runs[precision])
+        assert code == 0, err
+        assert f"on cpu, {'bf16 mixed' if precision == 'bf16' else 'fp32'}\n" in out
+    a, b = losses(runs["fp32"]), losses(runs["bf16"])
+    assert len(a) == len(b) == 4
+    assert abs(b[0] - a[0]) < 0.02 * a[0], (a, b)  # the same start, up to bf16 rounding
+    assert b[-1] < b[0]  # and it learns
+    model = load_final(runs["bf16"], ft)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_where_the_device_computes_it():
+    import torch
+    from tuneplex_automodel.schema import AutomodelJobInput
+    from tuneplex_automodel.trainer import native_bf16, pick_runtime
+
+    def runtime(**training):
+        job = AutomodelJobInput.model_validate(
+            {"model": "m", "dataset": {"training": "t.jsonl"}, "training": training}
+        )
+        return pick_runtime(job, torch.device("cpu"))
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(torch.device("cpu")) == native
+    assert (runtime().autocast is not None) == native
+    assert runtime(precision="fp32").autocast is None
+    assert runtime(precision="fp32").dtype == torch.float32
+    lora = runtime(precision="bf16")
+    assert (lora.autocast, lora.dtype) == (torch.bfloat16, torch.bfloat16)
+    full = runtime(precision="bf16", finetuning_type="all_weights")
+    assert (full.autocast, full.dtype) == (torch.bfloat16, torch.float32)

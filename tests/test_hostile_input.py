@@ -163,8 +163,9 @@ JOB_CASES = {
         + "..."
         + "k" * 28
         + "': unknown key (allowed: training_type, finetuning_type, "
-        "lora, max_seq_length, teacher_model, teacher_precision, distillation_ratio, "
-        "distillation_temperature, offload_teacher, trust_remote_code)",
+        "lora, max_seq_length, precision, activation_checkpointing, teacher_model, "
+        "teacher_precision, distillation_ratio, distillation_temperature, offload_teacher, "
+        "trust_remote_code)",
     ),
     "newline-key-set.yaml": (
         JOB,

@@ -25,7 +25,7 @@ TOTAL_STEPS = 128
 JOB = """\
 model: {model}
 dataset: {{training: {root}/train.jsonl, validation: {root}/val.jsonl}}
-training: {{max_seq_length: 64}}
+training: {{max_seq_length: 64, precision: fp32}}
 schedule: {{epochs: 8, seed: 7, val_check_interval: 0.5}}
 batch: {{global_batch_size: 4, micro_batch_size: 2}}
 optimizer: {{learning_rate: 1.0e-2, warmup_steps: 2}}

@@ -96,6 +96,13 @@ class AutomodelTraining(StrictModel):
     max_seq_length: int = Field(
         default=2048, ge=1, description="Maximum tokens per sample (longer ones are truncated)."
     )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="Compute precision. bf16: mixed precision (bf16 matmuls under autocast, "
+        "fp32 master weights and optimizer for full weights, a bf16 frozen base for LoRA). "
+        "auto: bf16 where the device computes it natively (CUDA GPUs with bf16, CPUs with "
+        "AVX512-BF16 or AMX), fp32 elsewhere. fp32: fp32 throughout.",
+    )
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         default="none",
         description="Recompute decoder layers' activations in backward instead of keeping them: "

@@ -58,7 +58,7 @@ DEFAULT_SEED = 42
 
 @dataclass
 class Runtime:
-    """Where this process trains. One process here; the distributed launcher fills in more."""
+    """Where this process trains, and in what precision."""
 
     device: Any
     dtype: Any
@@ -70,24 +70,38 @@ class Runtime:
     def label(self) -> str:
         import torch
 
+        precision = "bf16 mixed" if self.autocast is not None else "fp32"
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
-            return f"{self.device} ({name}), bf16"
-        return f"{self.device}, fp32"
+            return f"{self.device} ({name}), {precision}"
+        return f"{self.device}, {precision}"
 
 
-def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
-    """bf16 on a CUDA GPU (full weights: fp32 master weights, bf16 autocast); fp32 on CPU."""
+def native_bf16(device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (else bf16 is emulated and slower)."""
     import torch
 
     if device.type == "cuda":
-        lora = job.training.finetuning_type != "all_weights"
-        return Runtime(
-            device=device,
-            dtype=torch.bfloat16 if lora else torch.float32,
-            autocast=torch.bfloat16,
-        )
-    return Runtime(device=device, dtype=torch.float32, autocast=None)
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
+    """`training.precision`: bf16 mixed precision (full weights: fp32 master weights, bf16
+    autocast; LoRA: the frozen base in bf16 too) or fp32; auto = bf16 where it is native."""
+    import torch
+
+    precision = job.training.precision
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return Runtime(device=device, dtype=torch.float32, autocast=None)
+    lora = job.training.finetuning_type != "all_weights"
+    return Runtime(
+        device=device,
+        dtype=torch.bfloat16 if lora else torch.float32,
+        autocast=torch.bfloat16,
+    )
 
 
 @dataclass(frozen=True)
