@@ -115,7 +115,7 @@ def assert_stopped_at_a_checkpoint(run, sig, lines: list[str] | None = None) -> 
     ("procs", "sig", "code"),
     [
         pytest.param(1, signal.SIGTERM, 143, id="sigterm"),
-        pytest.param(1, signal.SIGINT, 130, id="sigint"),
+        pytest.param(1, signal.SIGINT, 130, id="sigint", marks=pytest.mark.slow),  # as sigterm
         pytest.param(2, signal.SIGTERM, 143, id="sigterm-dp2", marks=pytest.mark.slow),
     ],
 )
