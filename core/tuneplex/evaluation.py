@@ -16,24 +16,30 @@ from tuneplex.data.targets import summed_cross_entropy
 def loss_sum(model, batch: dict[str, Any], *, autocast=None):
     """Summed cross-entropy (float32) of `batch["targets"]`; no KV cache. The mask comes from the
     position ids, unless the batch carries a prepared 4-D `attention_mask` (context parallelism)."""
+    with _autocast(batch, autocast):
+        out = model(**_inputs(batch))
+    return summed_cross_entropy(logits=out.logits, targets=batch["targets"])
+
+
+def _autocast(batch: dict[str, Any], dtype):
     import contextlib
 
     import torch
 
-    ctx = (
-        torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-        out = model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            **extra,
-        )
-    return summed_cross_entropy(logits=out.logits, targets=batch["targets"])
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=batch["input_ids"].device.type, dtype=dtype)
+
+
+def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a forward pass of `batch` takes (no KV cache)."""
+    extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+        **extra,
+    }
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 24
@@ -49,26 +55,11 @@ def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     forward is decoder, head, then `finish_logits`. The output head is called as a module once
     per chunk, so a sharded head (FSDP) gathers its weight through its own hooks.
     """
-    import contextlib
-
-    import torch
-
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
-    ctx = (
-        torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            **extra,
-        ).last_hidden_state
+    with _autocast(batch, autocast):
+        hidden = base.get_decoder()(**_inputs(batch)).last_hidden_state
         return linear_cross_entropy_sum(
             hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
         )
