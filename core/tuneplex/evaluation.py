@@ -16,19 +16,21 @@ from tuneplex.data.targets import summed_cross_entropy
 def loss_sum(model, batch: dict[str, Any], *, autocast=None):
     """Summed cross-entropy (float32) of `batch["targets"]`; no KV cache. The mask comes from the
     position ids, unless the batch carries a prepared 4-D `attention_mask` (context parallelism)."""
-    with _autocast(batch, autocast):
+    with autocast_context(batch["input_ids"].device, autocast):
         out = model(**_inputs(batch))
     return summed_cross_entropy(logits=out.logits, targets=batch["targets"])
 
 
-def _autocast(batch: dict[str, Any], dtype):
+def autocast_context(device, dtype):
+    """torch.autocast to `dtype` on `device`'s kind, or nothing when `dtype` is None: the one
+    way every forward pass takes a runtime's compute dtype."""
     import contextlib
 
     import torch
 
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=batch["input_ids"].device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
-    with _autocast(batch, autocast):
+    with autocast_context(batch["input_ids"].device, autocast):
         hidden = base.get_decoder()(**_inputs(batch)).last_hidden_state
         return linear_cross_entropy_sum(
             hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config

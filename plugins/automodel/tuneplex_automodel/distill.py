@@ -97,13 +97,10 @@ def distill_loss_sums(
 
     targets = batch["targets"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    ctx = (
-        torch.autocast(device_type=batch["input_ids"].device.type, dtype=autocast)
-        if autocast is not None
-        else contextlib.nullcontext()
-    )
+    from tuneplex.evaluation import autocast_context
+
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    with ctx, teacher.on_device() as t:
+    with autocast_context(batch["input_ids"].device, autocast), teacher.on_device() as t:
         hs = student.get_decoder()(**inputs, use_cache=False).last_hidden_state
         with torch.no_grad():
             ht = t.get_decoder()(**inputs, use_cache=False).last_hidden_state

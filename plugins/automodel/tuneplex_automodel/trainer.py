@@ -22,7 +22,7 @@ from tuneplex.data.collate import RowTable
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import TuneplexError
 from tuneplex.evaluation import pad_id_of
-from tuneplex.models import parameter_counts, unwrap_peft
+from tuneplex.models import parameter_counts
 from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import FINAL_DIR, RunRecorder
 from tuneplex.signals import Stop, StopSignals, stopped_early
@@ -291,7 +291,8 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
         device=runtime.device,
         trust_remote_code=job.training.trust_remote_code,
     )
-    family = check_plan(type(model).__name__, dist_dims=dims)
+    model_class = type(model).__name__  # before any wrapping hides it
+    family = check_plan(model_class, dist_dims=dims)
     if dims.ep > 1:  # before LoRA, which would wrap the experts first
         from tuneplex_automodel.parallel.ep import check_divides
 
@@ -302,7 +303,6 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     checkpoint_activations(model, mode=job.training.activation_checkpointing)
-    model_class = type(unwrap_peft(model)).__name__  # before wrapping
     teacher = load_teacher(job, student=model, tokenizer=data.tokenizer, device=runtime.device)
     stage = None
     if dims.pp > 1:
@@ -326,7 +326,11 @@ def setup_parallel(
     """The job's parallelism applied in place (distillation keeps the output head a unit of its
     own), and the loss that matches it (context parallelism computes each rank's share)."""
     layout = parallelize(
-        loaded.model, dist=dist, separate_head=loaded.teacher is not None, root=loaded.stage
+        loaded.model,
+        dist=dist,
+        family=loaded.family,
+        separate_head=loaded.teacher is not None,
+        root=loaded.stage,
     )
     return layout, loss_function(dist, pad_id=pad_id)
 

@@ -29,17 +29,13 @@ def decoder_layers(model) -> list[Any]:
     return [m for m in base.modules() if type(m).__name__ in kinds]
 
 
-def model_class(model) -> str:
-    return type(unwrap_peft(model)).__name__
-
-
-def check_plan(cls: str, *, dist_dims, key: str | None = None) -> plans.Family | None:
+def check_plan(cls: str, *, dist_dims) -> plans.Family | None:
     """The family of `cls`; a one-line refusal when the layout needs a plan it lacks."""
     family = plans.family_of(cls)
     if dist_dims.tp > 1 and family is None:
         raise UsageError(
             Problem(
-                key or "parallelism.tensor_parallel_size",
+                "parallelism.tensor_parallel_size",
                 f"{dist_dims.tp}: {cls} has no tensor-parallel plan; supported: "
                 f"{', '.join(plans.supported())} (data, context and expert parallelism "
                 "need none)",
@@ -76,8 +72,16 @@ class Parallelized:
             reduce_expert_grads(self.experts, dist=self.dist)
 
 
-def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) -> Parallelized:
-    """Apply the job's parallelism in place (nothing on one process).
+def parallelize(
+    model,
+    *,
+    dist: Dist,
+    family: plans.Family | None,
+    separate_head: bool = False,
+    root=None,
+) -> Parallelized:
+    """Apply the job's parallelism in place (nothing on one process). `family`: what
+    `check_plan` found for the model's class (it has refused a layout the family lacks).
 
     `separate_head`: the decoder and the output head become FSDP units of their own, so they
     can be called one after the other (distillation projects hidden states through the head in
@@ -89,7 +93,6 @@ def parallelize(model, *, dist: Dist, separate_head: bool = False, root=None) ->
         return out
     dims = dist.dims
     base = unwrap_peft(model)
-    family = check_plan(model_class(model), dist_dims=dims)
     if separate_head and dims.dp * dims.cp > 1:
         _check_untied_head(base, dp=dims.dp)
     layers = decoder_layers(model)

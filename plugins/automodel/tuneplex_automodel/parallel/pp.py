@@ -15,7 +15,6 @@ counted tokens, × the FSDP width), so the schedule's summed gradients are the s
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn as nn
 from tuneplex.data.collate import EMPTY_ROW, collate, pad_rows
 from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
+from tuneplex.evaluation import autocast_context
 from tuneplex.models import finish_logits, unwrap_peft
 
 from tuneplex_automodel.parallel.cp import block_causal_mask
@@ -103,12 +103,7 @@ class Stage(nn.Module):
     def forward(self, x, position_ids):
         base = unwrap_peft(self.model)
         parts, config = self.parts, base.config
-        ctx = (
-            torch.autocast(device_type=x.device.type, dtype=self.autocast)
-            if self.autocast is not None
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        with autocast_context(x.device, self.autocast):
             if self.first:
                 h = base.get_submodule(parts.embed)(x)
                 if parts.embed_multiplier:
