@@ -12,10 +12,12 @@ defaults, but for the knobs that make the runs comparable), and a plain loop (fo
 `labels`, backward, clip, AdamW). All three get the same token ids and loss masks (tokenized
 once by tuneplex's pipeline, `collate_for_hf` batches), in tuneplex's row order and micro-batches,
 with the same seed before LoRA (r16, alpha 32, every linear layer but the head), AdamW (weight
-decay 0.01 off 1-D parameters), grad clip 1.0, learning rate (tuneplex's linear warmup then
-cosine to 10%, as a LambdaLR) and precision (`--precision`, default tuneplex's `auto`: bf16
-autocast where the device has native bf16, LoRA on a bf16 base; else fp32). `--steps` counts
-every optimizer step; the first `--warmup` are left out of the speed figure.
+decay 0.01 off 1-D parameters), grad clip 1.0 and learning rate (tuneplex's linear warmup then
+cosine to 10%, as a LambdaLR). Precision: by default each contender's own (`--precision
+defaults`: tuneplex's `auto` — bf16 autocast where the device computes bf16 natively, LoRA on a
+bf16 base — and fp32 for Trainer and the loop, their defaults); `--precision auto|bf16|fp32`
+gives every contender that one (tuneplex's decision, applied to the peers as tuneplex applies
+it). `--steps` counts every optimizer step; the first `--warmup` are left out of the speed.
 
 Measured per contender: real (non-padding) tokens/s from the end of step `--warmup` to the end
 of the last step; peak memory (CUDA max allocated on a GPU, else the process's max RSS from
@@ -69,12 +71,12 @@ def build_rows(path: Path, model_dir: Path, *, rows: int, tokens: int, seed: int
             fh.write(json.dumps(row) + "\n")
 
 
-def job_dict(work: Path, setup: str, args) -> dict:
+def job_dict(work: Path, setup: str, args, contender: str = "tuneplex") -> dict:
     training = {"finetuning_type": "all_weights" if setup == "full" else "lora"}
     if setup == "lora":
         training["lora"] = dict(LORA)
     training["max_seq_length"] = args.row_tokens + 256  # nothing is truncated
-    training["precision"] = args.precision
+    training["precision"] = precision_of(contender, args.precision)
     return {
         "model": str(work / "model"),
         "dataset": {"training": str(work / "data.jsonl")},
@@ -83,6 +85,13 @@ def job_dict(work: Path, setup: str, args) -> dict:
         "batch": {"global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch},
         "optimizer": {"learning_rate": args.lr, "warmup_steps": args.lr_warmup},
     }
+
+
+def precision_of(contender: str, precision: str) -> str:
+    """`--precision defaults`: tuneplex's own default (auto) and the peers' (fp32)."""
+    if precision != "defaults":
+        return precision
+    return "auto" if contender == "tuneplex" else "fp32"
 
 
 def warm_cache(job: dict) -> dict:
@@ -119,8 +128,8 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, float]:
 
 
 def run_contender(work: Path, setup: str, contender: str, args) -> dict:
-    job = work / f"job-{setup}.yaml"  # JSON is YAML
-    job.write_text(json.dumps(job_dict(work, setup, args), indent=1))
+    job = work / f"job-{setup}-{contender}.yaml"  # JSON is YAML
+    job.write_text(json.dumps(job_dict(work, setup, args, contender), indent=1))
     out = work / f"{contender}-{setup}"
     log = work / f"{contender}-{setup}.log"
     if contender == "tuneplex":
@@ -170,22 +179,25 @@ def print_table(results: list[dict], args, data: dict) -> None:
         f"{args.micro_batch}, global {args.global_batch}; {n} steps, speed over steps "
         f"{args.warmup + 1}-{n}; lr {args.lr:g} (warmup {args.lr_warmup}, cosine)"
     )
-    print(f"device {results[0]['device']}; peak memory: {results[0]['peak_memory_kind']}")
+    print(f"peak memory: {results[0]['peak_memory_kind']}")
     print(
-        f"{'setup':6} {'contender':9} {'tokens/s':>9} {'peak GiB':>9} {'loss@1':>8} "
-        f"{'loss@' + str(n):>8} {'wall s':>7} {'speed÷Trainer':>14} {'mem÷Trainer':>12}"
+        f"{'setup':6} {'contender':9} {'device':17} {'tokens/s':>9} {'peak GiB':>9} "
+        f"{'loss@1':>8} {'loss@' + str(n):>8} {'wall s':>7} {'speed÷Trainer':>14} "
+        f"{'mem÷Trainer':>12} {'loss÷Trainer':>13}"
     )
     trainer = {r["setup"]: r for r in results if r["contender"] == "trainer"}
     for r in results:
         ref = trainer.get(r["setup"])
         speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "-"
         mem = f"{r['peak_memory_gib'] / ref['peak_memory_gib']:.2f}×" if ref else "-"
+        last = f"{r['losses'][-1] / ref['losses'][-1]:.4f}" if ref else "-"
         r["speed_vs_trainer"] = speed
         r["memory_vs_trainer"] = mem
+        r["last_loss_vs_trainer"] = last
         print(
-            f"{r['setup']:6} {r['contender']:9} {r['tokens_per_s']:9,.0f} "
+            f"{r['setup']:6} {r['contender']:9} {r['device']:17} {r['tokens_per_s']:9,.0f} "
             f"{r['peak_memory_gib']:9.2f} {r['losses'][0]:8.4f} {r['losses'][-1]:8.4f} "
-            f"{r['wall_s']:7.1f} {speed:>14} {mem:>12}"
+            f"{r['wall_s']:7.1f} {speed:>14} {mem:>12} {last:>13}"
         )
 
 
@@ -203,7 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--lr-warmup", type=int, default=2, help="learning-rate warmup steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="every contender's"
+        "--precision",
+        default="defaults",
+        choices=["defaults", "auto", "bf16", "fp32"],
+        help="defaults: each contender's own; else every contender's",
     )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tuneplex-bench-peers"))
     ap.add_argument("--json", type=Path, default=None)

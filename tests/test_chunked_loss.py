@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from helpers import build_family  # noqa: E402
-from tuneplex import evaluation  # noqa: E402
+from tuneplex import evaluation, linear_ce  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
 from tuneplex.data.templates import IGNORE_INDEX as X  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(cls, ft, tokenizers, m
     batch = batch_of(len(tok))
     counted = int((batch["targets"] != X).sum())
     vocab = model.get_output_embeddings().weight.shape[0]
-    monkeypatch.setattr(evaluation, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 tokens a chunk
+    monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 tokens a chunk
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def grads(loss_fn):
@@ -64,6 +64,87 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(cls, ft, tokenizers, m
         scale = g.abs().max().item()
         assert scale > 0, name
         assert (got_grads[name] - g).abs().max().item() <= 1e-6 * scale + 1e-12, name
+
+
+@pytest.mark.parametrize("rule", [{}, {"logits_scaling": 4.0}, {"final_logit_softcapping": 1.5}])
+def test_fused_head_with_bias_equals_linear_then_cross_entropy(rule, monkeypatch):
+    """The fused function alone: loss and the gradients of the hidden states, the weight and the
+    bias equal `F.linear` + the family's logit rule + cross-entropy, over several chunks."""
+    from types import SimpleNamespace
+
+    from tuneplex.models import finish_logits
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9), generator=g)
+    targets[0, :3] = X
+    config = SimpleNamespace(**rule)
+    monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", 50 * 4)
+
+    def run(fn):
+        for t in (hidden, head.weight, head.bias):
+            t.grad = None
+        loss = fn()
+        loss.backward()
+        return [loss.detach(), hidden.grad, head.weight.grad, head.bias.grad]
+
+    def plain():
+        logits = finish_logits(config, head(hidden).float()).reshape(-1, 50)
+        return torch.nn.functional.cross_entropy(
+            logits, targets.reshape(-1), ignore_index=X, reduction="sum"
+        )
+
+    want = run(plain)
+    got = run(lambda: linear_ce.linear_cross_entropy_sum(hidden, targets, head=head, config=config))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_under_bf16_autocast_the_fused_loss_matches_the_models_own(tokenizers):
+    """bf16 autocast: the head's matmuls in bf16, softmax and sums in fp32, as the model's own
+    forward + cross-entropy; equal within bf16 rounding."""
+    tok = tokenizers["chatml"][1]
+    model = build_family("LlamaForCausalLM", tok).train()
+    batch = batch_of(len(tok))
+    results = []
+    for fn in (evaluation.loss_sum, evaluation.chunked_loss_sum):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, batch, autocast=torch.bfloat16)
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    (want, want_w), (got, got_w) = results
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    assert (got_w - want_w).norm() <= 2e-2 * want_w.norm()
+
+
+def test_a_lora_wrapped_head_takes_the_recomputing_path(tokenizers, monkeypatch):
+    """A head that is not a plain Linear (LoRA on `lm_head`) goes through the chunks as a
+    module; its LoRA weights get the same gradients as with the full logits."""
+    from tuneplex_automodel.model import apply_lora
+
+    tok = tokenizers["chatml"][1]
+    model = build_family("LlamaForCausalLM", tok)
+    model = apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "lm_head"]).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear
+    monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", len(tok) * 3)
+    batch = batch_of(len(tok))
+    results = []
+    for fn in (evaluation.loss_sum, evaluation.chunked_loss_sum):
+        model.zero_grad(set_to_none=True)
+        loss = fn(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lm_head.lora" in n}
+        results.append((loss.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    assert len(want_grads) == 2
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, g in want_grads.items():
+        assert (got_grads[name] - g).abs().max() <= 1e-6 * g.abs().max(), name
 
 
 def test_a_batch_without_counted_tokens_gives_zero_and_touches_every_parameter(tokenizers):

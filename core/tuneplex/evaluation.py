@@ -44,19 +44,15 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-HEAD_CHUNK_ELEMENTS = 1 << 24
-"""Logits per chunk of the chunked loss (64 MiB in fp32): tokens per chunk = this / vocab."""
-
-
 def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     """`loss_sum` without the full-vocabulary logits: the decoder's hidden states of the counted
-    positions go through the output head a chunk of tokens at a time, each chunk's logits made
-    again in backward (activation checkpointing), so at most one chunk's logits live at once.
+    positions go through the output head a chunk of tokens at a time, each chunk's gradients
+    made while its logits are at hand (`tuneplex.linear_ce`).
 
     The same loss and gradients as `loss_sum` (fp32: within rounding), for any model whose
-    forward is decoder, head, then `finish_logits`. The output head is called as a module once
-    per chunk, so a sharded head (FSDP) gathers its weight through its own hooks.
+    forward is decoder, head, then `finish_logits`.
     """
+    from tuneplex.linear_ce import linear_cross_entropy_sum
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
@@ -65,39 +61,6 @@ def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
         return linear_cross_entropy_sum(
             hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
         )
-
-
-def linear_cross_entropy_sum(hidden, targets, *, head, config):
-    """Float32 cross-entropy summed over the counted `targets` of `finish_logits(head(hidden))`,
-    computed over chunks of the counted positions only."""
-    import torch
-    import torch.utils.checkpoint
-
-    from tuneplex.data.targets import IGNORE_INDEX
-
-    flat = targets.reshape(-1)
-    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    wanted = flat.index_select(0, keep)
-    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, wanted.numel(), size):
-        part = slice(start, start + size)
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_cross_entropy, head, states[part], wanted[part], config, use_reentrant=False
-        )
-    if wanted.numel() == 0:  # keeps every parameter in the graph, as the full loss does
-        total = total + 0.0 * head(states[:0]).sum() + 0.0 * hidden.sum()
-    return total
-
-
-def _chunk_cross_entropy(head, states, wanted, config):
-    import torch.nn.functional as F
-
-    from tuneplex.models import finish_logits
-
-    logits = finish_logits(config, head(states).float())
-    return F.cross_entropy(logits, wanted, reduction="sum")
 
 
 def evaluate(

@@ -73,10 +73,11 @@ def finish_logits(config, logits):
     model's own forward."""
     import torch
 
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None and scaling != 1:
+    from tuneplex.linear_ce import logit_rule
+
+    scaling, cap = logit_rule(config)
+    if scaling is not None:
         logits = logits / scaling
-    cap = getattr(config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits

@@ -1,0 +1,131 @@
+"""The output head and the cross-entropy over the counted positions, fused: the head runs over
+chunks of tokens, and each chunk's gradients (hidden states, head weight, bias) are made in the
+forward pass while its logits are at hand, so full-vocabulary logits never exist and nothing is
+computed twice. Backward only scales the stored gradients.
+
+Float32 softmax and accumulation whatever the compute dtype; under bf16 autocast the head's
+matmuls run in bf16, as the model's own forward does. Imports torch when called.
+"""
+
+from __future__ import annotations
+
+import functools
+
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""Logits per chunk (64 MiB in fp32): tokens per chunk = this / vocab."""
+
+
+def linear_cross_entropy_sum(hidden, targets, *, head, config):
+    """Float32 cross-entropy summed over the counted `targets` of `finish_logits(head(hidden))`.
+
+    A plain `nn.Linear` head takes the fused path; any other head (a peft-wrapped one, a sharded
+    weight) runs as a module over the same chunks, each chunk's logits made again in backward.
+    """
+    import torch
+
+    from tuneplex.data.targets import IGNORE_INDEX
+
+    flat = targets.reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    wanted = flat.index_select(0, keep)
+    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            dtype = head.weight.dtype
+        scaling, cap = logit_rule(config)
+        return _fused().apply(states, head.weight, head.bias, wanted, size, dtype, scaling, cap)
+    return _checkpointed(states, wanted, head=head, config=config, size=size)
+
+
+def logit_rule(config) -> tuple[float | None, float | None]:
+    """(divisor, soft cap) a family applies to the head's output before the loss: Granite's
+    `logits_scaling`, Gemma 2/3's `final_logit_softcapping`; None where it has none."""
+    scaling = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (scaling if scaling not in (None, 1) else None), cap
+
+
+@functools.cache
+def _fused():
+    """The autograd Function, defined on first use (torch is imported only when called)."""
+    import torch
+
+    class FusedLinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, states, weight, bias, wanted, size, dtype, scaling, cap):
+            need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+            need_any = need_states or need_weight or need_bias
+            with torch.autocast(states.device.type, enabled=False):
+                w = weight.to(dtype)
+                b = bias.to(dtype) if bias is not None else None
+                total = torch.zeros((), dtype=torch.float32, device=states.device)
+                g_states = torch.zeros_like(states) if need_states else None
+                g_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+                g_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+                for start in range(0, wanted.numel(), size):
+                    part = slice(start, start + size)
+                    h = states[part].to(dtype)
+                    y = wanted[part].unsqueeze(1)
+                    z = torch.nn.functional.linear(h, w, b).float()
+                    if scaling is not None:
+                        z = z / scaling
+                    if cap is not None:
+                        t = torch.tanh(z / cap)
+                        z = t * cap
+                    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                    total += (lse - z.gather(1, y)).sum()
+                    if not need_any:
+                        continue
+                    g = z.sub_(lse).exp_()  # softmax, in place of the logits
+                    g.scatter_add_(1, y, torch.full_like(y, -1, dtype=g.dtype))
+                    if cap is not None:
+                        g.mul_(1 - t * t)
+                    if scaling is not None:
+                        g.div_(scaling)
+                    g = g.to(dtype)
+                    if need_states:
+                        g_states[part] = g @ w
+                    if need_weight:
+                        g_weight += g.t() @ h
+                    if need_bias:
+                        g_bias.add_(g.sum(0, dtype=torch.float32))
+            ctx.save_for_backward(g_states, g_weight, g_bias)
+            ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad):
+            g_states, g_weight, g_bias = ctx.saved_tensors
+            w_dtype, b_dtype = ctx.dtypes
+            out_states = g_states * grad.to(g_states.dtype) if g_states is not None else None
+            out_weight = (g_weight * grad).to(w_dtype) if g_weight is not None else None
+            out_bias = (g_bias * grad).to(b_dtype) if g_bias is not None else None
+            return out_states, out_weight, out_bias, None, None, None, None, None
+
+    return FusedLinearCrossEntropy
+
+
+def _checkpointed(states, wanted, *, head, config, size: int):
+    import torch
+    import torch.utils.checkpoint
+
+    total = torch.zeros((), dtype=torch.float32, device=states.device)
+    for start in range(0, wanted.numel(), size):
+        part = slice(start, start + size)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_cross_entropy, head, states[part], wanted[part], config, use_reentrant=False
+        )
+    if wanted.numel() == 0:  # keeps every parameter in the graph, as the full loss does
+        total = total + 0.0 * head(states[:0]).sum() + 0.0 * states.sum()
+    return total
+
+
+def _chunk_cross_entropy(head, states, wanted, config):
+    import torch.nn.functional as F
+
+    from tuneplex.models import finish_logits
+
+    logits = finish_logits(config, head(states).float())
+    return F.cross_entropy(logits, wanted, reduction="sum")
