@@ -197,3 +197,23 @@ def test_started_by_torchrun_the_workers_join(workdir, single):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("automodel: ") == 1  # rank 0 only
     assert_same_run(single["lora"], run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [1, 2], ids=["one", "dp2"])
+def test_compiled_layers_train_as_eager_ones(workdir, single, procs):
+    """`training.compile: true` (each decoder layer through torch.compile; inductor on a CPU), in
+    one process and under FSDP2: the eager one-process run, again; the first step says how
+    long it spent compiling, apart from the steady state."""
+    from tuneplex.runs import read_metrics
+
+    run = workdir / f"compiled-p{procs}"
+    proc = cli(
+        workdir / "all_weights.yaml", "-o", run, *layout(procs), "--set", "training.compile=true"
+    )
+    assert "fp32, compiled" in proc.stdout
+    assert_same_run(single["all_weights"], run)
+    assert_same_final(single["all_weights"], run)
+    train = [e for e in read_metrics(run) if e["split"] == "train"]
+    assert 0 < train[0]["compile_s"] <= train[0]["elapsed_s"]
+    assert "compile_s" not in train[-1]  # shapes settle: no compiling in the last step

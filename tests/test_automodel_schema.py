@@ -401,3 +401,33 @@ def test_distillation_runs_with_data_parallelism_only(key):
         f"parallelism.{key}_parallel_size: 2: distillation runs with data parallelism only in "
         "this version; set it to 1"
     ]
+
+
+@pytest.mark.parametrize("key", ["pipeline", "context", "expert", "tensor"])
+def test_compile_true_is_refused_beyond_data_parallelism(key):
+    lines = problems(
+        job(
+            parallelism={"num_gpus_per_node": 4, f"{key}_parallel_size": 2},
+            training={"compile": True},
+        )
+    )
+    assert lines == [
+        f"parallelism.{key}_parallel_size: 2: training.compile: true is proven with data "
+        "parallelism only in this version; set it to 1"
+    ]
+    auto = ok(job(parallelism={"num_gpus_per_node": 4, f"{key}_parallel_size": 2}))
+    assert auto.training.compile == "auto"  # means off there: nothing to refuse
+
+
+def test_compile_takes_true_false_or_auto():
+    assert [ok(job(training={"compile": v})).training.compile for v in (True, False)] == [
+        True,
+        False,
+    ]
+    assert ok(job()).training.compile == "auto"
+    assert problems(job(training={"compile": "sometimes"})) == [
+        "training.compile: must be one of: true, false, auto (got 'sometimes')"
+    ]
+    assert problems(job(training={"compile": "yes"})) == [
+        "training.compile: must be one of: true, false, auto (got 'yes')"
+    ]

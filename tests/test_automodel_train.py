@@ -396,3 +396,18 @@ def test_auto_precision_is_bf16_where_the_device_computes_it():
     assert (lora.autocast, lora.dtype) == (torch.bfloat16, torch.bfloat16)
     full = runtime(precision="bf16", finetuning_type="all_weights")
     assert (full.autocast, full.dtype) == (torch.bfloat16, torch.float32)
+
+
+def test_compile_auto_is_off_on_a_cpu_and_true_compiles_every_decoder_layer(tokenizers):
+    import torch
+    from helpers import build_family
+    from tuneplex_automodel.model import compile_layers
+
+    model = build_family("LlamaForCausalLM", tokenizers["chatml"][1])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compile_layers(model, setting="auto", device=cpu, data_parallel_only=True)
+    assert not compile_layers(model, setting=True, device=cuda, data_parallel_only=False)
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+    assert compile_layers(model, setting=True, device=cpu, data_parallel_only=True)
+    compiled = [vars(layer)["forward"] for layer in model.model.layers]
+    assert len(compiled) == 2 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)

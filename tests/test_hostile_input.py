@@ -163,7 +163,7 @@ JOB_CASES = {
         + "..."
         + "k" * 28
         + "': unknown key (allowed: training_type, finetuning_type, "
-        "lora, max_seq_length, precision, activation_checkpointing, teacher_model, "
+        "lora, max_seq_length, precision, activation_checkpointing, compile, teacher_model, "
         "teacher_precision, distillation_ratio, distillation_temperature, offload_teacher, "
         "trust_remote_code)",
     ),

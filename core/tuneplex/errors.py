@@ -219,6 +219,9 @@ _MESSAGES = {
 }
 
 
+YAML_BOOLS = {"True": "true", "False": "false"}
+
+
 def format_validation_error(exc, model: type | None = None) -> list[Problem]:
     """Turn a pydantic ValidationError into one Problem per error, in input order.
 
@@ -248,6 +251,7 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
         if kind in ("literal_error", "enum"):
             expected = ctx.get("expected", "")
             choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
+            choices = [YAML_BOOLS.get(c, c) for c in choices]  # Literal[True, ...]: as YAML says
             got = err.get("input")
             msg = f"must be one of: {', '.join(c for c in choices if c)} (got {_show(got, loc)})"
             problems.append(Problem(path, msg + did_you_mean(got, choices)))

@@ -22,6 +22,7 @@ from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
 
 from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
 from tuneplex_automodel.distill import distill_loss_sums
+from tuneplex_automodel.model import compile_seconds
 from tuneplex_automodel.parallel.mesh import clip_grad_norm
 from tuneplex_automodel.plan import learning_rate
 
@@ -142,7 +143,7 @@ class Loop:
 
     def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
         p = self.parts
-        t0 = time.perf_counter()
+        t0, compiling = time.perf_counter(), compile_seconds()
         lr = learning_rate(
             self.step,
             peak=p.job.optimizer.learning_rate,
@@ -162,6 +163,9 @@ class Loop:
         p.optimizer.zero_grad(set_to_none=True)
         self.step = step
         extra = {"ce_loss": ce_part, "kd_loss": kd_part} if p.teacher is not None else {}
+        compiling = compile_seconds() - compiling
+        if compiling > 0:  # part of this step's seconds, said apart from steady-state speed
+            extra["compile_s"] = round(compiling, 3)
         p.recorder.train_step(
             step=step,
             loss=loss_value,

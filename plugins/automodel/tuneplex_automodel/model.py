@@ -110,3 +110,39 @@ def checkpoint_activations(model, *, mode: str) -> None:
         layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i % 2 == 0
+
+
+def compile_layers(model, *, setting: bool | str, device, data_parallel_only: bool) -> bool:
+    """`training.compile`: torch.compile each decoder layer's forward (inductor); whether it
+    did. auto = on with CUDA only (on a CPU it was measured to gain nothing). The module
+    hooks stay outside the compiled code, so FSDP2 and activation checkpointing wrap it as
+    they wrap an eager layer; parameters and state-dict keys are the layer's own."""
+    if setting is False or not data_parallel_only:  # true with other layouts: refused earlier
+        return False
+    if setting == "auto" and device.type != "cuda":
+        return False
+    import torch
+
+    from tuneplex_automodel.parallel.parallelize import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward)
+    return True
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling with torch.compile so far (Dynamo's frames,
+    AOT autograd and inductor, forward and backward)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0.0
+    metrics = utils.compilation_time_metrics
+    return sum(sum(metrics.get(k, ())) for k in COMPILE_TIMERS)
+
+
+COMPILE_TIMERS = ("_compile.compile_inner", "backward._backward_impl")
+"""Dynamo's timers that together cover a compile without overlap: a frame (its forward graph,
+and its backward graph when shapes are dynamic) and a backward graph compiled lazily at the
+first backward."""

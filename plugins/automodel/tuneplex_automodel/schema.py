@@ -109,6 +109,13 @@ class AutomodelTraining(StrictModel):
         "full = every layer (least memory, ~1 extra forward), selective = every second layer; "
         "none keeps all (fastest). Same loss and gradients either way.",
     )
+    compile: Literal[True, False, "auto"] = Field(
+        default="auto",
+        description="torch.compile each decoder layer (inductor; the first steps also compile, "
+        "reported as compile_s). auto: on with a CUDA GPU, off on a CPU (measured there: no "
+        "gain after ~20-40 s of compiling). Same loss and gradients either way. With tensor, "
+        "context, pipeline or expert parallelism: auto means off, true is refused.",
+    )
     teacher_model: str | None = Field(
         default=None,
         min_length=1,
@@ -305,21 +312,25 @@ class AutomodelJobInput(JobSchema):
     def _rules(self) -> AutomodelJobInput:
         dims = self.parallel_dims()
         problems = dims.problems()
-        if self.training.training_type == "distillation":
+        beyond = [
+            (f"parallelism.{key}", size)
             for key, size in (
                 ("tensor_parallel_size", dims.tp),
                 ("pipeline_parallel_size", dims.pp),
                 ("context_parallel_size", dims.cp),
                 ("expert_parallel_size", dims.ep),
-            ):
-                if size > 1:
-                    problems.append(
-                        (
-                            f"parallelism.{key}",
-                            f"{size}: distillation runs with data parallelism only in this "
-                            "version; set it to 1",
-                        )
-                    )
+            )
+            if size > 1
+        ]
+        what = None
+        if self.training.training_type == "distillation":
+            what = "distillation runs"
+        elif self.training.compile is True:
+            what = "training.compile: true is proven"
+        for key, size in beyond if what else ():
+            problems.append(
+                (key, f"{size}: {what} with data parallelism only in this version; set it to 1")
+            )
         if self.schedule.val_check_interval is not None and self.dataset.validation is None:
             problems.append(
                 ("schedule.val_check_interval", "needs dataset.validation (no validation data)")

