@@ -173,8 +173,8 @@ def test_resume_after_an_interruption_continues_the_same_losses(
     calls = {"n": 0}
     real = trainer.loss_function
 
-    def interrupt_in_step_5(dist, *, pad_id):  # the loss the layout gives, stopping in step 5
-        loss = real(dist, pad_id=pad_id)
+    def interrupt_in_step_5(dist, **kw):  # the loss the layout gives, stopping in step 5
+        loss = real(dist, **kw)
 
         def counted(model, batch, **kw):  # 2 micro-batches per step
             calls["n"] += model.training

@@ -150,6 +150,22 @@ def test_rerun_reads_the_cache_and_changes_invalidate_it(tokenizers, tmp_path, m
     assert len(calls) == 4
 
 
+def test_a_cache_entry_written_meanwhile_by_another_job_is_kept(tokenizers, tmp_path):
+    """Two jobs preparing the same data at once: the second to finish finds the entry the
+    first wrote (the same content, perhaps being read) and leaves it as it is."""
+    from tuneplex.data import pipeline
+    from tuneplex.data.pipeline import cache_root
+
+    spec = spec_for(tokenizers, jsonl(tmp_path / "train.jsonl", [CHAT]))
+    first = prepare(spec)
+    (where,) = [p for p in cache_root().iterdir() if (p / "stats.json").is_file()]
+    held = (where / "stats.json").stat().st_ino
+    pipeline._save(first.train, where)  # as the slower of two jobs would, at its end
+    assert (where / "stats.json").stat().st_ino == held
+    assert sorted(p.name for p in cache_root().iterdir()) == [where.name]  # no leftovers
+    assert prepare(spec).train.examples["input_ids"] == first.train.examples["input_ids"]
+
+
 # ------------------------------------------------------------------ packing
 def test_best_fit_uses_each_example_once_within_capacity():
     rng = random.Random(0)

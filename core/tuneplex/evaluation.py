@@ -7,6 +7,7 @@ validation losses compare across backends. Imports torch when called.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
@@ -45,22 +46,41 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
-    """`loss_sum` without the full-vocabulary logits: the decoder's hidden states of the counted
-    positions go through the output head a chunk of tokens at a time, each chunk's gradients
-    made while its logits are at hand (`tuneplex.linear_ce`).
+    """`loss_sum` without the full-vocabulary logits: the model's own forward asked for the
+    logits of no position (`logits_to_keep`), the decoder's output taken as it passes, then the
+    output head and the loss fused over chunks of the counted positions (`tuneplex.linear_ce`).
 
     The same loss and gradients as `loss_sum` (fp32: within rounding), for any model whose
-    forward is decoder, head, then `finish_logits`.
+    forward is decoder, head, then `finish_logits`. Going through the model's forward keeps
+    its hooks: FSDP2 gathers the embeddings and the head as for the plain loss, once per call
+    on every rank. A model whose forward takes no `logits_to_keep` gets `loss_sum`.
     """
+    import torch
+
     from tuneplex.linear_ce import linear_cross_entropy_sum
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
-    with autocast_context(batch["input_ids"].device, autocast):
-        hidden = base.get_decoder()(**_inputs(batch)).last_hidden_state
-        return linear_cross_entropy_sum(
-            hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
-        )
+    if not _keeps_logits(type(base)):
+        return loss_sum(model, batch, autocast=autocast)
+    seen = []
+    hook = base.get_decoder().register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    try:
+        with autocast_context(batch["input_ids"].device, autocast):
+            model(**_inputs(batch), logits_to_keep=none)
+            return linear_cross_entropy_sum(
+                seen[-1], batch["targets"], head=base.get_output_embeddings(), config=base.config
+            )
+    finally:
+        hook.remove()
+
+
+@functools.cache
+def _keeps_logits(cls) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def evaluate(

@@ -96,12 +96,15 @@ def _fused():
             return total
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
+            # scaled in place: the stored gradients are this function's own, used once (no
+            # second copy of a vocabulary-sized weight gradient)
             g_states, g_weight, g_bias = ctx.saved_tensors
             w_dtype, b_dtype = ctx.dtypes
-            out_states = g_states * grad.to(g_states.dtype) if g_states is not None else None
-            out_weight = (g_weight * grad).to(w_dtype) if g_weight is not None else None
-            out_bias = (g_bias * grad).to(b_dtype) if g_bias is not None else None
+            out_states = g_states.mul_(grad.to(g_states.dtype)) if g_states is not None else None
+            out_weight = g_weight.mul_(grad).to(w_dtype) if g_weight is not None else None
+            out_bias = g_bias.mul_(grad).to(b_dtype) if g_bias is not None else None
             return out_states, out_weight, out_bias, None, None, None, None, None
 
     return FusedLinearCrossEntropy

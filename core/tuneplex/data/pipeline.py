@@ -385,8 +385,16 @@ def _save(split: Split, where: Path) -> None:
     if split.packed is not None:
         split.packed.save_to_disk(str(tmp / "packed"))
     (tmp / "stats.json").write_text(json.dumps(split.stats.as_dict()))
-    shutil.rmtree(where, ignore_errors=True)
-    os.replace(tmp, where)
+    # the key names the content: a complete entry another process wrote meanwhile (two jobs
+    # on the same data) is this one, and may be being read, so it stays
+    if not (where / "stats.json").is_file():
+        shutil.rmtree(where, ignore_errors=True)  # an incomplete one
+        try:
+            os.replace(tmp, where)
+        except OSError:
+            if not (where / "stats.json").is_file():
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(where: Path) -> Split:

@@ -336,24 +336,28 @@ def setup_parallel(
 ) -> tuple[Parallelized, Callable[..., Any]]:
     """The job's parallelism applied in place (distillation keeps the output head a unit of its
     own), and the loss that matches it (context parallelism computes each rank's share)."""
+    separate_head = loaded.teacher is not None
     layout = parallelize(
         loaded.model,
         dist=dist,
         family=loaded.family,
-        separate_head=loaded.teacher is not None,
+        separate_head=separate_head,
         root=loaded.stage,
     )
-    return layout, loss_function(dist, pad_id=pad_id)
+    return layout, loss_function(dist, pad_id=pad_id, separate_head=separate_head)
 
 
 def setup_optimizer(job: AutomodelJobInput, *, model, runtime: Runtime):
     """Made after parallelism is applied: it holds the sharded parameters. Fused AdamW on CUDA
-    and CPU (one kernel over all parameters: ~8x faster than the per-tensor loop on a CPU)."""
+    and CPU (one kernel over all parameters: ~8x faster than the per-tensor loop on a CPU)
+    unless plain tensors and DTensors are mixed (tensor parallelism's replicated norms beside
+    its sharded weights), which the fused kernel refuses."""
+    kinds = {type(p.data) for p in model.parameters() if p.requires_grad}
     return build_optimizer(
         model,
         lr=job.optimizer.learning_rate,
         weight_decay=job.optimizer.weight_decay,
-        fused=runtime.device.type in ("cuda", "cpu"),
+        fused=runtime.device.type in ("cuda", "cpu") and len(kinds) == 1,
     )
 
 

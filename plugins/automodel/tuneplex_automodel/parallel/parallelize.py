@@ -130,20 +130,21 @@ def parallelize(
     return out
 
 
-def loss_function(dist: Dist, *, pad_id: int):
+def loss_function(dist: Dist, *, pad_id: int, separate_head: bool = False):
     """`loss(model, batch, autocast=...)`: this rank's part of the summed cross-entropy.
 
-    Without FSDP (one process, tensor parallelism alone) the output head runs over chunks of
-    the counted tokens (`chunked_loss_sum`: no full-vocabulary logits). FSDP keeps the model's
-    own forward: a head sharded as a unit of its own must be called as often on every rank,
-    and ranks hold different numbers of counted tokens.
+    The output head and the loss fused over chunks of the counted tokens (`chunked_loss_sum`:
+    no full-vocabulary logits) in one process, with data and with tensor parallelism; context
+    parallelism computes each rank's share of the sequence with the model's own forward. A
+    head sharded as an FSDP unit of its own (`separate_head`, distillation) gathers its weight
+    each time it is called, so it keeps the model's forward: one call on every rank.
     """
     from tuneplex.evaluation import chunked_loss_sum, loss_sum
 
-    if dist.dp_cp_size == 1 and dist.dims.pp == 1:
-        return chunked_loss_sum
-    if dist.dims.cp == 1:
+    if separate_head and dist.dp_cp_size > 1:
         return loss_sum
+    if dist.dims.cp == 1:
+        return chunked_loss_sum
     from tuneplex_automodel.parallel import cp
 
     return partial(cp.loss_sum, rank=dist.cp_rank, size=dist.dims.cp, pad_id=pad_id)
