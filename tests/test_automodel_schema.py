@@ -145,8 +145,8 @@ def test_bounds_and_types(data, line):
     "value,choices",
     [
         (
-            {"training_type": "dpo"},
-            "training.training_type: must be one of: sft, distillation (got 'dpo')",
+            {"training_type": "grpo"},
+            "training.training_type: must be one of: sft, distillation, dpo (got 'grpo')",
         ),
         (
             {"finetuning_type": "lora_merge"},
@@ -430,4 +430,40 @@ def test_compile_takes_true_false_or_auto():
     ]
     assert problems(job(training={"compile": "yes"})) == [
         "training.compile: must be one of: true, false, auto (got 'yes')"
+    ]
+
+
+def test_dpo_settings_belong_to_dpo_and_are_filled_in():
+    dpo = ok(job(training={"training_type": "dpo"})).training.dpo
+    assert (dpo.ref_policy_kl_penalty, dpo.loss_type, dpo.label_smoothing) == (0.05, "sigmoid", 0)
+    assert ok(job()).training.dpo is None
+    assert problems(job(training={"dpo": {"ref_policy_kl_penalty": 0.2}})) == [
+        "training.dpo: only used when training_type is dpo"
+    ]
+    assert problems(
+        job(training={"training_type": "dpo", "dpo": {"loss_type": "ipo", "label_smoothing": 0.1}})
+    ) == ["training.dpo.label_smoothing: only used with loss_type sigmoid (got ipo)"]
+    assert problems(
+        job(training={"training_type": "dpo", "dpo": {"ref_policy_kl_penalty": 0}})
+    ) == ["training.dpo.ref_policy_kl_penalty: must be > 0 (got 0)"]
+    assert problems(job(training={"training_type": "dpo"}, batch={"sequence_packing": True})) == [
+        "batch.sequence_packing: true: dpo batches each pair's chosen and rejected sides "
+        "unpacked; set it to false"
+    ]
+    assert problems(
+        job(
+            training={"training_type": "dpo"},
+            parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2},
+        )
+    ) == [
+        "parallelism.tensor_parallel_size: 2: dpo runs with data parallelism only in this "
+        "version; set it to 1"
+    ]
+
+
+def test_max_grad_norm_is_a_setting_for_every_training_type():
+    assert ok(job()).optimizer.max_grad_norm == 1.0
+    assert ok(job(optimizer={"max_grad_norm": 0.5})).optimizer.max_grad_norm == 0.5
+    assert problems(job(optimizer={"max_grad_norm": 0})) == [
+        "optimizer.max_grad_norm: must be > 0 (got 0)"
     ]

@@ -55,25 +55,70 @@ def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     its hooks: FSDP2 gathers the embeddings and the head as for the plain loss, once per call
     on every rank. A model whose forward takes no `logits_to_keep` gets `loss_sum`.
     """
-    import torch
-
     from tuneplex.linear_ce import linear_cross_entropy_sum
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
     if not _keeps_logits(type(base)):
         return loss_sum(model, batch, autocast=autocast)
+    with autocast_context(batch["input_ids"].device, autocast):
+        hidden = decoder_output(model, batch)
+        return linear_cross_entropy_sum(
+            hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
+        )
+
+
+def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
+    """Float32 log-probability of each row's counted targets, summed per row (shape [rows]),
+    without full-vocabulary logits (`tuneplex.linear_ce.row_log_probs`)."""
+    from tuneplex.linear_ce import row_log_probs
+    from tuneplex.models import unwrap_peft
+
+    base = unwrap_peft(model)
+    if not _keeps_logits(type(base)):
+        return _row_log_probs_of_logits(model, batch, autocast=autocast)
+    with autocast_context(batch["input_ids"].device, autocast):
+        hidden = decoder_output(model, batch)
+        return row_log_probs(
+            hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
+        )
+
+
+def _row_log_probs_of_logits(model, batch: dict[str, Any], *, autocast=None):
+    """`sequence_log_probs` from the model's full logits (a forward without `logits_to_keep`)."""
+    import torch
+
+    from tuneplex.data.targets import IGNORE_INDEX
+
+    with autocast_context(batch["input_ids"].device, autocast):
+        logits = model(**_inputs(batch)).logits.float()
+    targets = batch["targets"]
+    counted = targets != IGNORE_INDEX
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = picked - logits.logsumexp(-1)
+    return torch.where(counted, logps, 0.0).sum(-1)
+
+
+def decoder_output(model, batch: dict[str, Any]):
+    """The decoder's last hidden states of `batch`, through the model's own forward asked for
+    the logits of no position (`logits_to_keep`), so the model's hooks (FSDP2's gathering of
+    the embeddings and head) run as for the plain loss."""
+    import torch
+
+    from tuneplex.models import unwrap_peft
+
     seen = []
-    hook = base.get_decoder().register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    hook = (
+        unwrap_peft(model)
+        .get_decoder()
+        .register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    )
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     try:
-        with autocast_context(batch["input_ids"].device, autocast):
-            model(**_inputs(batch), logits_to_keep=none)
-            return linear_cross_entropy_sum(
-                seen[-1], batch["targets"], head=base.get_output_embeddings(), config=base.config
-            )
+        model(**_inputs(batch), logits_to_keep=none)
     finally:
         hook.remove()
+    return seen[-1]
 
 
 @functools.cache

@@ -132,3 +132,38 @@ def _chunk_cross_entropy(head, states, wanted, config):
 
     logits = finish_logits(config, head(states).float())
     return F.cross_entropy(logits, wanted, reduction="sum")
+
+
+def row_log_probs(hidden, targets, *, head, config):
+    """Float32 log-probability of the counted `targets` of each row, summed per row ([rows]),
+    the head run over chunks of counted positions, each chunk's logits made again in backward
+    (the gradient of each row's sum is scaled by that row's own upstream gradient, which the
+    fused path cannot take)."""
+    import torch
+    import torch.utils.checkpoint
+
+    from tuneplex.data.targets import IGNORE_INDEX
+
+    flat = targets.reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    wanted = flat.index_select(0, keep)
+    row = keep // targets.shape[-1]
+    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, wanted.numel(), size):
+        part = slice(start, start + size)
+        logps = torch.utils.checkpoint.checkpoint(
+            _chunk_log_probs, head, states[part], wanted[part], config, use_reentrant=False
+        )
+        sums = sums.index_add(0, row[part], logps)
+    if wanted.numel() == 0:  # keeps every parameter in the graph
+        sums = sums + 0.0 * head(states[:0]).sum() + 0.0 * states.sum()
+    return sums
+
+
+def _chunk_log_probs(head, states, wanted, config):
+    from tuneplex.models import finish_logits
+
+    logits = finish_logits(config, head(states).float())
+    return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)

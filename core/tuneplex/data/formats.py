@@ -34,7 +34,7 @@ def detect(row: dict[str, Any], where: str, spec: DataSpec) -> str:
     raise UsageError(
         Problem(
             where,
-            f"cannot tell this row's format (columns: {_cols(row)}); expected "
+            f"cannot tell this row's format (columns: {cols(row)}); expected "
             f"'{spec.messages_field}', 'input'/'output', 'prompt'/'completion' or "
             f"'{spec.text_field}' (or set dataset.format / dataset.column_mapping)",
         )
@@ -69,7 +69,7 @@ def normalise(row: dict[str, Any], where: str, spec: DataSpec) -> tuple[str, dic
     raise UsageError(
         Problem(
             where,
-            f"no input/output or prompt/completion columns (columns: {_cols(row)}); map yours "
+            f"no input/output or prompt/completion columns (columns: {cols(row)}); map yours "
             "with dataset.column_mapping",
         )
     )
@@ -78,24 +78,29 @@ def normalise(row: dict[str, Any], where: str, spec: DataSpec) -> tuple[str, dic
 def _string(row: dict[str, Any], col: str, where: str, setting: str | None) -> str:
     if col not in row:
         via = f" ({setting})" if setting else ""
-        raise UsageError(Problem(where, f"column {show(col)}{via} missing; row has: {_cols(row)}"))
+        raise UsageError(Problem(where, f"column {show(col)}{via} missing; row has: {cols(row)}"))
     value = row[col]
     if not isinstance(value, str):
-        raise UsageError(Problem(where, f"column {show(col)} must be a string, got {_kind(value)}"))
+        raise UsageError(Problem(where, f"column {show(col)} must be a string, got {kind(value)}"))
     return value
 
 
 def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
     key = spec.messages_field
     if key not in row:
-        raise UsageError(Problem(where, f"no {show(key)} field (columns: {_cols(row)})"))
-    messages = row[key]
-    if not isinstance(messages, list) or not messages:
+        raise UsageError(Problem(where, f"no {show(key)} field (columns: {cols(row)})"))
+    return {"messages": messages(row[key], where, key), "tools": tools(row, where, spec)}
+
+
+def messages(value: Any, where: str, key: str) -> list[dict[str, Any]]:
+    """`value` (the row's column `key`) checked as a non-empty list of chat messages: roles,
+    contents, tool calls."""
+    if not isinstance(value, list) or not value:
         raise UsageError(Problem(where, f"{show(key)} must be a non-empty list of messages"))
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(value):
         at = f"{show_key(key)}[{i}]"
         if not isinstance(msg, dict):
-            raise UsageError(Problem(where, f"{at}: expected an object, got {_kind(msg)}"))
+            raise UsageError(Problem(where, f"{at}: expected an object, got {kind(msg)}"))
         role = msg.get("role")
         if role not in ROLES:
             raise UsageError(
@@ -106,23 +111,26 @@ def _chat(row: dict[str, Any], where: str, spec: DataSpec) -> dict[str, Any]:
         if content is None and not (role == "assistant" and has_calls):
             raise UsageError(Problem(where, f"{at}.content: missing"))
         if content is not None and not isinstance(content, str):
-            raise UsageError(
-                Problem(where, f"{at}.content: must be a string, got {_kind(content)}")
-            )
+            raise UsageError(Problem(where, f"{at}.content: must be a string, got {kind(content)}"))
         if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
             raise UsageError(Problem(where, f"{at}.tool_calls: must be a list"))
-    tools = row.get(spec.tools_field)
-    if tools is not None and not isinstance(tools, list):
+    return value
+
+
+def tools(row: dict[str, Any], where: str, spec: DataSpec) -> list | None:
+    """The row's tool definitions (`spec.tools_field`), None when it has none."""
+    value = row.get(spec.tools_field)
+    if value is not None and not isinstance(value, list):
         raise UsageError(Problem(where, f"{show(spec.tools_field)} must be a list"))
-    return {"messages": messages, "tools": tools or None}
+    return value or None
 
 
-def _cols(row: dict[str, Any], most: int = 12) -> str:
+def cols(row: dict[str, Any], most: int = 12) -> str:
     """The row's column names as a message quotes them: odd ones quoted, the list capped."""
     names = [show_key(str(k)) for k in itertools.islice(row, most)]
     more = f", ... ({len(row) - most} more)" if len(row) > most else ""
     return ", ".join(names) + more if names else "(none)"
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"

@@ -10,15 +10,29 @@ from tuneplex.data.templates import IGNORE_INDEX
 
 
 def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
+    """The first `n` examples (input_ids, labels) and the stats. For preference data each
+    example is a pair: {"chosen": {input_ids, labels}, "rejected": {input_ids, labels}}."""
     split = prepared.train
-    head = split.examples.select(range(min(n, len(split.examples))))
-    out: dict[str, Any] = {
-        "examples": [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head],
-        "stats": split.stats.as_dict(),
-    }
+    if _paired(split):
+        examples = _pairs(split, n)
+    else:
+        head = split.examples.select(range(min(n, len(split.examples))))
+        examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head]
+    out: dict[str, Any] = {"examples": examples, "stats": split.stats.as_dict()}
     if prepared.validation is not None:
         out["validation_stats"] = prepared.validation.stats.as_dict()
     return out
+
+
+def _paired(split) -> bool:
+    return split.stats.pairs is not None
+
+
+def _pairs(split, n: int) -> list[dict[str, Any]]:
+    """The first `n` preference pairs: rows 2i (chosen) and 2i+1 (rejected)."""
+    head = split.examples.select(range(min(2 * n, len(split.examples))))
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head]
+    return [{"chosen": a, "rejected": b} for a, b in zip(rows[::2], rows[1::2], strict=True)]
 
 
 def _segments(tok, ids: list[int], labels: list[int]):
@@ -34,15 +48,17 @@ def _segments(tok, ids: list[int], labels: list[int]):
 
 
 def render(prepared: Prepared, n: int, *, color: bool) -> str:
-    """Plain text (trained parts in ⟦ ⟧) or rich markup (trained parts green)."""
+    """Plain text (trained parts in ⟦ ⟧) or rich markup (trained parts green); preference
+    data pair by pair, chosen then rejected."""
     from rich.markup import escape
 
     tok = prepared.tokenizer
     split = prepared.train
     lines = []
-    for i, row in enumerate(split.examples.select(range(min(n, len(split.examples))))):
+
+    def show(head: str, row: dict[str, Any]) -> None:
         trained = sum(1 for x in row["labels"] if x != IGNORE_INDEX)
-        head = f"── example {i}: {len(row['input_ids'])} tokens, {trained} trained "
+        head = f"{head}: {len(row['input_ids'])} tokens, {trained} trained "
         lines.append(f"[bold]{escape(head)}[/bold]" if color else head)
         text = ""
         for is_trained, seg in _segments(tok, row["input_ids"], row["labels"]):
@@ -54,7 +70,15 @@ def render(prepared: Prepared, n: int, *, color: bool) -> str:
                 )
             else:
                 text += f"⟦{seg}⟧" if is_trained else seg
-        lines += [text, ""]
+        lines.extend([text, ""])
+
+    if _paired(split):
+        for i, pair in enumerate(_pairs(split, n)):
+            show(f"── pair {i}, chosen", pair["chosen"])
+            show(f"── pair {i}, rejected", pair["rejected"])
+    else:
+        for i, row in enumerate(split.examples.select(range(min(n, len(split.examples))))):
+            show(f"── example {i}", row)
     lines.append(_stats_block("train", split.stats.as_dict()))
     if prepared.validation is not None:
         lines.append(_stats_block("validation", prepared.validation.stats.as_dict()))
@@ -63,14 +87,27 @@ def render(prepared: Prepared, n: int, *, color: bool) -> str:
 
 def _stats_block(name: str, stats: dict[str, Any]) -> str:
     eff = stats.get("packing_efficiency")
-    parts = [
-        f"{name}: {stats['rows']} rows -> {stats['examples']} examples",
-        f"tokens {stats['tokens']}",
-        f"trained {stats['trained_tokens']}",
-        f"truncated {stats['truncated']}",
-        f"dropped (no trained token) {stats['dropped_no_trained_tokens']}",
-        f"formats {json.dumps(stats['formats'])}",
-    ]
+    pairs = stats.get("pairs")
+    if pairs is None:
+        parts = [
+            f"{name}: {stats['rows']} rows -> {stats['examples']} examples",
+            f"tokens {stats['tokens']}",
+            f"trained {stats['trained_tokens']}",
+            f"truncated {stats['truncated']}",
+            f"dropped (no trained token) {stats['dropped_no_trained_tokens']}",
+        ]
+    else:
+        per = max(pairs, 1)
+        parts = [
+            f"{name}: {stats['rows']} rows -> {pairs} preference pairs ({stats['examples']} "
+            "examples)",
+            f"tokens {stats['tokens']}",
+            f"trained {stats['trained_tokens']}",
+            f"trained per pair: chosen {stats['chosen_tokens'] / per:.1f}, rejected "
+            f"{stats['rejected_tokens'] / per:.1f}",
+            f"truncated sides {stats['truncated']}",
+        ]
+    parts.append(f"formats {json.dumps(stats['formats'])}")
     if eff is not None:
         parts.append(f"packed rows {stats['packed_rows']}, packing efficiency {eff:.1%}")
     if stats.get("skipped_invalid_rows"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.data import formats, sources
+from tuneplex.data import formats, preference, sources
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
 from tuneplex.data.templates import IGNORE_INDEX, Encoder
@@ -33,7 +33,8 @@ CHUNK = 1024
 @dataclass
 class Split:
     examples: Any
-    """datasets.Dataset of input_ids/labels, one example per row (after truncation/drops)."""
+    """datasets.Dataset of input_ids/labels, one example per row (after truncation/drops); for
+    preference data two per pair, interleaved: 2i chosen, 2i+1 rejected."""
     packed: Any | None
     """datasets.Dataset of packed rows (input_ids/labels/position_ids/seq_lens), if packing."""
     stats: DataStats
@@ -141,6 +142,8 @@ def prepare(
     """Tokenized splits for `spec`. The tokenizer is loaded only if something must be built
     (or when `Prepared.tokenizer` is first used). `report` gets one line per thing the user
     should know about the data (`notes`), whether it was built now or read from the cache."""
+    if spec.preference:
+        preference.check_spec(spec)
     lazy = _LazyTokenizer(spec, tokenizer)
     tok_fp = None if tokenizer is not None else tokenizer_files_fingerprint(spec.tokenizer)
     if tok_fp is None:
@@ -189,24 +192,10 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
 
     Every row that cannot be read, rendered or masked is found in one pass and reported
     together (or left out and counted, under `spec.skip_invalid_rows`)."""
-
+    if spec.preference:
+        return _build_pairs(rows, spec, tok, key=key)
     stats = DataStats(rows=len(rows))
-    problems: list[tuple[int, Problem]] = []
-    normalised: list[tuple[str, str, dict]] = []
-    row_of: list[int] = []  # each normalised example's index in `rows`
-    for index, (where, row) in enumerate(rows):
-        if isinstance(row, Problem):  # a line that is no row at all
-            problems.append((index, row))
-            continue
-        try:
-            fmt, example = formats.normalise(row, where, spec)
-        except UsageError as exc:
-            problems.append((index, exc.problems[0]))
-            continue
-        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
-        normalised.append((where, fmt, example))
-        row_of.append(index)
-
+    problems, normalised, row_of = _normalise_all(rows, spec, stats, formats.normalise)
     encoder = Encoder(tok, spec)
     encoder.calibrate([(fmt, ex) for _, fmt, ex in normalised[:64]])
     limit = spec.max_seq_length
@@ -219,9 +208,7 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
             stats.formats[fmt] -= 1
             continue
         ids, lab, drops = result
-        for kind in drops:
-            seen = stats.template_drops.setdefault(kind, {"rows": 0, "first": where})
-            seen["rows"] += 1
+        _count_drops(stats, where, drops)
         if len(ids) > limit:
             stats.truncated += 1
             ids, lab = ids[:limit], lab[:limit]
@@ -233,13 +220,7 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
         stats.trained_tokens += trained
         input_ids.append(ids)
         labels.append(lab)
-    if problems:
-        problems.sort(key=lambda p: p[0])
-        if not spec.skip_invalid_rows:
-            raise UsageError(_report(key, [p for _, p in problems], len(rows)))
-        stats.skipped_invalid_rows = len(problems)
-        stats.first_skipped = str(problems[0][1])
-        stats.formats = {f: n for f, n in stats.formats.items() if n}
+    _settle(problems, spec, stats, key)
     stats.examples = len(input_ids)
     if not input_ids:
         left_out = f", {stats.skipped_invalid_rows} left out" if stats.skipped_invalid_rows else ""
@@ -263,6 +244,97 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
         stats.packed_rows = len(rows)
         stats.packing_efficiency = round(stats.tokens / (len(rows) * limit), 4)
     return Split(examples=examples, packed=packed, stats=stats)
+
+
+def _build_pairs(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Split:
+    """Preference rows -> their two sides, each encoded as an SFT example and truncated on its
+    own -> examples interleaved: 2i is pair i's chosen side, 2i+1 its rejected side. A pair
+    with a side that cannot be used is a bad row (not silently dropped: its other side would
+    train alone)."""
+    preference.check_spec(spec)
+    stats = DataStats(rows=len(rows), pairs=0, chosen_tokens=0, rejected_tokens=0)
+    problems, normalised, row_of = _normalise_all(rows, spec, stats, preference.normalise)
+    sides = [(where, fmt, example) for where, fmt, pair in normalised for example in pair]
+    encoder = Encoder(tok, spec)
+    encoder.calibrate([(fmt, ex) for _, fmt, ex in sides[:64]])
+    limit = spec.max_seq_length
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    encoded = iter(_encode_all(encoder, sides))
+    for index, (where, fmt, _) in zip(row_of, normalised, strict=True):
+        results = [next(encoded), next(encoded)]
+        bad = next((r for r in results if isinstance(r, Problem)), None)
+        cut = [(ids[:limit], lab[:limit]) for ids, lab, _ in results] if bad is None else []
+        bad = bad or preference.check_sides(where, cut, limit)
+        if bad is not None:
+            problems.append((index, bad))
+            stats.formats[fmt] -= 1
+            continue
+        _count_drops(stats, where, results[0][2] | results[1][2])
+        stats.truncated += sum(len(ids) > limit for ids, _, _ in results)
+        trained = [int((lab != IGNORE_INDEX).sum()) for _, lab in cut]
+        stats.chosen_tokens += trained[0]
+        stats.rejected_tokens += trained[1]
+        stats.tokens += sum(len(ids) for ids, _ in cut)
+        stats.trained_tokens += sum(trained)
+        for ids, lab in cut:
+            columns["input_ids"].append(ids)
+            columns["labels"].append(lab)
+    _settle(problems, spec, stats, key)
+    stats.pairs = len(columns["input_ids"]) // 2
+    stats.examples = 2 * stats.pairs
+    if not stats.pairs:
+        raise UsageError(
+            Problem(
+                key,
+                f"no usable preference pair ({stats.rows} rows, "
+                f"{stats.skipped_invalid_rows} left out)",
+            )
+        )
+    return Split(examples=_dataset(columns), packed=None, stats=stats)
+
+
+def _normalise_all(
+    rows: list[tuple[str, dict]],
+    spec: DataSpec,
+    stats: DataStats,
+    normalise: Callable[[dict, str, DataSpec], tuple[str, Any]],
+):
+    """(problems as (row index, Problem), [(where, format, example)], each one's row index),
+    formats counted in `stats`."""
+    problems: list[tuple[int, Problem]] = []
+    normalised: list[tuple[str, str, Any]] = []
+    row_of: list[int] = []
+    for index, (where, row) in enumerate(rows):
+        if isinstance(row, Problem):  # a line that is no row at all
+            problems.append((index, row))
+            continue
+        try:
+            fmt, example = normalise(row, where, spec)
+        except UsageError as exc:
+            problems.append((index, exc.problems[0]))
+            continue
+        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
+        normalised.append((where, fmt, example))
+        row_of.append(index)
+    return problems, normalised, row_of
+
+
+def _count_drops(stats: DataStats, where: str, drops) -> None:
+    for kind in drops:
+        seen = stats.template_drops.setdefault(kind, {"rows": 0, "first": where})
+        seen["rows"] += 1
+
+
+def _settle(problems: list[tuple[int, Problem]], spec: DataSpec, stats: DataStats, key: str):
+    """Report the rows that cannot be used, all at once, or count them as left out."""
+    if not problems:
+        return
+    problems.sort(key=lambda p: p[0])
+    if not spec.skip_invalid_rows:
+        raise UsageError(_report(key, [p for _, p in problems], stats.rows))
+    stats.skipped_invalid_rows = len(problems)
+    stats.first_skipped = str(problems[0][1])
+    stats.formats = {f: n for f, n in stats.formats.items() if n}
 
 
 def _report(key: str, problems: list[Problem], rows: int) -> list[Problem]:

@@ -32,6 +32,9 @@ class DataSpec:
     """tokenizer: the tokenizer's own; passthrough: contents concatenated; none: rows with
     messages are refused; any other string: a custom Jinja template."""
     packing: bool = False
+    preference: bool = False
+    """Rows are preference pairs (prompt, chosen, rejected; see `tuneplex.data.preference`):
+    the examples are their sides, interleaved (2i chosen, 2i+1 rejected), never packed."""
     trust_remote_code: bool = False
     skip_invalid_rows: bool = False
     """Leave out (and count) rows that cannot be read, rendered or masked, instead of failing."""
@@ -54,6 +57,7 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
+    """Examples cut to max_seq_length (preference data: sides of the pairs kept)."""
     dropped_no_trained_tokens: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     packed_rows: int | None = None
@@ -65,6 +69,19 @@ class DataStats:
     template_drops: dict[str, dict] = field(default_factory=dict)
     """What the chat template leaves out of rows: {"system messages": {"rows": n, "first":
     "file:line"}, ...}."""
+    pairs: int | None = None
+    """Preference data only (None otherwise): pairs kept; `examples` is twice this."""
+    chosen_tokens: int | None = None
+    """Preference data: trained tokens of all chosen sides (`rejected_tokens`: rejected sides);
+    their difference over `pairs` says how much longer the chosen answers are."""
+    rejected_tokens: int | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.pairs is None:  # other data's stats read as they always have
+            for name in PREFERENCE_STATS:
+                data.pop(name)
+        return data
+
+
+PREFERENCE_STATS = ("pairs", "chosen_tokens", "rejected_tokens")

@@ -132,7 +132,9 @@ class Encoder:
 
     def render(self, fmt: str, example: dict[str, Any]) -> Rendered:
         if fmt == "chat":
-            return self._chat(example["messages"], example.get("tools"))
+            return self._chat(
+                example["messages"], example.get("tools"), example.get("trained_from", 0)
+            )
         if fmt == "text":
             text = example["text"]
             return Rendered(text, [(0, len(text))], self.bos_id is not None, True)
@@ -146,7 +148,9 @@ class Encoder:
         text = prompt + completion
         return Rendered(text, [(len(prompt), len(text))], self.bos_id is not None, True)
 
-    def _chat(self, messages, tools) -> Rendered:
+    def _chat(self, messages, tools, trained_from: int = 0) -> Rendered:
+        """Trains the assistant turns at message index `trained_from` or later (a preference
+        pair's side after its prompt; 0: all of them)."""
         if self.mode == "none":
             raise UsageError(
                 Problem(
@@ -157,9 +161,9 @@ class Encoder:
             )
         if self.mode == "passthrough":
             text, spans = "", []
-            for m in messages:
+            for i, m in enumerate(messages):
                 content = m.get("content") or ""
-                if m["role"] == "assistant":
+                if m["role"] == "assistant" and i >= trained_from:
                     spans.append((len(text), len(text) + len(content)))
                 text += content
             return Rendered(text, spans, False, False)
@@ -181,6 +185,9 @@ class Encoder:
             opening=lambda: _leading_specials(full, self.tok),
         )
         drops = frozenset(turns.dropped(messages, tools, full, spans))
+        if trained_from:  # one span per assistant message, in order
+            turn_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            spans = [s for i, s in zip(turn_at, spans, strict=True) if i >= trained_from]
         return Rendered(full, spans, False, False, drops)
 
     def _renderer(self, tools) -> turns.Render:

@@ -164,7 +164,9 @@ class RunRecorder:
             self._progress.train(step, event)
         return event
 
-    def validated(self, *, step: int, loss: float, tokens: int, epoch: float | None = None) -> None:
+    def validated(
+        self, *, step: int, loss: float, tokens: int, epoch: float | None = None, **extra: Any
+    ) -> None:
         self.val_loss = loss
         if self.best_val_loss is None or loss < self.best_val_loss:
             self.best_val_loss = loss
@@ -176,6 +178,7 @@ class RunRecorder:
             "loss": loss,
             "tokens": tokens,
             "elapsed_s": round(self.elapsed(), 3),
+            **extra,
         }
         self._record(event)
         if self._progress is not None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
+from tuneplex.errors import CrossFieldError
 from tuneplex.schema.base import StrictModel
 
 OFF_WHEN_NULL = "x-off-when-null"
@@ -144,3 +145,57 @@ def data_format_problems(fmt: str, mapping: ColumnMapping | None) -> list[tuple[
     if mapping is not None and fmt not in ("auto", "column_mapped"):
         return [("column_mapping", f"only used with format auto or column_mapped (got {fmt})")]
     return []
+
+
+class DpoConfig(StrictModel):
+    """`training.dpo`: preference tuning (names from the hyperparameter object's dpo section)."""
+
+    ref_policy_kl_penalty: float = Field(
+        default=0.05,
+        gt=0,
+        description="β: how strongly the policy is held to the reference model (higher = closer).",
+    )
+    preference_loss_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the preference loss in the objective."
+    )
+    preference_average_log_probs: bool = Field(
+        default=False,
+        description="The preference loss on per-token average log-probabilities (length-"
+        "independent) instead of their sums.",
+    )
+    sft_loss_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of the SFT loss on the chosen responses (0: none).",
+    )
+    sft_average_log_probs: bool = Field(
+        default=False,
+        description="The SFT loss as each chosen response's per-token average (every pair "
+        "weighs the same) instead of the mean over all chosen tokens.",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid",
+        description="sigmoid: DPO (robust DPO with label_smoothing > 0); ipo: IPO; hinge: SLiC.",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Robust DPO: the assumed fraction of flipped preference labels (sigmoid only).",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> DpoConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise CrossFieldError(
+                [("label_smoothing", f"only used with loss_type sigmoid (got {self.loss_type})")]
+            )
+        return self
+
+
+def max_grad_norm_field():
+    return Field(
+        default=1.0,
+        gt=0,
+        description="Gradients are clipped to this global norm before each optimizer step.",
+    )

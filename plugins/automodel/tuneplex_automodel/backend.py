@@ -50,6 +50,7 @@ class AutomodelBackend:
             skip_invalid_rows=d.skip_invalid_rows,
             chat_template=d.prompt_template or d.chat_template,
             packing=job.batch.sequence_packing,
+            preference=job.training.training_type == "dpo",
             trust_remote_code=job.training.trust_remote_code,
             train_key="dataset.training",
             validation_key="dataset.validation",

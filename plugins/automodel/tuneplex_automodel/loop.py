@@ -22,6 +22,8 @@ from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
 
 from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
 from tuneplex_automodel.distill import distill_loss_sums
+from tuneplex_automodel.dpo import PARTS as DPO_PARTS
+from tuneplex_automodel.dpo import REFERENCE_KEY, Preference, references
 from tuneplex_automodel.model import compile_seconds
 from tuneplex_automodel.parallel.mesh import clip_grad_norm
 from tuneplex_automodel.plan import learning_rate
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from tuneplex_automodel.schema import AutomodelJobInput
     from tuneplex_automodel.trainer import Runtime
 
-GRAD_CLIP = 1.0
 
 # The loop's own keys in a checkpoint's trainer state (next to the recorder's)
 EPOCH_KEY = "epoch"
@@ -72,6 +73,8 @@ class Components:
     stop: StopSignals
     teacher: Teacher | None = None
     pipe: Pipeline | None = None
+    preference: Preference | None = None
+    """dpo: the objective; `train_rows` / `val_rows` are then `PairTable`s."""
 
 
 class Loop:
@@ -101,12 +104,29 @@ class Loop:
                 )
             )
         self.step = step
+        if p.preference is not None:
+            import torch
+
+            saved = state[REFERENCE_KEY]
+            p.preference.reference = {
+                k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()
+            }
         p.recorder.restore(state, step=step, checkpoint=str(path))
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         p, plan = self.parts, self.parts.plan
         p.recorder.begin(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
+        if p.preference is not None and p.preference.reference is None:
+            p.preference.reference = references(
+                p.model,
+                train=p.train_rows,
+                val=p.val_rows,
+                micro=p.plan.micro_batch,
+                pad_id=p.pad_id,
+                runtime=p.runtime,
+                dist=p.dist,
+            )
         if p.recorder.resumed_from is None and p.val_rows is not None:
             self._validate()  # the starting point, so the curve shows what training changed
         try:
@@ -120,6 +140,9 @@ class Loop:
                     self._stop_if_asked()
                     indices = step_rows[i]  # the whole step's rows, every rank's
                     n_targets = int(p.train_rows.target_counts[indices].sum())
+                    if p.preference is not None:  # the loss is a mean over the step's pairs
+                        n_targets = len(indices)
+                        p.preference.step_chosen = int(p.train_rows.chosen_counts[indices].sum())
                     tokens = int(p.train_rows.lengths[indices].sum())
                     self._train_step(micro_plan[i], n_targets, tokens)
             self._stop_if_asked()  # a signal during the last step
@@ -152,7 +175,7 @@ class Loop:
         )
         for group in p.optimizer.param_groups:
             group["lr"] = lr
-        loss_value, ce_part, kd_part, norm_value = self._gradients(micro_batches, n_targets)
+        loss_value, *figures, norm_value = self._gradients(micro_batches, n_targets)
         step = self.step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             p.optimizer.zero_grad(set_to_none=True)
@@ -162,7 +185,11 @@ class Loop:
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        extra = {"ce_loss": ce_part, "kd_loss": kd_part} if p.teacher is not None else {}
+        extra = {}
+        if p.teacher is not None:
+            extra = {"ce_loss": figures[0], "kd_loss": figures[1]}
+        elif p.preference is not None:
+            extra = p.preference.figures(figures)
         compiling = compile_seconds() - compiling
         if compiling > 0:  # part of this step's seconds, said apart from steady-state speed
             extra["compile_s"] = round(compiling, 3)
@@ -189,7 +216,9 @@ class Loop:
         # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
         # already a share of the step's token mean, so scale it back to a sum
         scale = p.dist.dp_cp_size
-        parts = torch.zeros(2, dtype=torch.float32, device=p.runtime.device)  # CE, KD
+        # distillation: CE, KD; dpo: SFT, reward sums
+        size = DPO_PARTS if p.preference is not None else 2
+        parts = torch.zeros(size, dtype=torch.float32, device=p.runtime.device)
         if p.pipe is not None:
             total = self._pipeline_step(micro_batches, n_targets, scale)
         else:
@@ -197,7 +226,7 @@ class Loop:
         p.layout.finish_grads()
         grad_norm = clip_grad_norm(
             self.params,
-            GRAD_CLIP,
+            p.job.optimizer.max_grad_norm,
             device=p.runtime.device,
             sum_over_stages=p.dist.sum_over_stages,
         )
@@ -216,6 +245,19 @@ class Loop:
             if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
                 p.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             # a rank with no rows left in a short last step still runs the collectives
+            if p.preference is not None:
+                loss, share = p.preference.micro_loss(
+                    p.model,
+                    p.train_rows,
+                    indices,
+                    step_pairs=n_targets,
+                    pad_id=p.pad_id,
+                    runtime=p.runtime,
+                )
+                parts += share
+                (loss * scale if scale > 1 else loss).backward()
+                total += loss.detach()
+                continue
             rows = p.train_rows.take(indices) if indices else [EMPTY_ROW]
             batch = _to(collate(rows, pad_id=p.pad_id), p.runtime)
             if p.teacher is None:
@@ -249,6 +291,18 @@ class Loop:
     def _validate(self) -> None:
         p, pipe = self.parts, self.parts.pipe
         dist = p.dist
+        if p.preference is not None:
+            loss, figures = p.preference.evaluate(
+                p.model,
+                p.val_rows,
+                micro=p.plan.micro_batch,
+                pad_id=p.pad_id,
+                runtime=p.runtime,
+                dist=dist,
+            )
+            tokens = int(p.val_rows.lengths.sum())
+            p.recorder.validated(step=self.step, loss=loss, tokens=tokens, **figures)
+            return
         loss = evaluate(
             p.model if pipe is None else pipe.module,
             p.val_rows,
@@ -283,7 +337,11 @@ class Loop:
         counters, and what `restore` checks the resumed run against."""
         p = self.parts
         epoch, step_in_epoch = p.plan.position(self.step)
+        reference = {}
+        if p.preference is not None:
+            reference[REFERENCE_KEY] = {k: v.tolist() for k, v in p.preference.reference.items()}
         return {
+            **reference,
             EPOCH_KEY: epoch,
             STEP_IN_EPOCH_KEY: step_in_epoch,
             **p.recorder.state(),

@@ -10,10 +10,12 @@ from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
 from tuneplex.schema.common import (
     ColumnMapping,
     DataFormatName,
+    DpoConfig,
     column_mapping_field,
     data_format_field,
     data_format_problems,
     keep_checkpoints_field,
+    max_grad_norm_field,
     output_dir_field,
     skip_invalid_rows_field,
 )
@@ -80,8 +82,10 @@ class AutomodelLora(StrictModel):
 
 
 class AutomodelTraining(StrictModel):
-    training_type: Literal["sft", "distillation"] = Field(
-        default="sft", description="Training method."
+    training_type: Literal["sft", "distillation", "dpo"] = Field(
+        default="sft",
+        description="Training method: sft, distillation (from a teacher model), dpo "
+        "(preference tuning on chosen/rejected pairs).",
     )
     finetuning_type: Literal["lora", "lora_merged", "all_weights"] = Field(
         default="lora",
@@ -115,6 +119,12 @@ class AutomodelTraining(StrictModel):
         "reported as compile_s). auto: on with a CUDA GPU, off on a CPU (measured there: no "
         "gain after ~20-40 s of compiling). Same loss and gradients either way. With tensor, "
         "context, pipeline or expert parallelism: auto means off, true is refused.",
+    )
+    dpo: DpoConfig | None = Field(
+        default=None,
+        description="Preference-tuning settings; filled with defaults when training_type is "
+        "dpo, refused otherwise. The reference model is the starting model: its log-"
+        "probabilities of every pair are computed once, before the first step.",
     )
     teacher_model: str | None = Field(
         default=None,
@@ -177,6 +187,12 @@ class AutomodelTraining(StrictModel):
             for key in _DISTILLATION_FIELDS:
                 if getattr(self, key) != type(self).model_fields[key].default:
                     problems.append((key, "only used when training_type is distillation"))
+        if self.training_type == "dpo":
+            object.__setattr__(self, "dpo", self.dpo or DpoConfig())
+        elif self.dpo not in (None, DpoConfig()):
+            problems.append(("dpo", "only used when training_type is dpo"))
+        else:
+            object.__setattr__(self, "dpo", None)  # a block of pure defaults: harmless
         if problems:
             raise CrossFieldError(problems)
         return self
@@ -236,6 +252,7 @@ class AutomodelOptimizer(StrictModel):
         ge=0,
         description="Linear warmup steps, then cosine decay to 10% of the learning rate.",
     )
+    max_grad_norm: float = max_grad_norm_field()
 
 
 class AutomodelParallelism(StrictModel):
@@ -323,13 +340,21 @@ class AutomodelJobInput(JobSchema):
             if size > 1
         ]
         what = None
-        if self.training.training_type == "distillation":
-            what = "distillation runs"
+        if self.training.training_type in ("distillation", "dpo"):
+            what = f"{self.training.training_type} runs"
         elif self.training.compile is True:
             what = "training.compile: true is proven"
         for key, size in beyond if what else ():
             problems.append(
                 (key, f"{size}: {what} with data parallelism only in this version; set it to 1")
+            )
+        if self.training.training_type == "dpo" and self.batch.sequence_packing:
+            problems.append(
+                (
+                    "batch.sequence_packing",
+                    "true: dpo batches each pair's chosen and rejected sides unpacked; set it "
+                    "to false",
+                )
             )
         if self.schedule.val_check_interval is not None and self.dataset.validation is None:
             problems.append(

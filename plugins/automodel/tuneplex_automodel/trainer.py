@@ -29,6 +29,7 @@ from tuneplex.signals import Stop, StopSignals, stopped_early
 
 from tuneplex_automodel.checkpoint import export_run
 from tuneplex_automodel.distill import load_teacher
+from tuneplex_automodel.dpo import PairTable, Preference
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.loop import Components, Loop
 from tuneplex_automodel.model import (
@@ -233,6 +234,7 @@ def _train(
         stop=stop,
         teacher=loaded.teacher,
         pipe=pipe,
+        preference=Preference(job.training.dpo) if job.training.dpo is not None else None,
     )
     loop = Loop(parts)
     if resume:
@@ -260,9 +262,10 @@ def setup_data(spec: DataSpec, *, dist: Dist) -> Data:
         prepared = prepare(spec)
     validation = prepared.validation
     tokenizer = prepared.tokenizer
+    table = PairTable if spec.preference else (lambda rows: rows)  # dpo: a pair is an item
     return Data(
-        train_rows=RowTable(prepared.train.dataset),
-        val_rows=RowTable(validation.dataset) if validation is not None else None,
+        train_rows=table(RowTable(prepared.train.dataset)),
+        val_rows=table(RowTable(validation.dataset)) if validation is not None else None,
         tokenizer=tokenizer,
         pad_id=pad_id_of(tokenizer),
         stats={
@@ -450,11 +453,12 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
     job, plan, dims = parts.job, parts.plan, parts.dist.dims
     trainable, total = counts
     val_rows = parts.val_rows
+    unit = "pairs" if parts.preference is not None else "rows"
     return [
         f"automodel: {job.model} ({model_class}, {total:,} parameters, "
         f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {_placement(parts)}",
-        f"data: {len(parts.train_rows):,} training rows"
-        + (f", {len(val_rows):,} validation rows" if val_rows is not None else "")
+        f"data: {len(parts.train_rows):,} training {unit}"
+        + (f", {len(val_rows):,} validation {unit}" if val_rows is not None else "")
         + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
         f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
         + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")

@@ -1,0 +1,198 @@
+"""Preference tuning (DPO, IPO, hinge, robust DPO) in the automodel loop.
+
+The data pipeline gives each pair as two rows, chosen then rejected (`PairTable` reads them as
+one item each, so the plan, the row order and data parallelism treat a pair as a row). The
+reference model is the starting model: before the first step, one pass with no gradients
+computes every side's log-probability (each data-parallel rank its share, summed over ranks);
+the values travel with every checkpoint, so a resumed run compares with the same reference.
+No second model is held, LoRA or full weights. Log-probabilities come from the chunked head
+(`tuneplex.evaluation.sequence_log_probs`): no full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
+from tuneplex.evaluation import sequence_log_probs
+from tuneplex.preference import REWARD_KEYS, preference_loss, reward_sums
+from tuneplex.schema.common import DpoConfig
+
+REFERENCE_KEY = "reference_log_probs"
+"""In a checkpoint's trainer state: {"train": [...], "validation": [...]}, one per side row."""
+
+SFT_KEY = "sft_loss"
+PARTS = 1 + len(REWARD_KEYS)
+"""What a micro-batch adds to the step's figures: the SFT part, then `reward_sums`."""
+
+
+class PairTable:
+    """Pairs over interleaved side rows (2i chosen, 2i+1 rejected), read as one item each:
+    `lengths` and `target_counts` of a pair are its two sides' together."""
+
+    def __init__(self, rows: RowTable):
+        self.rows = rows
+        self.lengths = rows.lengths[0::2] + rows.lengths[1::2]
+        self.target_counts = rows.target_counts[0::2] + rows.target_counts[1::2]
+        self.chosen_counts = rows.target_counts[0::2]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def side_indices(self, pairs) -> list[int]:
+        """The side rows of `pairs`: every chosen side, then every rejected side."""
+        return [2 * int(i) for i in pairs] + [2 * int(i) + 1 for i in pairs]
+
+    def take(self, pairs) -> list[dict[str, Any]]:
+        return self.rows.take(self.side_indices(pairs))
+
+
+@dataclass
+class Preference:
+    """The objective of a dpo job and the reference log-probabilities it compares with."""
+
+    config: DpoConfig
+    reference: dict[str, Any] | None = None
+    """{"train": float64 tensor [side rows], "validation": ...}, set before the first step."""
+    step_chosen: int = 0
+    """Chosen-side target tokens of the whole step (every rank's), set by the loop."""
+
+    def terms(self, model, table: PairTable, pairs, *, split: str, pad_id: int, runtime):
+        """(per-pair preference terms, chosen log-prob sums, chosen counts) of `pairs`, or
+        None for a rank with no pair in this pass (it still runs the forward)."""
+        import torch
+
+        rows = table.take(pairs) if len(pairs) else [EMPTY_ROW]
+        batch = {k: v.to(runtime.device) for k, v in collate(rows, pad_id=pad_id).items()}
+        logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
+        if not len(pairs):
+            return None, logps
+        m = len(pairs)
+        sides = table.side_indices(pairs)
+        ref = self.reference[split][sides].to(device=logps.device, dtype=torch.float32)
+        counts = torch.as_tensor(
+            table.rows.target_counts[sides], dtype=torch.float32, device=logps.device
+        )
+        policy = logps
+        if self.config.preference_average_log_probs:
+            policy, ref = policy / counts.clamp(min=1), ref / counts.clamp(min=1)
+        terms = preference_loss(
+            policy[:m],
+            policy[m:],
+            ref[:m],
+            ref[m:],
+            beta=self.config.ref_policy_kl_penalty,
+            loss_type=self.config.loss_type,
+            label_smoothing=self.config.label_smoothing,
+        )
+        return terms, (logps[:m], counts[:m])
+
+    def micro_loss(self, model, table: PairTable, pairs, *, step_pairs: int, pad_id, runtime):
+        """This micro-batch's share of the step's loss (a mean over the step's pairs, plus the
+        weighted SFT part), and its share of [SFT loss, *reward sums] / step pairs."""
+        import torch
+
+        c = self.config
+        terms, chosen = self.terms(
+            model, table, pairs, split="train", pad_id=pad_id, runtime=runtime
+        )
+        if terms is None:  # keeps the graph (and every rank's collectives) for an empty pass
+            return 0.0 * chosen.sum(), torch.zeros(PARTS, device=chosen.device)
+        logps, counts = chosen
+        n = max(step_pairs, 1)
+        loss = c.preference_loss_weight * terms.loss.sum() / n
+        sft = self.sft_part(logps, counts, n=n)
+        if c.sft_loss_weight > 0:
+            loss = loss + c.sft_loss_weight * sft
+        parts = torch.cat([sft.detach().reshape(1), reward_sums(terms) / n])
+        return loss, parts
+
+    def sft_part(self, logps, counts, *, n: int):
+        """Negative log-likelihood of the chosen sides: per-token mean over the step's chosen
+        tokens, or (sft_average_log_probs) each side's own mean, averaged over pairs."""
+        if self.config.sft_average_log_probs:
+            return -(logps / counts.clamp(min=1)).sum() / n
+        return -logps.sum() / max(self.step_chosen, 1)
+
+    def figures(self, parts: list[float]) -> dict[str, float]:
+        """The step's metrics from the summed parts."""
+        out = dict(zip(REWARD_KEYS, parts[1:], strict=True))
+        if self.config.sft_loss_weight > 0:
+            out[SFT_KEY] = parts[0]
+        return out
+
+    def evaluate(self, model, table: PairTable, *, micro: int, pad_id: int, runtime, dist):
+        """Mean loss and reward figures over every validation pair (ranks share the pairs in
+        the same number of passes; the model is left in its former mode)."""
+        import math
+
+        import torch
+
+        rank, size = dist.dp_rank, dist.dp_size
+        mine = list(range(rank, len(table), size))
+        passes = math.ceil(math.ceil(len(table) / size) / micro)
+        total = torch.zeros(2 + len(REWARD_KEYS), dtype=torch.float32, device=runtime.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i in range(passes):
+                pairs = mine[i * micro : (i + 1) * micro]
+                terms, chosen = self.terms(
+                    model, table, pairs, split="validation", pad_id=pad_id, runtime=runtime
+                )
+                if terms is None:
+                    continue
+                logps, counts = chosen
+                c = self.config
+                sft = self.sft_part(logps, counts, n=1) if c.sft_average_log_probs else -logps.sum()
+                loss = c.preference_loss_weight * terms.loss.sum()
+                total += torch.cat([loss.reshape(1), sft.reshape(1), reward_sums(terms)])
+        model.train(was_training)
+        total = dist.sum_over_data(total).tolist()
+        n = max(len(table), 1)
+        chosen_tokens = max(int(table.chosen_counts.sum()), 1)
+        sft = total[1] / (n if self.config.sft_average_log_probs else chosen_tokens)
+        loss = total[0] / n + self.config.sft_loss_weight * sft
+        return loss, self.figures([sft, *(x / n for x in total[2:])])
+
+
+def reference_log_probs(model, rows: RowTable, *, micro: int, pad_id: int, runtime, dist):
+    """Every side row's log-probability under `model` as it is now (no gradients; each
+    data-parallel rank computes rows rank, rank+size, ... and the ranks sum)."""
+    import math
+
+    import torch
+
+    rank, size = dist.dp_rank, dist.dp_size
+    mine = list(range(rank, len(rows), size))
+    passes = math.ceil(math.ceil(len(rows) / size) / micro)
+    out = torch.zeros(len(rows), dtype=torch.float64, device=runtime.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(passes):
+            chunk = mine[i * micro : (i + 1) * micro]
+            data = rows.take(chunk) if chunk else [EMPTY_ROW]
+            batch = {k: v.to(runtime.device) for k, v in collate(data, pad_id=pad_id).items()}
+            logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
+            if chunk:
+                out[torch.as_tensor(chunk, device=out.device)] = logps.double()
+    model.train(was_training)
+    return dist.sum_over_data(out).cpu()
+
+
+def references(
+    model, *, train: PairTable, val: PairTable | None, micro: int, pad_id, runtime, dist
+):
+    """{"train": ..., "validation": ...}: `reference_log_probs` of both splits' side rows."""
+    out = {
+        "train": reference_log_probs(
+            model, train.rows, micro=2 * micro, pad_id=pad_id, runtime=runtime, dist=dist
+        )
+    }
+    if val is not None:
+        out["validation"] = reference_log_probs(
+            model, val.rows, micro=2 * micro, pad_id=pad_id, runtime=runtime, dist=dist
+        )
+    return out
