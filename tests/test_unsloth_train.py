@@ -228,7 +228,8 @@ def test_sft_config_translates_every_field(job, tmp_path):
         "schedule: {max_steps: 30, warmup_ratio: 0.1, lr_scheduler_type: cosine, logging_steps: 5,"
         " save_steps: 10, seed: 9}\n"
         "batch: {per_device_train_batch_size: 4, gradient_accumulation_steps: 8}\n"
-        "optimizer: {learning_rate: 3.0e-4, weight_decay: 0.05, optim: adamw_8bit}"
+        "optimizer: {learning_rate: 3.0e-4, weight_decay: 0.05, optim: adamw_8bit, "
+        "max_grad_norm: 0.3}"
     )
     u = registry().backends["unsloth"].backend
     ujob = validate_job(u.job_schema, yaml.safe_load(Path(job(extra)).read_text()))
@@ -237,6 +238,7 @@ def test_sft_config_translates_every_field(job, tmp_path):
     assert (c.logging_steps, c.save_strategy, c.save_steps, c.seed) == (5, "steps", 10, 9)
     assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (4, 8)
     assert (c.learning_rate, c.weight_decay, c.optim) == (3e-4, 0.05, "adamw_8bit")
+    assert c.max_grad_norm == 0.3
     assert c.use_cpu and not c.bf16 and not c.fp16
     assert c.output_dir == str(tmp_path / "run" / "checkpoints")
     assert c.report_to in ([], "none", ["none"])
@@ -248,7 +250,7 @@ def test_sft_config_translates_every_field(job, tmp_path):
     c2 = sft_config(
         validate_job(u.job_schema, yaml.safe_load(Path(job()).read_text())), tmp_path, cuda=False
     )
-    assert c2.save_strategy == "no" and c2.max_steps == -1
+    assert c2.save_strategy == "no" and c2.max_steps == -1 and c2.max_grad_norm == 1.0
 
 
 def test_merged_4bit_check_refuses_16_bit_weights(tmp_path, tiny_model):

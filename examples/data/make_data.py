@@ -1,7 +1,8 @@
 """Regenerate the bundled demo data: `python examples/data/make_data.py`.
 
 Small rule-following chats (repeat, reverse, first word, count) over a closed vocabulary, so a
-tiny model trained for a minute on a CPU visibly lowers its validation loss. Deterministic.
+tiny model trained for a minute on a CPU visibly lowers its validation loss; and preference
+pairs over the same tasks (pairs.jsonl, val-pairs.jsonl) for dpo. Deterministic.
 """
 
 from __future__ import annotations
@@ -37,6 +38,21 @@ def example(rng: random.Random) -> dict:
     }
 
 
+def pair(rng: random.Random) -> dict:
+    """A preference pair (DPO): the right answer chosen, a plausible wrong one rejected."""
+    row = example(rng)["messages"]
+    right = row[2]["content"]
+    words = row[1]["content"].split(": ", 1)[1].split()
+    wrong = " ".join(words[1:] + words[:1]) if len(set(words)) > 1 else right + " " + right
+    if wrong == right:
+        wrong = f"{NUMBERS[(len(words) + 1) % 10]} words"
+    return {
+        "prompt": row[:2],
+        "chosen": [{"role": "assistant", "content": right}],
+        "rejected": [{"role": "assistant", "content": wrong}],
+    }
+
+
 def main() -> None:
     here = Path(__file__).parent
     rng = random.Random(7)
@@ -44,6 +60,11 @@ def main() -> None:
         with (here / name).open("w") as fh:
             for _ in range(count):
                 fh.write(json.dumps(example(rng)) + "\n")
+    rng = random.Random(11)
+    for name, count in (("pairs.jsonl", 400), ("val-pairs.jsonl", 50)):
+        with (here / name).open("w") as fh:
+            for _ in range(count):
+                fh.write(json.dumps(pair(rng)) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from tuneplex.schema.common import (
     data_format_field,
     data_format_problems,
     keep_checkpoints_field,
+    max_grad_norm_field,
     output_dir_field,
     skip_invalid_rows_field,
 )
@@ -225,6 +226,7 @@ class UnslothOptimizer(StrictModel):
             description="Optimizer; the 8-bit ones keep optimizer state in 8 bits (less memory).",
         )
     )
+    max_grad_norm: float = max_grad_norm_field()
 
 
 def _gpus_to_text(value):

@@ -71,7 +71,7 @@ def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
         optim=o.optim,
         lr_scheduler_type=s.lr_scheduler_type,
         warmup_steps=s.warmup_ratio if s.warmup_ratio is not None else s.warmup_steps,
-        max_grad_norm=1.0,
+        max_grad_norm=o.max_grad_norm,
         logging_strategy="steps",
         logging_steps=s.logging_steps,
         logging_nan_inf_filter=False,
