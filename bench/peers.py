@@ -1,9 +1,9 @@
 """tuneplex vs transformers' Trainer vs a plain transformers + peft loop, on the same rows.
 
-    python bench/peers.py --shape small --setups lora,full [--steps 8] [--warmup 2]
+    python bench/peers.py --shape small --setups lora,full [--steps 6] [--warmup 2]
     python bench/peers.py --shape bigvocab --contenders tuneplex,trainer --json out.json
     python bench/peers.py --shape llama-1b --steps 20 --warmup 5      # a GPU
-    python bench/peers.py --shape tiny --steps 3 --warmup 1           # CPU, seconds
+    python bench/peers.py --shape tiny --steps 2 --warmup 1           # CPU, seconds
 
 Builds a random-init model of a named shape (train_throughput.py's builder) and synthetic
 prompt/completion rows locally. Each contender then trains, in a fresh process of its own, one
@@ -17,7 +17,8 @@ cosine to 10%, as a LambdaLR). Precision: by default each contender's own (`--pr
 defaults`: tuneplex's `auto` — bf16 autocast where the device computes bf16 natively, LoRA on a
 bf16 base — and fp32 for Trainer and the loop, their defaults); `--precision auto|bf16|fp32`
 gives every contender that one (tuneplex's decision, applied to the peers as tuneplex applies
-it). `--steps` counts every optimizer step; the first `--warmup` are left out of the speed.
+it). `--warmup` optimizer steps run first, then `--steps` timed ones (as in
+train_throughput.py): the speed is over the timed steps, the losses over all.
 
 Measured per contender: real (non-padding) tokens/s from the end of step `--warmup` to the end
 of the last step; peak memory (CUDA max allocated on a GPU, else the process's max RSS from
@@ -37,16 +38,6 @@ from pathlib import Path
 
 import train_throughput as tt
 
-SHAPES = {
-    "small": dict(
-        hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=32000, tied=False
-    ),
-    "bigvocab": dict(
-        hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vocab=128256, tied=True
-    ),
-}
-for _name, _shape in SHAPES.items():
-    tt.SHAPES.setdefault(_name, _shape)  # the builder reads its own table
 ROW_TOKENS = {"tiny": 64, "small": 480, "bigvocab": 960, "llama-1b": 1024, "qwen3-0.6b": 1024}
 CONTENDERS = ("tuneplex", "trainer", "loop")
 LORA = {"rank": 16, "alpha": 32}
@@ -81,7 +72,7 @@ def job_dict(work: Path, setup: str, args, contender: str = "tuneplex") -> dict:
         "model": str(work / "model"),
         "dataset": {"training": str(work / "data.jsonl")},
         "training": training,
-        "schedule": {"max_steps": args.steps, "seed": args.seed},
+        "schedule": {"max_steps": args.warmup + args.steps, "seed": args.seed},
         "batch": {"global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch},
         "optimizer": {"learning_rate": args.lr, "warmup_steps": args.lr_warmup},
     }
@@ -171,7 +162,7 @@ def tuneplex_result(run: Path, warmup: int) -> dict:
 
 def print_table(results: list[dict], args, data: dict) -> None:
     s = tt.SHAPES[args.shape]
-    n = args.steps
+    n = args.warmup + args.steps
     print(
         f"shape {args.shape} (hidden {s['hidden']}, {s['layers']} layers, vocab {s['vocab']:,}); "
         f"{data['rows']} rows of {data['mean_tokens']:.0f} tokens on average (max "
@@ -206,8 +197,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shape", default="tiny", choices=sorted(tt.SHAPES))
     ap.add_argument("--setups", default="lora,full", help="lora, full")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help=", ".join(CONTENDERS))
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps, warm-up included")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the speed")
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--row-tokens", type=int, default=None, help="longest row (default: shape's)")
@@ -229,8 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         worker(args.worker, args.job, warmup=args.warmup, out=args.out)
         return []
-    if not 1 <= args.warmup < args.steps:
-        ap.error("--warmup must be at least 1 and below --steps")
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be at least 1")
     if args.global_batch % args.micro_batch:
         ap.error("--global-batch must be a multiple of --micro-batch")
     args.row_tokens = args.row_tokens or ROW_TOKENS.get(args.shape, 1024)
@@ -238,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TUNEPLEX_CACHE", str(args.workdir / "cache"))
     tt.build_model(work / "model", args.shape)
-    rows = args.global_batch * args.steps
+    rows = args.global_batch * (args.warmup + args.steps)
     build_rows(work / "data.jsonl", work / "model", rows=rows, tokens=args.row_tokens)
     data = warm_cache(job_dict(work, "full", args))
     results = []

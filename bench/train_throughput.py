@@ -28,6 +28,13 @@ SHAPES = {
     "qwen3-0.6b": dict(
         hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072, vocab=151936, tied=True
     ),
+    # CPU shapes of peers.py: a 50M model, and a small one with a 128k vocabulary
+    "small": dict(
+        hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=32000, tied=False
+    ),
+    "bigvocab": dict(
+        hidden=256, layers=4, heads=4, kv_heads=2, intermediate=704, vocab=128256, tied=True
+    ),
 }
 SETUPS = {
     # automodel backend

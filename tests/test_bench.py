@@ -78,7 +78,7 @@ def test_peers_tiny(tmp_path, capsys):
     import peers
 
     out = tmp_path / "out.json"
-    args = ["--shape", "tiny", "--steps", "3", "--warmup", "1", "--setups", "lora,full"]
+    args = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--setups", "lora,full"]
     results = peers.main([*args, "--workdir", str(tmp_path), "--json", str(out)])
     assert json.loads(out.read_text())["results"] == results
     assert [(r["setup"], r["contender"]) for r in results] == [
