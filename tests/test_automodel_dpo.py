@@ -1,6 +1,6 @@
 """Preference tuning with the automodel backend, end to end through `tuneplex train`: the first
 step's loss is ln 2 with every reward 0, a tiny model learns a preference, resume equals an
-uninterrupted run, data parallelism equals one process, final/ loads."""
+uninterrupted run, data and tensor parallelism equal one process, final/ loads."""
 
 from __future__ import annotations
 
@@ -130,8 +130,9 @@ def test_resume_equals_an_uninterrupted_run(root, tiny_model, single):
 
 
 @pytest.mark.parametrize("ft", ["lora", "all_weights"])
-def test_data_parallel_equals_one_process(root, tiny_model, single, ft):
-    run = root / f"dp2-{ft}"
-    cli(job(root, tiny_model, ft, ft=ft), "-o", run, *layout(2))
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_parallel_runs_equal_one_process(root, tiny_model, single, ft, tp):
+    run = root / f"p2-tp{tp}-{ft}"
+    cli(job(root, tiny_model, ft, ft=ft), "-o", run, *layout(2, tensor_parallel_size=tp))
     assert_same_run(single[ft], run)
     assert_same_final(single[ft], run)

@@ -453,12 +453,14 @@ def test_dpo_settings_belong_to_dpo_and_are_filled_in():
     assert problems(
         job(
             training={"training_type": "dpo"},
-            parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2},
+            parallelism={"num_gpus_per_node": 2, "pipeline_parallel_size": 2},
         )
     ) == [
-        "parallelism.tensor_parallel_size: 2: dpo runs with data parallelism only in this "
-        "version; set it to 1"
+        "parallelism.pipeline_parallel_size: 2: dpo runs with data and tensor parallelism only "
+        "in this version; set it to 1"
     ]
+    tp = {"num_gpus_per_node": 2, "tensor_parallel_size": 2}
+    assert ok(job(training={"training_type": "dpo"}, parallelism=tp)).training.dpo is not None
 
 
 def test_max_grad_norm_is_a_setting_for_every_training_type():

@@ -339,14 +339,17 @@ class AutomodelJobInput(JobSchema):
             )
             if size > 1
         ]
-        what = None
-        if self.training.training_type in ("distillation", "dpo"):
-            what = f"{self.training.training_type} runs"
+        what, allowed = None, "data parallelism"
+        if self.training.training_type == "distillation":
+            what = "distillation runs"
+        elif self.training.training_type == "dpo":
+            what, allowed = "dpo runs", "data and tensor parallelism"
+            beyond = [(k, n) for k, n in beyond if not k.endswith(".tensor_parallel_size")]
         elif self.training.compile is True:
             what = "training.compile: true is proven"
         for key, size in beyond if what else ():
             problems.append(
-                (key, f"{size}: {what} with data parallelism only in this version; set it to 1")
+                (key, f"{size}: {what} with {allowed} only in this version; set it to 1")
             )
         if self.training.training_type == "dpo" and self.batch.sequence_packing:
             problems.append(
