@@ -56,30 +56,29 @@ def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     on every rank. A model whose forward takes no `logits_to_keep` gets `loss_sum`.
     """
     from tuneplex.linear_ce import linear_cross_entropy_sum
-    from tuneplex.models import unwrap_peft
 
-    base = unwrap_peft(model)
-    if not _keeps_logits(type(base)):
-        return loss_sum(model, batch, autocast=autocast)
-    with autocast_context(batch["input_ids"].device, autocast):
-        hidden = decoder_output(model, batch)
-        return linear_cross_entropy_sum(
-            hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
-        )
+    return _through_head(model, batch, autocast, linear_cross_entropy_sum, fallback=loss_sum)
 
 
 def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
     """Float32 log-probability of each row's counted targets, summed per row (shape [rows]),
     without full-vocabulary logits (`tuneplex.linear_ce.row_log_probs`)."""
     from tuneplex.linear_ce import row_log_probs
+
+    return _through_head(model, batch, autocast, row_log_probs, fallback=_row_log_probs_of_logits)
+
+
+def _through_head(model, batch: dict[str, Any], autocast, head_fn, *, fallback):
+    """`head_fn(hidden, targets, head=, config=)` on the decoder's output of `batch`, or
+    `fallback(model, batch, autocast=)` for a model whose forward takes no `logits_to_keep`."""
     from tuneplex.models import unwrap_peft
 
     base = unwrap_peft(model)
     if not _keeps_logits(type(base)):
-        return _row_log_probs_of_logits(model, batch, autocast=autocast)
+        return fallback(model, batch, autocast=autocast)
     with autocast_context(batch["input_ids"].device, autocast):
         hidden = decoder_output(model, batch)
-        return row_log_probs(
+        return head_fn(
             hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
         )
 
@@ -147,27 +146,38 @@ def evaluate(
     `loss(model, batch, autocast=...)` replaces `loss_sum` (e.g. this rank's share of a batch
     whose sequence is split across ranks).
     """
+    import torch
+
+    count = int(rows.target_counts.sum())
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for chunk in inference_passes(model, len(rows), micro=micro, shard=shard):
+        data = rows.take(chunk) if chunk else [EMPTY_ROW]
+        batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
+        total += loss(model, batch, autocast=autocast)
+    if reduce is not None:
+        total = reduce(total)
+    return total.item() / max(count, 1)
+
+
+def inference_passes(model, n: int, *, micro: int, shard: tuple[int, int]):
+    """Items rank, rank+size, ... of `n`, `micro` at a time, in as many passes as every other
+    rank makes ([] where this rank has none left: it still runs the forward and its
+    collectives); meanwhile the model is in eval mode without gradients, then back as it was."""
     import math
 
     import torch
 
     rank, size = shard
-    mine = list(range(rank, len(rows), size))
-    passes = math.ceil(math.ceil(len(rows) / size) / micro)
-    count = int(rows.target_counts.sum())
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    mine = list(range(rank, n, size))
+    passes = math.ceil(math.ceil(n / size) / micro)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(passes):
-            chunk = mine[i * micro : (i + 1) * micro]
-            data = rows.take(chunk) if chunk else [EMPTY_ROW]
-            batch = {k: v.to(device) for k, v in collate(data, pad_id=pad_id).items()}
-            total += loss(model, batch, autocast=autocast)
-    model.train(was_training)
-    if reduce is not None:
-        total = reduce(total)
-    return total.item() / max(count, 1)
+    try:
+        with torch.no_grad():
+            for i in range(passes):
+                yield mine[i * micro : (i + 1) * micro]
+    finally:
+        model.train(was_training)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
-from tuneplex.evaluation import sequence_log_probs
+from tuneplex.evaluation import inference_passes, sequence_log_probs
 from tuneplex.preference import REWARD_KEYS, preference_loss, reward_sums
 from tuneplex.schema.common import DpoConfig
 
@@ -125,30 +125,21 @@ class Preference:
     def evaluate(self, model, table: PairTable, *, micro: int, pad_id: int, runtime, dist):
         """Mean loss and reward figures over every validation pair (ranks share the pairs in
         the same number of passes; the model is left in its former mode)."""
-        import math
-
         import torch
 
-        rank, size = dist.dp_rank, dist.dp_size
-        mine = list(range(rank, len(table), size))
-        passes = math.ceil(math.ceil(len(table) / size) / micro)
+        c = self.config
         total = torch.zeros(2 + len(REWARD_KEYS), dtype=torch.float32, device=runtime.device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for i in range(passes):
-                pairs = mine[i * micro : (i + 1) * micro]
-                terms, chosen = self.terms(
-                    model, table, pairs, split="validation", pad_id=pad_id, runtime=runtime
-                )
-                if terms is None:
-                    continue
-                logps, counts = chosen
-                c = self.config
-                sft = self.sft_part(logps, counts, n=1) if c.sft_average_log_probs else -logps.sum()
-                loss = c.preference_loss_weight * terms.loss.sum()
-                total += torch.cat([loss.reshape(1), sft.reshape(1), reward_sums(terms)])
-        model.train(was_training)
+        shard = (dist.dp_rank, dist.dp_size)
+        for pairs in inference_passes(model, len(table), micro=micro, shard=shard):
+            terms, chosen = self.terms(
+                model, table, pairs, split="validation", pad_id=pad_id, runtime=runtime
+            )
+            if terms is None:
+                continue
+            logps, counts = chosen
+            sft = self.sft_part(logps, counts, n=1) if c.sft_average_log_probs else -logps.sum()
+            loss = c.preference_loss_weight * terms.loss.sum()
+            total += torch.cat([loss.reshape(1), sft.reshape(1), reward_sums(terms)])
         total = dist.sum_over_data(total).tolist()
         n = max(len(table), 1)
         chosen_tokens = max(int(table.chosen_counts.sum()), 1)
@@ -160,25 +151,16 @@ class Preference:
 def reference_log_probs(model, rows: RowTable, *, micro: int, pad_id: int, runtime, dist):
     """Every side row's log-probability under `model` as it is now (no gradients; each
     data-parallel rank computes rows rank, rank+size, ... and the ranks sum)."""
-    import math
-
     import torch
 
-    rank, size = dist.dp_rank, dist.dp_size
-    mine = list(range(rank, len(rows), size))
-    passes = math.ceil(math.ceil(len(rows) / size) / micro)
     out = torch.zeros(len(rows), dtype=torch.float64, device=runtime.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(passes):
-            chunk = mine[i * micro : (i + 1) * micro]
-            data = rows.take(chunk) if chunk else [EMPTY_ROW]
-            batch = {k: v.to(runtime.device) for k, v in collate(data, pad_id=pad_id).items()}
-            logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
-            if chunk:
-                out[torch.as_tensor(chunk, device=out.device)] = logps.double()
-    model.train(was_training)
+    shard = (dist.dp_rank, dist.dp_size)
+    for chunk in inference_passes(model, len(rows), micro=micro, shard=shard):
+        data = rows.take(chunk) if chunk else [EMPTY_ROW]
+        batch = {k: v.to(runtime.device) for k, v in collate(data, pad_id=pad_id).items()}
+        logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
+        if chunk:
+            out[torch.as_tensor(chunk, device=out.device)] = logps.double()
     return dist.sum_over_data(out).cpu()
 
 
