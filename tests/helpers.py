@@ -469,3 +469,30 @@ def build_family(cls: str, tok, **overrides):
     model = transformers.AutoModelForCausalLM.from_config(family_config(cls, tok, **overrides))
     assert type(model).__name__ == cls
     return model
+
+
+def trained_runs(tok, ids, labels):
+    """Decoded text of each contiguous run of trained tokens."""
+    from tuneplex.data.targets import IGNORE_INDEX as _IGNORE
+
+    runs, current = [], []
+    for tid, lab in zip(ids, labels, strict=True):
+        if lab != _IGNORE:
+            assert lab == tid
+            current.append(tid)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def untrained_text(tok, ids, labels):
+    """Decoded text of every untrained token."""
+    from tuneplex.data.targets import IGNORE_INDEX as _IGNORE
+
+    return tok.decode(
+        [t for t, lab in zip(ids, labels, strict=True) if lab == _IGNORE],
+        skip_special_tokens=False,
+    )

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import trained_runs, untrained_text
 from tuneplex.data.pipeline import build
 from tuneplex.data.spec import DataSpec
 from tuneplex.data.templates import IGNORE_INDEX
@@ -18,28 +19,6 @@ def spec(**kw):
 def encode(tok, rows, **kw):
     split = build([(f"t.jsonl:{i + 1}", r) for i, r in enumerate(rows)], spec(**kw), tok, key="k")
     return split, [(r["input_ids"], r["labels"]) for r in split.examples]
-
-
-def trained_runs(tok, ids, labels):
-    """Decoded text of each contiguous run of trained tokens."""
-    runs, current = [], []
-    for tid, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == tid
-            current.append(tid)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
-
-
-def untrained_text(tok, ids, labels):
-    return tok.decode(
-        [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX],
-        skip_special_tokens=False,
-    )
 
 
 def conversation(style):

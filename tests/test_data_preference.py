@@ -4,6 +4,7 @@ rendered and masked exactly as SFT rows; bad pairs reported as file:line; stats,
 import json
 
 import pytest
+from helpers import trained_runs, untrained_text
 from tuneplex.data import inspect, sources
 from tuneplex.data.pipeline import build, cache_root, prepare
 from tuneplex.data.spec import DataSpec, DataStats
@@ -40,28 +41,6 @@ def encode(tok, rows, **kw):
     return split, [(r["input_ids"], r["labels"]) for r in split.examples]
 
 
-def trained_runs(tok, ids, labels):
-    """Decoded text of each contiguous run of trained tokens."""
-    runs, current = [], []
-    for tid, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == tid
-            current.append(tid)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
-
-
-def untrained(tok, ids, labels):
-    return tok.decode(
-        [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX],
-        skip_special_tokens=False,
-    )
-
-
 def prompt_part(ids, labels):
     """The tokens before the first trained one."""
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
@@ -78,7 +57,7 @@ def test_string_pairs_interleave_chosen_and_rejected(tokenizers, style):
     for i, row in enumerate(rows):
         for side, (ids, labels) in zip(SIDES, examples[2 * i : 2 * i + 2], strict=True):
             assert trained_runs(tok, ids, labels) == [row[side] + EOT[style]]
-            rest = untrained(tok, ids, labels)
+            rest = untrained_text(tok, ids, labels)
             assert row["prompt"] in rest and row[side] not in rest
         (c_ids, c_lab), (r_ids, r_lab) = examples[2 * i : 2 * i + 2]
         assert prompt_part(c_ids, c_lab) == prompt_part(r_ids, r_lab)  # one prompt, two answers
@@ -120,7 +99,7 @@ def test_conversational_pairs_train_only_the_side(tokenizers, style):
     assert split.stats.formats == {"chat": 1}
     for side, (ids, labels) in (("chosen", chosen), ("rejected", rejected)):
         assert trained_runs(tok, ids, labels) == [row[side][0]["content"] + EOT[style]]
-        rest = untrained(tok, ids, labels)
+        rest = untrained_text(tok, ids, labels)
         for m in row["prompt"]:  # the prompt's assistant turn included: never trained
             assert m["content"] in rest
     assert prompt_part(*chosen) == prompt_part(*rejected)
@@ -157,7 +136,7 @@ def test_a_side_with_tool_calls_and_tool_results(tokenizers, style):
     runs = trained_runs(tok, ids, labels)
     assert len(runs) == 2 and json.dumps(call) in runs[0]
     assert runs[1].endswith("It is 22C and sunny." + EOT[style])
-    assert "22C and sunny" + EOT[style] in untrained(tok, ids, labels)
+    assert "22C and sunny" + EOT[style] in untrained_text(tok, ids, labels)
     assert trained_runs(tok, ids2, labels2) == ["I cannot know." + EOT[style]]
 
 
@@ -167,7 +146,7 @@ def test_passthrough_trains_only_the_sides_contents(tokenizers):
     _, [(ids, labels), (ids2, labels2)] = encode(tok, [row], chat_template="passthrough")
     assert trained_runs(tok, ids, labels) == ["Rainy, I think."]
     assert trained_runs(tok, ids2, labels2) == ["The river is blue!"]
-    assert "It is sunny in Paris." in untrained(tok, ids, labels)
+    assert "It is sunny in Paris." in untrained_text(tok, ids, labels)
 
 
 # ------------------------------------------------------------------ bad rows
