@@ -68,3 +68,18 @@ def _restore_signals():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture
+def cpu_seam(monkeypatch):
+    """PeftLoader in place of UnslothLoader, and the GPU requirement lifted."""
+    import tuneplex_unsloth.trainer as trainer
+    from tuneplex.backend import EnvironmentStatus
+    from tuneplex.plugins import registry
+    from tuneplex_unsloth.model import PeftLoader
+
+    monkeypatch.setattr(trainer, "LOADER", PeftLoader)
+    backend = registry().backends["unsloth"].backend
+    monkeypatch.setattr(
+        type(backend), "check_environment", lambda self: EnvironmentStatus(True, "test")
+    )

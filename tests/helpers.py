@@ -496,3 +496,17 @@ def untrained_text(tok, ids, labels):
         [t for t, lab in zip(ids, labels, strict=True) if lab == _IGNORE],
         skip_special_tokens=False,
     )
+
+
+def preference_rows(n: int, *, seed: int) -> list[dict]:
+    """Pairs whose sides differ in their first word only: chosen says yes, rejected no."""
+    import random
+
+    from tuneplex.tiny import sentence
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer = sentence(rng), sentence(rng)
+        rows.append({"prompt": prompt, "chosen": "yes. " + answer, "rejected": "no. " + answer})
+    return rows

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 
 import pytest
@@ -14,21 +13,18 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import assert_same_final, assert_same_run, cli, layout, load_final  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_final,
+    assert_same_run,
+    cli,
+    layout,
+    load_final,
+    preference_rows,
+    write_rows,
+)
 from tuneplex.runs import read_metrics  # noqa: E402
-from tuneplex.tiny import sentence  # noqa: E402
 
 pytestmark = pytest.mark.slow  # whole runs through the CLI: the slow tier
-
-
-def preference_rows(n: int, *, seed: int) -> list[dict]:
-    """Pairs whose sides differ in their first word only: chosen says yes, rejected no."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prompt, answer = sentence(rng), sentence(rng)
-        rows.append({"prompt": prompt, "chosen": "yes. " + answer, "rejected": "no. " + answer})
-    return rows
 
 
 JOB = """\
@@ -51,9 +47,7 @@ output: {{checkpoint_steps: 3}}
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     for name, n, seed in (("pairs", 14, 0), ("val-pairs", 8, 1)):
-        with (root / f"{name}.jsonl").open("w") as fh:
-            for row in preference_rows(n, seed=seed):
-                fh.write(json.dumps(row) + "\n")
+        write_rows(root / f"{name}.jsonl", preference_rows(n, seed=seed))
     return root
 
 

@@ -17,23 +17,8 @@ pytest.importorskip("trl")
 pytest.importorskip("bitsandbytes")
 
 from helpers import chat_rows, losses, merge_yaml, train, write_rows  # noqa: E402
-from tuneplex.backend import EnvironmentStatus  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
 from tuneplex.testing import assert_run_directory, reference_val_loss  # noqa: E402
-
-
-@pytest.fixture
-def cpu_seam(monkeypatch):
-    """PeftLoader in place of UnslothLoader, and the GPU requirement lifted."""
-    import tuneplex_unsloth.trainer as trainer
-    from tuneplex.plugins import registry
-    from tuneplex_unsloth.model import PeftLoader
-
-    monkeypatch.setattr(trainer, "LOADER", PeftLoader)
-    backend = registry().backends["unsloth"].backend
-    monkeypatch.setattr(
-        type(backend), "check_environment", lambda self: EnvironmentStatus(True, "test")
-    )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""On a CUDA GPU with unsloth installed: the real unsloth path, 4-bit and 16-bit, every save method.
+"""On a CUDA GPU with unsloth installed: the real unsloth path, 4-bit and 16-bit, every save method,
+and preference tuning (DPO) with TRL's DPOTrainer under unsloth's patching.
 
 Skipped without CUDA. Each run is a fresh `tuneplex train` process (unsloth must be imported
 before transformers, which this test process has already imported).
@@ -34,25 +35,8 @@ def model_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(
-    ("bits4", "save_method"),
-    [(True, "lora"), (False, "merged_16bit"), (True, "merged_4bit"), (False, "lora")],
-)
-def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
-    from helpers import chat_rows, write_rows
-
-    data = tmp_path / "train.jsonl"
-    write_rows(data, chat_rows(64))
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f"model: {{name: {model_dir}, max_seq_length: 256, load_in_4bit: {str(bits4).lower()}}}\n"
-        f"dataset: {{path: {data}, validation_path: {data}, apply_chat_template: true}}\n"
-        "schedule: {max_steps: 20, eval_steps: 10}\n"
-        "batch: {per_device_train_batch_size: 4}\n"
-        "optimizer: {learning_rate: 5.0e-4}\n"
-        f"output: {{save_method: {save_method}}}\n"
-    )
-    run = tmp_path / "run"
+def tuneplex_train(job, run) -> tuple[dict, list[dict]]:
+    """`tuneplex train JOB --backend unsloth` in a fresh process: (summary, metrics events)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -72,7 +56,29 @@ def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["loader"] == "unsloth" and summary["status"] == "completed"
-    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return summary, [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("bits4", "save_method"),
+    [(True, "lora"), (False, "merged_16bit"), (True, "merged_4bit"), (False, "lora")],
+)
+def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
+    from helpers import chat_rows, write_rows
+
+    data = tmp_path / "train.jsonl"
+    write_rows(data, chat_rows(64))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: {{name: {model_dir}, max_seq_length: 256, load_in_4bit: {str(bits4).lower()}}}\n"
+        f"dataset: {{path: {data}, validation_path: {data}, apply_chat_template: true}}\n"
+        "schedule: {max_steps: 20, eval_steps: 10}\n"
+        "batch: {per_device_train_batch_size: 4}\n"
+        "optimizer: {learning_rate: 5.0e-4}\n"
+        f"output: {{save_method: {save_method}}}\n"
+    )
+    run = tmp_path / "run"
+    summary, events = tuneplex_train(job, run)
     val = [e["loss"] for e in events if e["split"] == "val"]
     assert val[-1] < val[0]
     final = run / "final"
@@ -99,3 +105,46 @@ def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
         summary["peak_memory_gib"],
         "GiB",
     )
+
+
+@pytest.mark.parametrize(
+    ("bits4", "ft", "lr"),
+    [(True, "lora", 5e-4), (False, "lora", 5e-4), (False, "all_weights", 5e-5)],
+)
+def test_unsloth_dpo_learns_a_preference(model_dir, tmp_path, bits4, ft, lr):
+    """First step at ln 2 (policy = reference), the validation reward accuracy above chance
+    after training, and a final/ that loads."""
+    import math
+
+    from helpers import preference_rows, write_rows
+
+    train, val = tmp_path / "pairs.jsonl", tmp_path / "val-pairs.jsonl"
+    write_rows(train, preference_rows(64, seed=0))
+    write_rows(val, preference_rows(16, seed=1))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: {{name: {model_dir}, max_seq_length: 256, load_in_4bit: {str(bits4).lower()}}}\n"
+        f"dataset: {{path: {train}, validation_path: {val}}}\n"
+        f"training: {{training_type: dpo, finetuning_type: {ft}, "
+        "dpo: {ref_policy_kl_penalty: 0.1}}\n"
+        "schedule: {max_steps: 32, eval_steps: 16}\n"
+        "batch: {per_device_train_batch_size: 4}\n"
+        f"optimizer: {{learning_rate: {lr}}}\n"
+    )
+    run = tmp_path / "run"
+    summary, events = tuneplex_train(job, run)
+    train_events = [e for e in events if e["split"] == "train"]
+    val_events = [e for e in events if e["split"] == "val"]
+    assert abs(train_events[0]["loss"] - math.log(2)) < 1e-2, train_events[0]
+    assert abs(train_events[0]["rewards/margin"]) < 1e-2, train_events[0]
+    assert val_events[-1]["rewards/accuracy"] > 0.5, val_events
+    from transformers import AutoModelForCausalLM
+
+    if ft == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+        PeftModel.from_pretrained(base, run / "final")
+    else:
+        AutoModelForCausalLM.from_pretrained(run / "final", device_map="cuda")
+    print("dpo", ft, "4-bit" if bits4 else "16-bit", summary["tokens_per_s"], "tok/s")

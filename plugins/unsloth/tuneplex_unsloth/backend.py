@@ -16,7 +16,7 @@ class UnslothBackend:
     name = "unsloth"
     description = (
         "Memory-constrained single-GPU LoRA and full fine-tuning with unsloth "
-        "(4-bit/8-bit loading through bitsandbytes, TRL's trainer)."
+        "(4-bit/8-bit loading through bitsandbytes, TRL's SFT and DPO trainers)."
     )
     job_schema = UnslothJobInput
 
@@ -44,6 +44,7 @@ class UnslothBackend:
             skip_invalid_rows=d.skip_invalid_rows,
             chat_template="tokenizer" if d.apply_chat_template else "none",
             packing=d.packing,
+            preference=job.training.training_type == "dpo",
             trust_remote_code=job.model.trust_remote_code,
             train_key="dataset.path",
             validation_key="dataset.validation_path",

@@ -10,6 +10,7 @@ from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
 from tuneplex.schema.common import (
     ColumnMapping,
     DataFormatName,
+    DpoConfig,
     column_mapping_field,
     data_format_field,
     data_format_problems,
@@ -89,7 +90,8 @@ class UnslothDataset(StrictModel):
     )
     packing: bool = Field(
         default=False,
-        description="Pack several samples into one sequence (no attention across samples).",
+        description="Pack several samples into one sequence (no attention across samples); "
+        "sft only.",
     )
     format: DataFormatName = data_format_field()
     column_mapping: ColumnMapping | None = column_mapping_field()
@@ -140,7 +142,11 @@ GradientCheckpointing = Annotated[
 
 
 class UnslothTraining(StrictModel):
-    training_type: Literal["sft"] = Field(default="sft", description="Training method.")
+    training_type: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="Training method: sft, dpo (preference tuning on chosen/rejected pairs, "
+        "with TRL's DPOTrainer).",
+    )
     finetuning_type: Literal["lora", "all_weights"] = Field(
         default="lora",
         description="lora trains an adapter; all_weights trains every weight (unquantized).",
@@ -154,18 +160,88 @@ class UnslothTraining(StrictModel):
         default="unsloth",
         description="Gradient checkpointing: unsloth (its offloaded implementation), true, false.",
     )
+    dpo: DpoConfig | None = Field(
+        default=None,
+        description="Preference-tuning settings; filled with defaults when training_type is "
+        "dpo, refused otherwise. The reference model is the starting model: with lora the "
+        "base model (the adapter disabled), with all_weights a frozen copy. TRL computes the "
+        "losses: preference_average_log_probs must be true for ipo and false for hinge and "
+        "label_smoothing, and sft_average_log_probs false.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> UnslothTraining:
+        problems: list[tuple[str, str]] = []
         if self.finetuning_type == "lora" and self.lora is None:
             object.__setattr__(self, "lora", UnslothLora())
         elif self.finetuning_type == "all_weights" and self.lora not in (None, UnslothLora()):
-            raise CrossFieldError(
-                [("lora", "only used with finetuning_type lora (got all_weights)")]
-            )
+            problems.append(("lora", "only used with finetuning_type lora (got all_weights)"))
         elif self.finetuning_type == "all_weights":
             object.__setattr__(self, "lora", None)  # a block of pure defaults: harmless
+        if self.training_type == "dpo":
+            object.__setattr__(self, "dpo", self.dpo or DpoConfig())
+            problems += trl_dpo_problems(self.dpo)
+            if self.lora is not None and "lm_head" in self.lora.target_modules:
+                problems.append(
+                    (
+                        "lora.target_modules",
+                        "lm_head: TRL's DPO scores with lm_head's weight directly, so an adapter "
+                        "there would never train; remove it",
+                    )
+                )
+        elif self.dpo not in (None, DpoConfig()):
+            problems.append(("dpo", "only used when training_type is dpo"))
+        else:
+            object.__setattr__(self, "dpo", None)  # a block of pure defaults: harmless
+        if problems:
+            raise CrossFieldError(problems)
         return self
+
+
+def trl_loss_type(dpo: DpoConfig) -> str | None:
+    """TRL's name for the job's preference loss, or None where TRL has no equal of it.
+
+    TRL's sigmoid, robust and hinge compare summed log-probabilities; its sigmoid_norm and ipo
+    compare per-token averages (`preference_average_log_probs: true`)."""
+    average = dpo.preference_average_log_probs
+    if dpo.loss_type == "sigmoid" and dpo.label_smoothing:
+        return None if average else "robust"
+    if dpo.loss_type == "sigmoid":
+        return "sigmoid_norm" if average else "sigmoid"
+    if dpo.loss_type == "ipo":
+        return "ipo" if average else None
+    return None if average else "hinge"
+
+
+def trl_dpo_problems(dpo: DpoConfig) -> list[tuple[str, str]]:
+    """What TRL's DPOTrainer cannot compute, one line each (keys under `training`)."""
+    problems = []
+    if trl_loss_type(dpo) is None and dpo.loss_type == "ipo":
+        problems.append(
+            (
+                "dpo.preference_average_log_probs",
+                "false: TRL's IPO compares per-token average log-probabilities; set it to true "
+                "(or train with --backend automodel)",
+            )
+        )
+    elif trl_loss_type(dpo) is None:
+        what = "label_smoothing" if dpo.label_smoothing else f"loss_type {dpo.loss_type}"
+        problems.append(
+            (
+                "dpo.preference_average_log_probs",
+                f"true: TRL's {what} compares summed log-probabilities; set it to false "
+                "(or train with --backend automodel)",
+            )
+        )
+    if dpo.sft_average_log_probs:
+        problems.append(
+            (
+                "dpo.sft_average_log_probs",
+                "true: TRL's SFT term is the mean over the batch's chosen tokens; set it to "
+                "false (or train with --backend automodel)",
+            )
+        )
+    return problems
 
 
 class UnslothSchedule(StrictModel):
@@ -331,6 +407,14 @@ class UnslothJobInput(JobSchema):
                         "finetuning_type lora (got all_weights)",
                     )
                 )
+        if self.training.training_type == "dpo" and self.dataset.packing:
+            problems.append(
+                (
+                    "dataset.packing",
+                    "true: dpo scores each pair's chosen and rejected sides unpacked; set it to "
+                    "false",
+                )
+            )
         if self.schedule.eval_steps is not None and self.dataset.validation_path is None:
             problems.append(
                 ("schedule.eval_steps", "needs dataset.validation_path (no validation data)")

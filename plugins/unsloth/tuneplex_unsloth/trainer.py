@@ -1,4 +1,5 @@
-"""The unsloth backend's training: the core data pipeline, TRL's SFTTrainer, our run directory.
+"""The unsloth backend's training: the core data pipeline, TRL's SFTTrainer or DPOTrainer (dpo.py),
+our run directory.
 
 Order matters: CUDA_VISIBLE_DEVICES is set first, then unsloth is imported (through the
 loader) before transformers, peft and trl, all in the process that trains.
@@ -10,6 +11,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +58,17 @@ def select_gpus(job: UnslothJobInput) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus
 
 
-def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
-    """SFTConfig from the job, key by key (the data arrives tokenized, masked and packed)."""
-    from trl import SFTConfig
-
+def training_args(job: UnslothJobInput, run_dir: Path, *, cuda: bool) -> dict[str, Any]:
+    """The TrainingArguments every method shares, key by key from the job."""
     s, b, o = job.schedule, job.batch, job.optimizer
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         num_train_epochs=s.epochs,
         max_steps=s.max_steps or -1,
         per_device_train_batch_size=b.per_device_train_batch_size,
         per_device_eval_batch_size=b.per_device_train_batch_size,
         gradient_accumulation_steps=b.gradient_accumulation_steps,
+        gradient_checkpointing=bool(job.training.use_gradient_checkpointing),
         learning_rate=o.learning_rate,
         weight_decay=o.weight_decay,
         optim=o.optim,
@@ -83,11 +86,20 @@ def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
         **precision_flags(job, cuda=cuda),
         report_to="none",  # the run recorder logs to the job's trackers
         remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
+    """SFTConfig from the job (the data arrives tokenized, masked and packed)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **training_args(job, run_dir, cuda=cuda),
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=job.model.max_seq_length,
         packing=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
 
 
@@ -102,12 +114,43 @@ def precision_flags(job: UnslothJobInput, *, cuda: bool) -> dict[str, bool]:
 class TokenCounter:
     """Counts real (non-padding) tokens of every training batch the collator builds."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id, self.total = pad_id, 0
+    def __init__(self, collate: Callable[[list], dict], *, tokens: Callable[[list], int]):
+        self.collate, self.tokens, self.total = collate, tokens, 0
 
     def __call__(self, rows):
-        self.total += sum(len(r["input_ids"]) for r in rows)
-        return collate_for_hf(rows, pad_id=self.pad_id)
+        self.total += self.tokens(rows)
+        return self.collate(rows)
+
+
+def row_tokens(rows) -> int:
+    return sum(len(r["input_ids"]) for r in rows)
+
+
+Validate = Callable[[Any], tuple[float, int, dict[str, float]]]
+"""model -> (validation loss, tokens, further figures for metrics.jsonl)."""
+
+
+def sft_validation(job: UnslothJobInput, val_rows: RowTable, *, pad_id: int) -> Validate:
+    """The core's validation loss of every row, the same as every backend's."""
+
+    def validate(model):
+        import torch
+
+        device = next(model.parameters()).device
+        autocast = None
+        if device.type == "cuda":
+            autocast = torch.bfloat16 if job.hardware.precision == "bf16" else torch.float16
+        loss = evaluate(
+            model,
+            val_rows,
+            micro=job.batch.per_device_train_batch_size,
+            pad_id=pad_id,
+            device=device,
+            autocast=autocast,
+        )
+        return loss, int(val_rows.lengths.sum()), {}
+
+    return validate
 
 
 def _callback_base():
@@ -118,12 +161,13 @@ def _callback_base():
 
 def make_callback(**kw):
     class RunDirCallback(_callback_base()):
-        """HF's loop reported to the run recorder: steps, validation, NaN stop, checkpoints."""
+        """HF's loop reported to the run recorder: steps, validation, NaN stop, checkpoints.
+        `log_keys` names the figures of HF's log lines that go to metrics.jsonl (ours: theirs)."""
 
-        def __init__(self, *, job, rec, val_rows, pad_id, counter, stop=None):
-            self.job, self.rec, self.val_rows = job, rec, val_rows
-            self.stop = stop
-            self.pad_id, self.counter = pad_id, counter
+        def __init__(self, *, job, rec, validate, counter, stop=None, log_keys=None):
+            self.job, self.rec, self.validate = job, rec, validate
+            self.stop, self.counter = stop, counter
+            self.log_keys: dict[str, str] = log_keys or {}
             self.last_tokens = 0
             self.failed_step: int | None = None
             self.failed_value: float | None = None
@@ -134,14 +178,14 @@ def make_callback(**kw):
             if args.max_steps and args.max_steps > 0 and state.num_train_epochs:
                 steps_per_epoch = state.max_steps / state.num_train_epochs
             self.rec.begin(total_steps=state.max_steps, steps_per_epoch=steps_per_epoch)
-            if self.rec.resumed_from is None and self.val_rows is not None:
+            if self.rec.resumed_from is None and self.validate is not None:
                 self._validate(model, 0, 0.0)
 
         def on_step_end(self, args, state, control, model=None, **_):
             self.rec.step = state.global_step
             if self.stop is not None and self.stop.signum:  # asked to stop: after this step
                 control.should_log = control.should_save = control.should_training_stop = True
-            if self.val_rows is None:
+            if self.validate is None:
                 return
             every = self.job.schedule.eval_steps
             due = (every and state.global_step % every == 0) or state.global_step == state.max_steps
@@ -162,6 +206,7 @@ def make_callback(**kw):
                     lr=logs.get("learning_rate"),
                     grad_norm=_float(logs.get("grad_norm")),
                     tokens=tokens,
+                    **{ours: float(logs[k]) for ours, k in self.log_keys.items() if k in logs},
                 )
                 if not math.isfinite(loss):
                     self.failed_step, self.failed_value = state.global_step, loss
@@ -180,24 +225,8 @@ def make_callback(**kw):
                 self.rec.adopt_checkpoint(written, step=state.global_step, keep=keep)
 
         def _validate(self, model, step, epoch):
-            import torch
-
-            device = next(model.parameters()).device
-            autocast = None
-            if device.type == "cuda":
-                autocast = (
-                    torch.bfloat16 if self.job.hardware.precision == "bf16" else torch.float16
-                )
-            loss = evaluate(
-                model,
-                self.val_rows,
-                micro=self.job.batch.per_device_train_batch_size,
-                pad_id=self.pad_id,
-                device=device,
-                autocast=autocast,
-            )
-            tokens = int(self.val_rows.lengths.sum())
-            self.rec.validated(step=step, loss=loss, tokens=tokens, epoch=epoch)
+            loss, tokens, figures = self.validate(model)
+            self.rec.validated(step=step, loss=loss, tokens=tokens, epoch=epoch, **figures)
 
     return RunDirCallback(**kw)
 
@@ -215,6 +244,61 @@ def trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return CpuSafeSFTTrainer
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a training method gives the shared loop: TRL's trainer, the token counter of its
+    collator, its validation, and the figures of its log lines that go to metrics.jsonl."""
+
+    trainer: Any
+    counter: TokenCounter
+    validate: Validate | None
+    log_keys: dict[str, str]
+
+
+def sft_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: bool) -> Method:
+    counter = TokenCounter(partial(collate_for_hf, pad_id=pad_id), tokens=row_tokens)
+    trainer = trainer_class()(
+        model=model,
+        args=sft_config(job, run_dir, cuda=cuda),
+        train_dataset=prepared.train.dataset,
+        processing_class=tokenizer,
+        data_collator=counter,
+    )
+    validate = None
+    if prepared.validation is not None:
+        validate = sft_validation(job, RowTable(prepared.validation.dataset), pad_id=pad_id)
+    return Method(trainer, counter, validate, {})
+
+
+def dpo_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: bool) -> Method:
+    from tuneplex_unsloth.dpo import (
+        TRL_REWARD_KEYS,
+        PairCollator,
+        dpo_config,
+        dpo_trainer_class,
+        pair_dataset,
+    )
+
+    collate = PairCollator(pad_id)
+    counter = TokenCounter(collate, tokens=collate.tokens)
+    trainer = dpo_trainer_class()(
+        model=model,
+        args=dpo_config(job, common=training_args(job, run_dir, cuda=cuda)),
+        train_dataset=pair_dataset(prepared.train.dataset),
+        processing_class=tokenizer,
+        data_collator=counter,
+    )
+    validate = None
+    if prepared.validation is not None:
+        pairs = pair_dataset(prepared.validation.dataset)
+        micro = job.batch.per_device_train_batch_size
+
+        def validate(_model):  # TRL's loss, with its reference, on the trainer's model
+            return trainer.validate_pairs(pairs, collate=collate, micro=micro)
+
+    return Method(trainer, counter, validate, TRL_REWARD_KEYS)
 
 
 def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
@@ -247,7 +331,6 @@ def _train(
         model = loader.add_lora(model, job)
     prepared = prepare(data_spec, report=note)
     pad_id = pad_id_of(prepared.tokenizer)
-    val_rows = RowTable(prepared.validation.dataset) if prepared.validation is not None else None
 
     for debris in (run_dir / CHECKPOINTS_DIR).glob("checkpoint-*"):
         shutil.rmtree(debris, ignore_errors=True)  # a save that never finished
@@ -261,6 +344,7 @@ def _train(
         "model": job.model.name,
         "loader": loader.name,
         "device": device,
+        "training_type": job.training.training_type,
         "finetuning_type": job.training.finetuning_type,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -269,22 +353,25 @@ def _train(
             "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
         },
     }
-    counter = TokenCounter(pad_id)
-    callback = make_callback(
-        job=job, rec=rec, val_rows=val_rows, pad_id=pad_id, counter=counter, stop=stop
-    )
+    dpo = job.training.training_type == "dpo"
+    items = len(prepared.train.dataset) // 2 if dpo else len(prepared.train.dataset)
     rec.say(
         f"unsloth: {job.model.name} via {loader.name} ({total:,} parameters, {trainable:,} "
-        f"trained) on {device}; {len(prepared.train.dataset):,} training rows"
+        f"trained) on {device}; {items:,} training {'pairs' if dpo else 'rows'}"
     )
-    trainer = trainer_class()(
-        model=model,
-        args=sft_config(job, run_dir, cuda=cuda),
-        train_dataset=prepared.train.dataset,
-        processing_class=tokenizer,
-        data_collator=counter,
-        callbacks=[callback],
+    method = (dpo_method if dpo else sft_method)(
+        job, run_dir, model=model, tokenizer=tokenizer, prepared=prepared, pad_id=pad_id, cuda=cuda
     )
+    trainer = method.trainer
+    callback = make_callback(
+        job=job,
+        rec=rec,
+        validate=method.validate,
+        counter=method.counter,
+        stop=stop,
+        log_keys=method.log_keys,
+    )
+    trainer.add_callback(callback)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # RunDirCallback prints what the run shows

@@ -1,0 +1,213 @@
+"""Preference tuning (DPO, IPO, hinge, robust DPO) on the unsloth backend: TRL's DPOTrainer fed
+with the core pipeline's pairs.
+
+The pipeline gives each pair as two rows, chosen then rejected, rendered, masked and truncated
+as SFT rows are. `pair_dataset` reads them as one item per pair without copying them, and
+`PairCollator` builds TRL's batch (every chosen side, then every rejected side) with TRL's
+completion mask taken from the pipeline's labels: TRL scores exactly the tokens the core
+decided. TRL computes the losses and the rewards; `schema.trl_loss_type` says which of the job's
+objectives TRL has. The reference is the starting model: with LoRA the base model (the adapter
+disabled), with full weights TRL's frozen copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneplex.data.collate import collate_for_hf
+from tuneplex.data.targets import IGNORE_INDEX
+from tuneplex.preference import REWARD_KEYS
+
+from tuneplex_unsloth.schema import UnslothJobInput, trl_loss_type
+
+TRL_REWARD_KEYS = dict(
+    zip(
+        REWARD_KEYS,
+        ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
+        strict=True,
+    )
+)
+"""tuneplex's metric name -> TRL's, for the reward figures every backend reports."""
+
+PAIR_COLUMNS = ("pair_input_ids", "pair_labels")
+"""The columns of `pair_dataset`: per pair, [chosen side, rejected side]."""
+
+
+def dpo_config(job: UnslothJobInput, *, common: dict[str, Any]):
+    """DPOConfig from the job: `common` (the SFT path's mapping) plus the preference settings."""
+    from trl import DPOConfig
+
+    from tuneplex_unsloth.model import torch_dtype
+
+    d = job.training.dpo
+    loss_type, weights = [trl_loss_type(d)], [d.preference_loss_weight]
+    if d.sft_loss_weight > 0:
+        loss_type.append("sft")  # TRL: the mean NLL over the batch's chosen tokens
+        weights.append(d.sft_loss_weight)
+    full = job.training.finetuning_type == "all_weights"
+    return DPOConfig(
+        **common,
+        beta=d.ref_policy_kl_penalty,
+        loss_type=loss_type,
+        loss_weights=weights,
+        label_smoothing=d.label_smoothing,
+        max_length=job.model.max_seq_length,  # the pipeline has truncated every side already
+        precompute_ref_log_probs=False,
+        disable_dropout=False,  # training.lora.dropout applies as it does for sft
+        trust_remote_code=job.model.trust_remote_code,
+        # all_weights: TRL loads the frozen reference from the same place, in the same dtype
+        model_init_kwargs={"dtype": str(torch_dtype(job)).removeprefix("torch.")} if full else None,
+    )
+
+
+def pair_dataset(sides):
+    """The interleaved side rows (2i chosen, 2i+1 rejected) as one item per pair: each column
+    a list of the pair's two sides. Arrow views over the same buffers: nothing is copied."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    if getattr(sides, "_indices", None) is not None:  # a selected view: materialise it once
+        sides = sides.flatten_indices()
+    table = sides.data.table
+    columns = {}
+    for name, column in zip(PAIR_COLUMNS, ("input_ids", "labels"), strict=True):
+        values = table.column(column)
+        chunks = values.chunks
+        if any(len(c) % 2 for c in chunks):  # a pair split across chunks
+            chunks = [values.combine_chunks()]
+        columns[name] = pa.chunked_array(
+            [pa.FixedSizeListArray.from_arrays(c, 2) for c in chunks],
+            type=pa.list_(values.type, 2),
+        )
+    return Dataset(pa.table(columns))
+
+
+class PairCollator:
+    """TRL's preference batch from `pair_dataset` items: input_ids, attention_mask and
+    completion_mask, chosen sides first. The completion mask marks the labels the core's target
+    rule counts (`collate_for_hf`), so TRL's own shift scores exactly the core's targets."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    @staticmethod
+    def sides(pairs) -> list[dict[str, Any]]:
+        return [
+            {"input_ids": p[PAIR_COLUMNS[0]][side], "labels": p[PAIR_COLUMNS[1]][side]}
+            for side in (0, 1)
+            for p in pairs
+        ]
+
+    @staticmethod
+    def tokens(pairs) -> int:
+        return sum(len(ids) for p in pairs for ids in p[PAIR_COLUMNS[0]])
+
+    def __call__(self, pairs) -> dict[str, Any]:
+        import torch
+
+        rows = self.sides(pairs)
+        batch = collate_for_hf(rows, pad_id=self.pad_id)
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        width = batch["input_ids"].shape[1]
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
+            "completion_mask": (batch["labels"] != IGNORE_INDEX).long(),
+        }
+
+
+def dpo_trainer_class():
+    """TRL's DPOTrainer over tuneplex's prepared pairs, its reference the base model for LoRA;
+    off CUDA its Triton-only fused LM head is computed from the model's own logits."""
+    from trl import DPOTrainer
+
+    class TuneplexDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            model = self.model
+            if hasattr(model, "peft_config") and "ref" in model.peft_config:
+                # TRL copies the new adapter as a "ref" adapter; a fresh adapter is zero, so
+                # the reference is the base model: TRL disables the adapter when "ref" is absent
+                model.delete_adapter("ref")
+            if self.args.device.type != "cuda":
+                base = model.get_base_model() if hasattr(model, "get_base_model") else model
+                for m in (base, self.ref_model):
+                    if m is not None:
+                        plain_lm_head(m)
+
+        def _prepare_dataset(self, dataset, *_args, **_kwargs):
+            return dataset  # tokenized, masked and truncated by tuneplex's pipeline
+
+        def validate_pairs(self, pairs, *, collate: PairCollator, micro: int):
+            """(loss, tokens, reward figures) over every pair of `pairs`: TRL's loss and
+            rewards in eval mode, each batch weighted by its pairs; the model's mode is kept."""
+            import torch
+
+            model, found = self.model, self._metrics["eval"]
+            was_training = model.training
+            sums = dict.fromkeys(("loss", *TRL_REWARD_KEYS.values()), 0.0)
+            tokens = 0
+            model.eval()
+            found.clear()
+            try:
+                for start in range(0, len(pairs), micro):
+                    items = [pairs[i] for i in range(start, min(start + micro, len(pairs)))]
+                    batch = self._prepare_inputs(collate(items))
+                    with torch.no_grad(), self.accelerator.autocast():
+                        loss = self.compute_loss(model, batch)
+                    n, tokens = len(items), tokens + collate.tokens(items)
+                    sums["loss"] += n * loss.item()
+                    for key in TRL_REWARD_KEYS.values():
+                        sums[key] += n * found[key][-1]
+            finally:
+                found.clear()
+                model.train(was_training)
+            n = max(len(pairs), 1)
+            figures = {ours: sums[theirs] / n for ours, theirs in TRL_REWARD_KEYS.items()}
+            return sums["loss"] / n, tokens, figures
+
+    return TuneplexDPOTrainer
+
+
+def plain_lm_head(model) -> None:
+    """TRL's fused LM head (`model(..., labels=..., fused_lm_head=True)`, a Triton kernel) in
+    plain torch from the model's own logits: the same per-token outputs, zero where a label is
+    not counted. For the CPU seam, whose models are tiny."""
+    import types
+
+    fused = model.forward  # TRL's wrapper: without fused_lm_head, the model's own forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return fused(*args, labels=labels, **kwargs)
+        return head_outputs(fused(*args, **kwargs), labels)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def head_outputs(out, labels):
+    """`FusedCausalLMOutput` of a forward's logits and the (unshifted) labels."""
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    logits, targets = out.logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = logits.log_softmax(-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = torch.where(mask, picked, torch.zeros_like(picked))
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+        log_sum_sq_probs = torch.logsumexp(2 * logp, dim=-1)
+        mean_logits = logits.mean(-1)
+        is_top1 = (logits.argmax(-1) == targets) & mask
+    zero = torch.zeros_like(entropy)
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / mask.sum().clamp(min=1),
+        log_probs=log_probs,
+        entropy=torch.where(mask, entropy, zero),
+        log_sum_sq_probs=torch.where(mask, log_sum_sq_probs, zero),
+        mean_logits=torch.where(mask, mean_logits, zero),
+        is_top1=is_top1,
+        label_mask=mask,
+        aux_loss=getattr(out, "aux_loss", None),
+    )
