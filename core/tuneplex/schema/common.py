@@ -193,6 +193,19 @@ class DpoConfig(StrictModel):
         return self
 
 
+def settle_dpo(training, problems: list[tuple[str, str]]) -> DpoConfig | None:
+    """`training.dpo` for `training.training_type`: filled with defaults (and returned) for dpo;
+    for any other type a block of settings is refused and a block of pure defaults dropped."""
+    if training.training_type == "dpo":
+        object.__setattr__(training, "dpo", training.dpo or DpoConfig())
+        return training.dpo
+    if training.dpo not in (None, DpoConfig()):
+        problems.append(("dpo", "only used when training_type is dpo"))
+    else:
+        object.__setattr__(training, "dpo", None)  # a block of pure defaults: harmless
+    return None
+
+
 def max_grad_norm_field():
     return Field(
         default=1.0,

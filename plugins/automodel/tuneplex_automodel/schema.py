@@ -17,6 +17,7 @@ from tuneplex.schema.common import (
     keep_checkpoints_field,
     max_grad_norm_field,
     output_dir_field,
+    settle_dpo,
     skip_invalid_rows_field,
 )
 
@@ -187,12 +188,7 @@ class AutomodelTraining(StrictModel):
             for key in _DISTILLATION_FIELDS:
                 if getattr(self, key) != type(self).model_fields[key].default:
                     problems.append((key, "only used when training_type is distillation"))
-        if self.training_type == "dpo":
-            object.__setattr__(self, "dpo", self.dpo or DpoConfig())
-        elif self.dpo not in (None, DpoConfig()):
-            problems.append(("dpo", "only used when training_type is dpo"))
-        else:
-            object.__setattr__(self, "dpo", None)  # a block of pure defaults: harmless
+        settle_dpo(self, problems)
         if problems:
             raise CrossFieldError(problems)
         return self

@@ -17,6 +17,7 @@ from tuneplex.schema.common import (
     keep_checkpoints_field,
     max_grad_norm_field,
     output_dir_field,
+    settle_dpo,
     skip_invalid_rows_field,
 )
 
@@ -178,8 +179,7 @@ class UnslothTraining(StrictModel):
             problems.append(("lora", "only used with finetuning_type lora (got all_weights)"))
         elif self.finetuning_type == "all_weights":
             object.__setattr__(self, "lora", None)  # a block of pure defaults: harmless
-        if self.training_type == "dpo":
-            object.__setattr__(self, "dpo", self.dpo or DpoConfig())
+        if settle_dpo(self, problems) is not None:
             problems += trl_dpo_problems(self.dpo)
             if self.lora is not None and "lm_head" in self.lora.target_modules:
                 problems.append(
@@ -189,10 +189,6 @@ class UnslothTraining(StrictModel):
                         "there would never train; remove it",
                     )
                 )
-        elif self.dpo not in (None, DpoConfig()):
-            problems.append(("dpo", "only used when training_type is dpo"))
-        else:
-            object.__setattr__(self, "dpo", None)  # a block of pure defaults: harmless
         if problems:
             raise CrossFieldError(problems)
         return self
