@@ -23,20 +23,26 @@ def linear_cross_entropy_sum(hidden, targets, *, head, config):
     """
     import torch
 
-    from tuneplex.data.targets import IGNORE_INDEX
-
-    flat = targets.reshape(-1)
-    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    wanted = flat.index_select(0, keep)
-    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    states, wanted, _, size = _counted(hidden, targets, head=head)
     if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:
         dtype = torch.get_autocast_dtype(hidden.device.type)
         if not torch.is_autocast_enabled(hidden.device.type):
             dtype = head.weight.dtype
         scaling, cap = logit_rule(config)
         return _fused().apply(states, head.weight, head.bias, wanted, size, dtype, scaling, cap)
-    return _checkpointed(states, wanted, head=head, config=config, size=size)
+    return -_token_log_probs(states, wanted, head=head, config=config, size=size).sum()
+
+
+def _counted(hidden, targets, *, head=None):
+    """(hidden states of the counted positions, their targets, their flat positions, tokens per
+    chunk of `head`'s vocabulary)."""
+    from tuneplex.data.targets import IGNORE_INDEX
+
+    flat = targets.reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    return states, flat.index_select(0, keep), keep, size
 
 
 def logit_rule(config) -> tuple[float | None, float | None]:
@@ -110,56 +116,39 @@ def _fused():
     return FusedLinearCrossEntropy
 
 
-def _checkpointed(states, wanted, *, head, config, size: int):
-    import torch
-    import torch.utils.checkpoint
-
-    total = torch.zeros((), dtype=torch.float32, device=states.device)
-    for start in range(0, wanted.numel(), size):
-        part = slice(start, start + size)
-        total = total + torch.utils.checkpoint.checkpoint(
-            _chunk_cross_entropy, head, states[part], wanted[part], config, use_reentrant=False
-        )
-    if wanted.numel() == 0:  # keeps every parameter in the graph, as the full loss does
-        total = total + 0.0 * head(states[:0]).sum() + 0.0 * states.sum()
-    return total
-
-
-def _chunk_cross_entropy(head, states, wanted, config):
-    import torch.nn.functional as F
-
-    from tuneplex.models import finish_logits
-
-    logits = finish_logits(config, head(states).float())
-    return F.cross_entropy(logits, wanted, reduction="sum")
-
-
 def row_log_probs(hidden, targets, *, head, config):
     """Float32 log-probability of the counted `targets` of each row, summed per row ([rows]),
     the head run over chunks of counted positions, each chunk's logits made again in backward
     (the gradient of each row's sum is scaled by that row's own upstream gradient, which the
     fused path cannot take)."""
     import torch
+
+    states, wanted, keep, size = _counted(hidden, targets, head=head)
+    logps = _token_log_probs(states, wanted, head=head, config=config, size=size)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    return sums.index_add(0, keep // targets.shape[-1], logps)
+
+
+def _token_log_probs(states, wanted, *, head, config, size: int):
+    """Float32 log-probability of each wanted token, `head` called as a module over chunks, each
+    chunk checkpointed (its logits made again in backward)."""
+    import torch
     import torch.utils.checkpoint
 
-    from tuneplex.data.targets import IGNORE_INDEX
-
-    flat = targets.reshape(-1)
-    keep = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    wanted = flat.index_select(0, keep)
-    row = keep // targets.shape[-1]
-    size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
-    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, wanted.numel(), size):
-        part = slice(start, start + size)
-        logps = torch.utils.checkpoint.checkpoint(
-            _chunk_log_probs, head, states[part], wanted[part], config, use_reentrant=False
+    parts = [
+        torch.utils.checkpoint.checkpoint(
+            _chunk_log_probs,
+            head,
+            states[start : start + size],
+            wanted[start : start + size],
+            config,
+            use_reentrant=False,
         )
-        sums = sums.index_add(0, row[part], logps)
-    if wanted.numel() == 0:  # keeps every parameter in the graph
-        sums = sums + 0.0 * head(states[:0]).sum() + 0.0 * states.sum()
-    return sums
+        for start in range(0, wanted.numel(), size)
+    ]
+    if not parts:  # no counted token: zeros that keep every parameter in the graph
+        return 0.0 * head(states[:0]).float().sum() + 0.0 * states.sum() + states.new_zeros(0)
+    return torch.cat(parts)
 
 
 def _chunk_log_probs(head, states, wanted, config):

@@ -55,8 +55,6 @@ class Preference:
     config: DpoConfig
     reference: dict[str, Any] | None = None
     """{"train": float64 tensor [side rows], "validation": ...}, set before the first step."""
-    step_chosen: int = 0
-    """Chosen-side target tokens of the whole step (every rank's), set by the loop."""
 
     def terms(self, model, table: PairTable, pairs, *, split: str, pad_id: int, runtime):
         """(per-pair preference terms, chosen log-prob sums, chosen counts) of `pairs`, or
@@ -88,9 +86,9 @@ class Preference:
         )
         return terms, (logps[:m], counts[:m])
 
-    def micro_loss(self, model, table: PairTable, pairs, *, step_pairs: int, pad_id, runtime):
-        """This micro-batch's share of the step's loss (a mean over the step's pairs, plus the
-        weighted SFT part), and its share of [SFT loss, *reward sums] / step pairs."""
+    def micro_loss(self, model, table: PairTable, pairs, *, step, pad_id, runtime):
+        """This micro-batch's share of the loss of the step's pairs `step` (every rank's): a
+        mean over them plus the weighted SFT part; and its share of [SFT loss, *reward means]."""
         import torch
 
         c = self.config
@@ -100,20 +98,26 @@ class Preference:
         if terms is None:  # keeps the graph (and every rank's collectives) for an empty pass
             return 0.0 * chosen.sum(), torch.zeros(PARTS, device=chosen.device)
         logps, counts = chosen
-        n = max(step_pairs, 1)
+        n = max(len(step), 1)
         loss = c.preference_loss_weight * terms.loss.sum() / n
-        sft = self.sft_part(logps, counts, n=n)
+        sft = self.sft_sum(logps, counts) / self.sft_count(table, step)
         if c.sft_loss_weight > 0:
             loss = loss + c.sft_loss_weight * sft
         parts = torch.cat([sft.detach().reshape(1), reward_sums(terms) / n])
         return loss, parts
 
-    def sft_part(self, logps, counts, *, n: int):
-        """Negative log-likelihood of the chosen sides: per-token mean over the step's chosen
-        tokens, or (sft_average_log_probs) each side's own mean, averaged over pairs."""
+    def sft_sum(self, logps, counts):
+        """Negative log-likelihood of chosen sides, summed: over their tokens, or
+        (sft_average_log_probs) over each side's own per-token mean."""
         if self.config.sft_average_log_probs:
-            return -(logps / counts.clamp(min=1)).sum() / n
-        return -logps.sum() / max(self.step_chosen, 1)
+            return -(logps / counts.clamp(min=1)).sum()
+        return -logps.sum()
+
+    def sft_count(self, table: PairTable, pairs) -> int:
+        """What `sft_sum` over `pairs` is divided by: their pairs, or their chosen tokens."""
+        if self.config.sft_average_log_probs:
+            return max(len(pairs), 1)
+        return max(int(table.chosen_counts[pairs].sum()), 1)
 
     def figures(self, parts: list[float]) -> dict[str, float]:
         """The step's metrics from the summed parts."""
@@ -136,15 +140,13 @@ class Preference:
             )
             if terms is None:
                 continue
-            logps, counts = chosen
-            sft = self.sft_part(logps, counts, n=1) if c.sft_average_log_probs else -logps.sum()
+            sft = self.sft_sum(*chosen)
             loss = c.preference_loss_weight * terms.loss.sum()
             total += torch.cat([loss.reshape(1), sft.reshape(1), reward_sums(terms)])
         total = dist.sum_over_data(total).tolist()
         n = max(len(table), 1)
-        chosen_tokens = max(int(table.chosen_counts.sum()), 1)
-        sft = total[1] / (n if self.config.sft_average_log_probs else chosen_tokens)
-        loss = total[0] / n + self.config.sft_loss_weight * sft
+        sft = total[1] / self.sft_count(table, list(range(len(table))))
+        loss = total[0] / n + c.sft_loss_weight * sft
         return loss, self.figures([sft, *(x / n for x in total[2:])])
 
 

@@ -138,13 +138,7 @@ class Loop:
                     if self.step >= plan.total_steps:
                         break
                     self._stop_if_asked()
-                    indices = step_rows[i]  # the whole step's rows, every rank's
-                    n_targets = int(p.train_rows.target_counts[indices].sum())
-                    if p.preference is not None:  # the loss is a mean over the step's pairs
-                        n_targets = len(indices)
-                        p.preference.step_chosen = int(p.train_rows.chosen_counts[indices].sum())
-                    tokens = int(p.train_rows.lengths[indices].sum())
-                    self._train_step(micro_plan[i], n_targets, tokens)
+                    self._train_step(micro_plan[i], step_rows[i])
             self._stop_if_asked()  # a signal during the last step
         except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
             raise self.stopped(None) from None
@@ -164,8 +158,11 @@ class Loop:
         """Record the stop (rank 0); the error that says how to resume."""
         return self.parts.recorder.stopped(signum, during=during)
 
-    def _train_step(self, micro_batches: list[list[int]], n_targets: int, tokens: int) -> None:
+    def _train_step(self, micro_batches: list[list[int]], step_rows: list[int]) -> None:
+        """One optimizer step: this rank's `micro_batches` of the step's rows `step_rows`
+        (every rank's, which the loss is normalised by)."""
         p = self.parts
+        tokens = int(p.train_rows.lengths[step_rows].sum())
         t0, compiling = time.perf_counter(), compile_seconds()
         lr = learning_rate(
             self.step,
@@ -175,7 +172,7 @@ class Loop:
         )
         for group in p.optimizer.param_groups:
             group["lr"] = lr
-        loss_value, *figures, norm_value = self._gradients(micro_batches, n_targets)
+        loss_value, *figures, norm_value = self._gradients(micro_batches, step_rows)
         step = self.step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             p.optimizer.zero_grad(set_to_none=True)
@@ -207,7 +204,7 @@ class Loop:
         if p.plan.checkpoint_after(step):
             self._checkpoint()
 
-    def _gradients(self, micro_batches, n_targets: int) -> list[float]:
+    def _gradients(self, micro_batches, step_rows: list[int]) -> list[float]:
         """Forward and backward of the step, gradients finished and clipped; the step's loss,
         its CE and KD parts (distillation) and the gradient norm, the same on every rank."""
         import torch
@@ -220,9 +217,9 @@ class Loop:
         size = DPO_PARTS if p.preference is not None else 2
         parts = torch.zeros(size, dtype=torch.float32, device=p.runtime.device)
         if p.pipe is not None:
-            total = self._pipeline_step(micro_batches, n_targets, scale)
+            total = self._pipeline_step(micro_batches, step_rows, scale)
         else:
-            total = self._micro_steps(micro_batches, n_targets, scale, parts)
+            total = self._micro_steps(micro_batches, step_rows, scale, parts)
         p.layout.finish_grads()
         grad_norm = clip_grad_norm(
             self.params,
@@ -234,11 +231,12 @@ class Loop:
         reduced = p.dist.sum_over_stages(p.dist.sum_over_data(torch.cat([total.reshape(1), parts])))
         return torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
 
-    def _micro_steps(self, micro_batches, n_targets: int, scale: int, parts):
+    def _micro_steps(self, micro_batches, step_rows: list[int], scale: int, parts):
         """Forward and backward of each micro-batch; returns this rank's share of the loss."""
         import torch
 
         p = self.parts
+        n_targets = int(p.train_rows.target_counts[step_rows].sum())
         total = torch.zeros((), dtype=torch.float32, device=p.runtime.device)
         sharded = hasattr(p.model, "set_requires_gradient_sync")  # an FSDP2 module
         for i, indices in enumerate(micro_batches):
@@ -250,7 +248,7 @@ class Loop:
                     p.model,
                     p.train_rows,
                     indices,
-                    step_pairs=n_targets,
+                    step=step_rows,
                     pad_id=p.pad_id,
                     runtime=p.runtime,
                 )
@@ -278,13 +276,14 @@ class Loop:
             total += loss.detach()
         return total
 
-    def _pipeline_step(self, micro_batches, n_targets: int, scale: int):
+    def _pipeline_step(self, micro_batches, step_rows: list[int], scale: int):
         """The step's micro-batches through the pipeline schedule; this rank's share of the
         loss on the last stage, 0 on the others."""
         p = self.parts
         batch = p.pipe.batch(
             [p.train_rows.take(indices) for indices in micro_batches], device=p.runtime.device
         )
+        n_targets = int(p.train_rows.target_counts[step_rows].sum())
         step_loss = p.pipe.train_step(batch, scale=scale / max(n_targets, 1))
         return step_loss / scale
 
