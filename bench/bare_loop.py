@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, default=2048)
     args = ap.parse_args(argv)
 
-    from tuneplex.config_io import validate_job
+    from tuneplex.schema.loading import validate_job
     from tuneplex_unsloth.schema import UnslothJobInput
 
     model_section = {"name": args.model, "max_seq_length": args.seq, "load_in_4bit": args.bits == 4}

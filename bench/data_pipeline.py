@@ -41,7 +41,7 @@ CACHED_TARGET_S = 5.0
 
 
 def make_rows(path: Path, n: int, seed: int = 0) -> None:
-    from tuneplex.tiny import sentence
+    from tuneplex.testing.tiny import sentence
 
     rng = random.Random(seed)
     with path.open("w") as fh:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from tuneplex.tiny import build_tokenizer
+    from tuneplex.testing.tiny import build_tokenizer
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ LORA = {"rank": 16, "alpha": 32}
 def build_rows(path: Path, model_dir: Path, *, rows: int, tokens: int, seed: int = 0) -> None:
     """Prompt/completion rows of 3/4 to 1 × `tokens` tokens (before the chat template)."""
     from transformers import AutoTokenizer
-    from tuneplex.tiny import sentence
+    from tuneplex.testing.tiny import sentence
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(seed)
@@ -87,9 +87,9 @@ def precision_of(contender: str, precision: str) -> str:
 
 def warm_cache(job: dict) -> dict:
     """Tokenize the rows once, here (every contender then reads tuneplex's cache); their sizes."""
-    from tuneplex.config_io import validate_job
     from tuneplex.data.collate import RowTable
     from tuneplex.data.pipeline import prepare
+    from tuneplex.schema.loading import validate_job
     from tuneplex_automodel.backend import AutomodelBackend
     from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -251,10 +251,10 @@ def worker(contender: str, job_path: Path, *, warmup: int, out: Path) -> None:
     """Train the job with `contender` on tuneplex's rows, in tuneplex's order; write the result."""
     import numpy as np
     import torch
-    from tuneplex.config_io import validate_job
     from tuneplex.data.collate import RowTable
     from tuneplex.data.pipeline import prepare
-    from tuneplex.evaluation import pad_id_of
+    from tuneplex.nn.evaluation import pad_id_of
+    from tuneplex.schema.loading import validate_job
     from tuneplex_automodel.backend import AutomodelBackend
     from tuneplex_automodel.plan import TrainPlan, learning_rate
     from tuneplex_automodel.schema import AutomodelJobInput

@@ -50,7 +50,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def build_model(out: Path, shape: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-    from tuneplex.tiny import build_tokenizer
+    from tuneplex.testing.tiny import build_tokenizer
 
     if (out / "config.json").is_file():
         return
@@ -80,7 +80,7 @@ def build_model(out: Path, shape: str) -> None:
 
 
 def build_data(path: Path, *, rows: int, seq: int) -> None:
-    from tuneplex.tiny import sentence
+    from tuneplex.testing.tiny import sentence
 
     rng = random.Random(0)
     with path.open("w") as fh:

@@ -9,7 +9,7 @@ tp=.venv/bin/tuneplex
 set -x
 $tp backends
 [ -f models/tiny-llama/model.safetensors ] ||
-  .venv/bin/python -m tuneplex.tiny models/tiny-llama --hidden 128 --intermediate 256 --init-std 0.1
+  .venv/bin/python -m tuneplex.testing.tiny models/tiny-llama --hidden 128 --intermediate 256 --init-std 0.1
 $tp validate examples/automodel-lora.yaml
 # a mistake is reported with its key and a suggestion (exit code 2)
 $tp validate examples/automodel-lora.yaml --set training.lora.rnak=8 || true

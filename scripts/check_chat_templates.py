@@ -164,7 +164,7 @@ def conversations() -> list[dict]:
 
 
 def tokenizer_for(template: str, out: Path):
-    from tuneplex.tiny import build_tokenizer
+    from tuneplex.testing.tiny import build_tokenizer
 
     markers = sorted(set(MARKERS.findall(template)) | {"<s>", "</s>"})
     eos = next(t for t in EOS_PREFERENCE if t in markers)

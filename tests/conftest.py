@@ -38,7 +38,7 @@ def write(tmp_path):
 @pytest.fixture(scope="session")
 def tokenizers(tmp_path_factory):
     """Three locally trained tokenizers, one per chat template style: {style: (path, tok)}."""
-    from tuneplex.tiny import STYLES, build_tokenizer
+    from tuneplex.testing.tiny import STYLES, build_tokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
     return {s: (str(root / s), build_tokenizer(root / s, style=s)) for s in STYLES}
@@ -53,7 +53,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model(tokenizers, tmp_path_factory):
     """A random-init 2-layer Llama (fp32, safetensors) with the ChatML tokenizer: its path."""
-    from tuneplex.tiny import build_llama
+    from tuneplex.testing.tiny import build_llama
 
     out = tmp_path_factory.mktemp("tiny-llama")
     build_llama(out, tokenizer=tokenizers["chatml"][1], hidden=64, layers=2, init_std=0.1)

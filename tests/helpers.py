@@ -24,7 +24,7 @@ from tuneplex.runs import read_metrics
 
 def chat_rows(n: int, *, seed: int = 0) -> list[dict]:
     """A small 'reverse the words' chat task over the tiny tokenizer's vocabulary."""
-    from tuneplex.tiny import WORDS
+    from tuneplex.testing.tiny import WORDS
 
     rng = random.Random(seed)
     rows = []
@@ -502,7 +502,7 @@ def preference_rows(n: int, *, seed: int) -> list[dict]:
     """Pairs whose sides differ in their first word only: chosen says yes, rejected no."""
     import random
 
-    from tuneplex.tiny import sentence
+    from tuneplex.testing.tiny import sentence
 
     rng = random.Random(seed)
     rows = []

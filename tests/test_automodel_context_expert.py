@@ -29,7 +29,7 @@ from tuneplex.testing import assert_run_directory  # noqa: E402
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizers, tiny_model):
-    from tuneplex.tiny import build_moe
+    from tuneplex.testing.tiny import build_moe
 
     root = tmp_path_factory.mktemp("cp-ep")
     tok = tokenizers["chatml"][1]
@@ -115,7 +115,7 @@ def test_expert_parallel_equals_one_process(workdir, single, model, ft, procs):
 
 @pytest.mark.slow
 def test_expert_parallel_needs_experts_it_divides(workdir, tokenizers, tmp_path):
-    from tuneplex.tiny import build_moe
+    from tuneplex.testing.tiny import build_moe
 
     build_moe(tmp_path / "three", tokenizer=tokenizers["chatml"][1], experts=3)
     spec = tmp_path / "job.yaml"

@@ -70,7 +70,7 @@ def test_ratio_one_with_the_teacher_as_student_has_no_kd_loss(capsys, job, tmp_p
 
 
 def test_distilled_student_gets_closer_to_a_trained_teacher(capsys, job, tmp_path, tokenizers):
-    from tuneplex.tiny import build_llama
+    from tuneplex.testing.tiny import build_llama
 
     teacher_run = tmp_path / "teacher"
     teacher_job = job(
@@ -98,7 +98,7 @@ def test_distilled_student_gets_closer_to_a_trained_teacher(capsys, job, tmp_pat
 
 
 def test_tokenizer_mismatch_is_refused(capsys, job, tmp_path, tokenizers):
-    from tuneplex.tiny import build_llama, build_tokenizer
+    from tuneplex.testing.tiny import build_llama, build_tokenizer
 
     bigger = tmp_path / "bigger-vocab"
     build_llama(bigger, tokenizer=build_tokenizer(bigger, vocab_size=600), hidden=64, layers=2)
@@ -207,7 +207,7 @@ def test_head_run_by_hand_matches_the_model(cls, changes, tokenizers):
     `finish_logits` must do what the family's forward does after it (Granite divides by
     logits_scaling, Gemma 2 soft-caps), or they train on other logits than the model's."""
     from helpers import build_family
-    from tuneplex.models import finish_logits
+    from tuneplex.nn.logits import finish_logits
 
     model = build_family(cls, tokenizers["chatml"][1], **changes).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 7))

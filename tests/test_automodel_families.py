@@ -34,7 +34,7 @@ from helpers import (  # noqa: E402
     load_final,
     parallel_job,
 )
-from tuneplex.models import adapter_names, unwrap_peft  # noqa: E402
+from tuneplex.nn.models import adapter_names, unwrap_peft  # noqa: E402
 from tuneplex.runs import read_metrics  # noqa: E402
 from tuneplex.testing import assert_run_directory, reference_val_loss  # noqa: E402
 from tuneplex_automodel.parallel import plans  # noqa: E402

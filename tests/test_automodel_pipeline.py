@@ -31,7 +31,7 @@ from tuneplex_automodel.parallel import plans  # noqa: E402
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tokenizers):
-    from tuneplex.tiny import build_llama
+    from tuneplex.testing.tiny import build_llama
 
     root = tmp_path_factory.mktemp("pipeline")
     model = root / "llama-4l"

@@ -1,8 +1,8 @@
 """AutomodelJobInput: the spec's defaults, bounds and cross-field rules."""
 
 import pytest
-from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
+from tuneplex.schema.loading import validate_job
 from tuneplex_automodel.schema import AutomodelJobInput
 
 MINIMAL = {"model": "org/base", "dataset": {"training": "train.jsonl"}}

@@ -128,7 +128,7 @@ def test_lora_merged_equals_base_plus_adapter(capsys, job, tmp_path, tiny_model)
 def test_a_peft_wrapper_is_seen_through_by_the_one_helper(tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from tuneplex.models import adapter_names, is_peft, unwrap_peft
+    from tuneplex.nn.models import adapter_names, is_peft, unwrap_peft
     from tuneplex_automodel.model import apply_lora
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -311,7 +311,7 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(data, tiny_model):
     from tuneplex.data.collate import RowTable
     from tuneplex.data.pipeline import prepare
     from tuneplex.data.spec import DataSpec
-    from tuneplex.evaluation import evaluate
+    from tuneplex.nn.evaluation import evaluate
 
     spec = DataSpec(train=str(data[0]), tokenizer=tiny_model, max_seq_length=96)
     plain = RowTable(prepare(spec).train.dataset)

@@ -14,7 +14,7 @@ import pytest
 from test_data_masks import encode, trained_runs, untrained_text
 from tuneplex.data.pipeline import build, load_tokenizer
 from tuneplex.data.spec import DataSpec
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import UsageError
 
 # -- templates -------------------------------------------------------------------------------
@@ -539,13 +539,13 @@ def _extra() -> list[str]:
 
 
 def _corpus() -> list[str]:
-    from tuneplex.tiny import corpus
+    from tuneplex.testing.tiny import corpus
 
     return corpus(random.Random(0), lines=2000) + _extra()
 
 
 def _bpe_tokenizer(out, *, template, specials, bos, eos, add_bos):
-    from tuneplex.tiny import build_tokenizer
+    from tuneplex.testing.tiny import build_tokenizer
 
     style = {"template": template, "specials": specials, "bos": bos, "eos": eos}
     build_tokenizer(out, style={**style, "add_bos": add_bos}, vocab_size=700, texts=_extra())

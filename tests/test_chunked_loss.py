@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from helpers import build_family  # noqa: E402
-from tuneplex import evaluation, linear_ce  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
-from tuneplex.data.templates import IGNORE_INDEX as X  # noqa: E402
+from tuneplex.data.targets import IGNORE_INDEX as X  # noqa: E402
+from tuneplex.nn import evaluation, linear_ce  # noqa: E402
 
 
 def batch_of(vocab: int):
@@ -72,7 +72,7 @@ def test_fused_head_with_bias_equals_linear_then_cross_entropy(rule, monkeypatch
     bias equal `F.linear` + the family's logit rule + cross-entropy, over several chunks."""
     from types import SimpleNamespace
 
-    from tuneplex.models import finish_logits
+    from tuneplex.nn.logits import finish_logits
 
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=True)

@@ -346,7 +346,7 @@ def test_another_node_trains_without_opening_the_run(fake_registry, tmp_path, wr
 )
 def test_which_process_writes_the_run(monkeypatch, node_rank, slurm_node, rank, writes):
     from tuneplex.backend import LaunchOptions
-    from tuneplex.cli import _writes_the_run_dir
+    from tuneplex.cli.train import _writes_the_run_dir
 
     for name, value in (("SLURM_NODEID", slurm_node), ("RANK", rank)):
         if value is None:

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from tuneplex.config_io import apply_overrides, load_job, load_job_file, parse_yaml
 from tuneplex.errors import UsageError
+from tuneplex.schema.loading import apply_overrides, load_job, load_job_file, parse_yaml
 from tuneplex_automodel.schema import AutomodelJobInput
 
 

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import build_family, rank_main, start_ranks  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
-from tuneplex.data.templates import IGNORE_INDEX  # noqa: E402
+from tuneplex.data.targets import IGNORE_INDEX  # noqa: E402
 from tuneplex.errors import UsageError  # noqa: E402
-from tuneplex.evaluation import loss_sum as full_loss_sum  # noqa: E402
+from tuneplex.nn.evaluation import loss_sum as full_loss_sum  # noqa: E402
 from tuneplex_automodel.parallel import cp  # noqa: E402
 
 nn = torch.nn
@@ -38,7 +38,7 @@ A_LEN, B_LEN, C_LEN = 11, 12, 15  # row 0 packs samples A and B (23 tokens), row
 
 def make_batch(tok) -> dict:
     """Two rows of real token ids: [A | B] packed, and C right-padded; 23 tokens, odd."""
-    from tuneplex.tiny import WORDS
+    from tuneplex.testing.tiny import WORDS
 
     def ids(start: int, n: int) -> list[int]:
         text = " ".join(WORDS[start : start + 3 * n])
@@ -147,7 +147,7 @@ def gather_check(rank: int) -> dict:
 @pytest.fixture(scope="module")
 def models(tiny_model, tokenizers, tmp_path_factory) -> dict[str, str]:
     """The conftest Llama, and a tiny Qwen3 and Qwen3-MoE saved next to it."""
-    from tuneplex.tiny import build_moe
+    from tuneplex.testing.tiny import build_moe
 
     root = tmp_path_factory.mktemp("cp-models")
     tok = tokenizers["chatml"][1]

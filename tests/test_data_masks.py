@@ -6,7 +6,7 @@ import pytest
 from helpers import trained_runs, untrained_text
 from tuneplex.data.pipeline import build
 from tuneplex.data.spec import DataSpec
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import UsageError
 
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}
@@ -303,9 +303,9 @@ def test_forced_format(tokenizers):
 
 def test_same_data_same_tokens_for_both_backends(tokenizers, tmp_path):
     """The backends build their DataSpec differently; the tokens and masks must not differ."""
-    from tuneplex.config_io import validate_job
     from tuneplex.data.pipeline import prepare
     from tuneplex.plugins import registry
+    from tuneplex.schema.loading import validate_job
 
     path, _ = tokenizers["llama3"]
     data = tmp_path / "train.jsonl"

@@ -11,7 +11,7 @@ from tuneplex.data import pipeline, sources
 from tuneplex.data.packing import best_fit, pack
 from tuneplex.data.pipeline import prepare
 from tuneplex.data.spec import DataSpec
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import UsageError
 from typer.testing import CliRunner
 
@@ -212,7 +212,7 @@ def test_packed_logits_equal_solo_logits(tokenizers, tmp_path):
     """No attention across samples: each token's logits in a packed row equal its logits when
     its sample runs alone (tiny Llama, fp32)."""
     import torch
-    from tuneplex.tiny import build_llama
+    from tuneplex.testing.tiny import build_llama
 
     path, tok = tokenizers["chatml"]
     model = build_llama(tmp_path / "model", tokenizer=tok)
@@ -315,7 +315,7 @@ def test_collated_padding_changes_nothing(tokenizers, tmp_path):
     """A padded batch gives every real token the logits it has alone; padding is never trained."""
     import torch
     from tuneplex.data.collate import collate
-    from tuneplex.tiny import build_llama
+    from tuneplex.testing.tiny import build_llama
 
     path, tok = tokenizers["chatml"]
     model = build_llama(tmp_path / "model", tokenizer=tok).eval()
@@ -460,8 +460,8 @@ def test_text_the_template_drops_is_reported_with_a_count_and_the_first_row(
     ],
 )
 def test_both_backends_pass_skip_invalid_rows_to_the_pipeline(backend, job):
-    from tuneplex.config_io import validate_job
     from tuneplex.plugins import registry
+    from tuneplex.schema.loading import validate_job
 
     b = registry().get(backend).backend
     assert b.data_spec(validate_job(b.job_schema, job)).skip_invalid_rows is True

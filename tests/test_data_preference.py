@@ -8,7 +8,7 @@ from helpers import trained_runs, untrained_text
 from tuneplex.data import inspect, sources
 from tuneplex.data.pipeline import build, cache_root, prepare
 from tuneplex.data.spec import DataSpec, DataStats
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import UsageError
 
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tuneplex.preference import preference_loss, reward_sums  # noqa: E402
+from tuneplex.nn.preference import preference_loss, reward_sums  # noqa: E402
 
 F = torch.nn.functional
 
@@ -133,9 +133,9 @@ def test_row_log_probs_equal_the_full_logits(ft, tokenizers, monkeypatch):
     """Per-row sums of counted targets' log-probabilities: values within 1e-5 and gradients of
     a weighted sum of them (each row its own upstream gradient, as DPO gives) within 1e-5."""
     from helpers import build_family
-    from tuneplex import evaluation, linear_ce
     from tuneplex.data.collate import collate
-    from tuneplex.data.templates import IGNORE_INDEX as X
+    from tuneplex.data.targets import IGNORE_INDEX as X
+    from tuneplex.nn import evaluation, linear_ce
     from tuneplex_automodel.model import apply_lora
 
     tok = tokenizers["chatml"][1]

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from tuneplex.config_io import load_job
 from tuneplex.plugins import registry
+from tuneplex.schema.loading import load_job
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

@@ -35,7 +35,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizers):
-    from tuneplex.tiny import build_moe
+    from tuneplex.testing.tiny import build_moe
 
     root = tmp_path_factory.mktemp("moe")
     tok = tokenizers["chatml"][1]
@@ -200,7 +200,7 @@ def _case(path: str, *, lora: bool, batches, mesh) -> dict:
         set_model_state_dict,
     )
     from torch.distributed.tensor import DTensor
-    from tuneplex.evaluation import loss_sum
+    from tuneplex.nn.evaluation import loss_sum
     from tuneplex_automodel.parallel.ep import expert_parallel, expert_parameters, moe_experts
 
     rank = mesh.get_local_rank()

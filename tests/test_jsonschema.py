@@ -6,9 +6,9 @@ import jsonschema
 import pytest
 import yaml
 from tuneplex.cli import app
-from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
 from tuneplex.plugins import registry
+from tuneplex.schema.loading import validate_job
 from typer.testing import CliRunner
 
 

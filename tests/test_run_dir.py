@@ -385,7 +385,8 @@ def test_time_bound(tmp_path):
 
 
 def test_a_signal_before_the_backend_takes_over_is_one_line(fake_registry, job, tmp_path, capsys):
-    """SIGTERM while the backend is still starting (importing torch, say): exit 143, one line."""
+    """SIGTERM while the backend is still starting (importing torch, say): exit 143, one line
+    whose resume command names the backend that ran."""
     import threading
 
     out = tmp_path / "run"
@@ -395,8 +396,8 @@ def test_a_signal_before_the_backend_takes_over_is_one_line(fake_registry, job, 
     timer.join()
     assert code == 143
     assert err == (
-        "interrupted by SIGTERM; `tuneplex train ... --resume` continues from the start (no "
-        "checkpoint yet)\n"
+        "interrupted by SIGTERM; `tuneplex train ... --backend fake --resume` continues from the "
+        "start (no checkpoint yet)\n"
     )
     assert (out / "job.json").is_file()  # the run stays, resumable
     code, _, err = train(capsys, job, out, "--resume", "--set", "schedule.pause_s=1.5")

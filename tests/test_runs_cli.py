@@ -18,7 +18,6 @@ pytest.importorskip("peft")
 
 from helpers import chat_rows, write_rows
 from tuneplex.cli import main
-from tuneplex.cli_runs import runs_app
 from tuneplex.runs import read_metrics
 from tuneplex.runs.listing import read_run
 
@@ -64,16 +63,11 @@ def runs(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture
-def tp(capsys, monkeypatch):
+def tp(capsys):
     """tp(*args) -> (exit code, stdout, stderr) of `tuneplex runs ARGS`, through cli.main."""
-    import typer
     from tuneplex import cli
 
-    if not any(g.name == "runs" for g in cli.app.registered_groups):  # until cli.py adds it
-        local = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        local.callback()(lambda: None)
-        local.add_typer(runs_app, name="runs")
-        monkeypatch.setattr(cli, "app", local)
+    assert any(g.name == "runs" for g in cli.app.registered_groups)
 
     def run(*args):
         code = cli.main(["runs", *map(str, args)])
@@ -444,6 +438,6 @@ def test_missing_arguments(tp):
 
 def test_importing_the_commands_stays_light():
     heavy = "('matplotlib', 'torch', 'tuneplex.runs.plots')"
-    code = f"import sys, tuneplex.cli_runs; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, tuneplex.cli.runs; print(sorted(m for m in {heavy} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout == "[]\n"

@@ -106,8 +106,8 @@ def assert_stopped_at_a_checkpoint(run, sig, lines: list[str] | None = None) -> 
     assert 3 <= step < TOTAL_STEPS
     assert latest_checkpoint(run) == (step, run / "checkpoints" / f"step_{step}")
     assert (stderr_of(run).splitlines() if lines is None else lines) == [
-        f"interrupted at step {step} by {sig.name}; `tuneplex train ... --resume` continues "
-        f"from {run}/checkpoints/step_{step}"
+        f"interrupted at step {step} by {sig.name}; `tuneplex train ... --backend automodel "
+        f"--resume` continues from {run}/checkpoints/step_{step}"
     ]
 
 
@@ -176,8 +176,8 @@ def test_a_signal_during_the_final_export_leaves_the_run_resumable(
     code, _, err = train(capsys, path, "-o", run)
     assert code == 143, err
     assert err.strip().splitlines() == [
-        "interrupted at step 16 by SIGTERM while writing final/; `tuneplex train ... --resume` "
-        f"continues from {run}/checkpoints/step_16"
+        "interrupted at step 16 by SIGTERM while writing final/; `tuneplex train ... --backend "
+        f"automodel --resume` continues from {run}/checkpoints/step_16"
     ]
     assert not (run / "final").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".final")]
@@ -208,8 +208,8 @@ def test_a_signal_while_setting_up_stops_at_once_with_one_line(
     code, _, err = train(capsys, workdir / "job.yaml", "-o", run)
     assert code == 143, err
     assert err.strip().splitlines() == [
-        "interrupted by SIGTERM; `tuneplex train ... --resume` continues from the start (no "
-        "checkpoint yet)"
+        "interrupted by SIGTERM; `tuneplex train ... --backend automodel --resume` continues "
+        "from the start (no checkpoint yet)"
     ]
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 

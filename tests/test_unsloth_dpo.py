@@ -9,8 +9,8 @@ import math
 
 import pytest
 from helpers import preference_rows, write_rows
-from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
+from tuneplex.schema.loading import validate_job
 from tuneplex_unsloth.schema import UnslothJobInput, trl_loss_type
 
 MINIMAL = {"model": {"name": "org/base"}, "dataset": {"path": "pairs.jsonl"}}
@@ -186,7 +186,7 @@ def test_plain_lm_head_gives_the_core_log_probs(tiny_model):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
     from tuneplex.data.collate import collate
-    from tuneplex.evaluation import sequence_log_probs
+    from tuneplex.nn.evaluation import sequence_log_probs
     from tuneplex_unsloth.dpo import plain_lm_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

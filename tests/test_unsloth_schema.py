@@ -1,8 +1,8 @@
 """UnslothJobInput: the spec's defaults, bounds and cross-field rules."""
 
 import pytest
-from tuneplex.config_io import validate_job
 from tuneplex.errors import UsageError
+from tuneplex.schema.loading import validate_job
 from tuneplex_unsloth.schema import UNSLOTH_TARGET_MODULES, UnslothJobInput
 
 MINIMAL = {"model": {"name": "org/base"}, "dataset": {"path": "train.jsonl"}}

@@ -181,9 +181,9 @@ def test_nan_loss_stops_with_the_step(cpu_seam, capsys, job, tmp_path, tiny_mode
 def test_masks_are_the_automodel_masks(job, tiny_model, tmp_path):
     """The same data through both backends' data specs gives the same tokens and labels."""
     import yaml
-    from tuneplex.config_io import validate_job
     from tuneplex.data.pipeline import prepare
     from tuneplex.plugins import registry
+    from tuneplex.schema.loading import validate_job
 
     doc = yaml.safe_load(Path(job()).read_text())
     reg = registry().backends
@@ -205,8 +205,8 @@ def test_masks_are_the_automodel_masks(job, tiny_model, tmp_path):
 
 def test_sft_config_translates_every_field(job, tmp_path):
     import yaml
-    from tuneplex.config_io import validate_job
     from tuneplex.plugins import registry
+    from tuneplex.schema.loading import validate_job
     from tuneplex_unsloth.trainer import precision_flags, sft_config
 
     extra = (

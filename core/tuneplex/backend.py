@@ -53,9 +53,6 @@ class Backend(Protocol):
 
     Every member but `train` must be cheap: the CLI calls them for `backends`, `schema` and
     `validate`, which must not import torch, transformers or any training library.
-
-    Optional: `check_launch(launch: LaunchOptions) -> None`, raising a UsageError for launch
-    options the backend cannot use; the CLI calls it before a run directory is opened.
     """
 
     name: str
@@ -75,6 +72,11 @@ class Backend(Protocol):
 
     def data_spec(self, job: JobSchema) -> DataSpec:
         """What the shared data pipeline must build for this job (files, tokenizer, format)."""
+        ...
+
+    def check_launch(self, launch: LaunchOptions) -> None:
+        """Refuse (UsageError) launch options this backend cannot use; the CLI calls it before
+        a run directory is opened, so a refusal leaves nothing behind."""
         ...
 
     def train(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
+from typing import Any
 
 import pluggy
 
@@ -18,6 +19,8 @@ ENTRY_POINT_GROUP = "tuneplex"
 
 # where a backend that is not installed comes from, for the "pip install" hint
 KNOWN_EXTRAS = {"automodel": "automodel", "unsloth": "unsloth"}
+DEFAULT_BACKEND = "automodel"
+"""The backend a job runs on when several are installed and the job fits more than one."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,29 @@ class Registry:
             return self.backends[name]
         except KeyError:
             raise UsageError(unknown_backend_message(name, self.backends)) from None
+
+    def choose(self, name: str | None, job: Mapping[str, Any]) -> InstalledBackend:
+        """The backend for a job: `name` (--backend) when given; else the only one installed;
+        else the one whose job schema `job` fits, when exactly one does; else the default."""
+        if name is not None:
+            return self.get(name)
+        names = sorted(self.backends)
+        if len(names) == 1:
+            return self.backends[names[0]]
+        fits = [n for n in names if _fits(self.backends[n].backend.job_schema, job)]
+        if len(fits) == 1:
+            return self.backends[fits[0]]
+        return self.get(DEFAULT_BACKEND if DEFAULT_BACKEND in names or not names else names[0])
+
+
+def _fits(schema: type, job: Mapping[str, Any]) -> bool:
+    from tuneplex.schema.loading import validate_job
+
+    try:
+        validate_job(schema, job)
+    except UsageError:
+        return False
+    return True
 
 
 def unknown_backend_message(name: str, installed: Iterable[str]) -> str:

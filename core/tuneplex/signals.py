@@ -25,8 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from tuneplex.errors import Interrupted
-
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE_S = 30
 """Seconds a stopping worker may take to finish its step and write its checkpoint before it
@@ -52,35 +50,6 @@ class Stop(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal_name(signum))
         self.signum = signum
-
-
-def interrupted(
-    event: str,
-    *,
-    signum: int | None,
-    continues_from: str | None,
-    during: str | None = None,
-    backend: str | None = None,
-) -> Interrupted:
-    """The error a stopped run ends with: one line saying what happened and how to go on, and
-    the signal's exit code (130 for a plain KeyboardInterrupt)."""
-    by = f" by {signal_name(signum)}" if signum else ""
-    while_ = f" while {during}" if during else ""
-    flag = f" --backend {backend}" if backend else ""
-    where = continues_from or "the start (no checkpoint yet)"
-    line = f"{event}{by}{while_}; `tuneplex train ...{flag} --resume` continues from {where}"
-    return Interrupted(line, exit_code=exit_code(signum or signal.SIGINT))
-
-
-def stopped_early(run_dir, *, signum: int, backend: str | None = None) -> Interrupted:
-    """A stop outside the training loop (loading, setting up): nothing new is worth saving,
-    and the run goes on from its newest checkpoint."""
-    from tuneplex.runs import latest_checkpoint
-
-    found = latest_checkpoint(run_dir)
-    return interrupted(
-        "interrupted", signum=signum, continues_from=found and str(found[1]), backend=backend
-    )
 
 
 def _stderr_line(text: str) -> None:

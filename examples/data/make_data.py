@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from tuneplex.tiny import WORDS
+from tuneplex.testing.tiny import WORDS
 
 SYSTEM = "You follow the instruction exactly."
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tuneplex.tiny import build_llama, build_tokenizer
+    from tuneplex.testing.tiny import build_llama, build_tokenizer
 
     out = tmp_path_factory.mktemp("llama-shaped")
     tok = build_tokenizer(out, style="llama3")

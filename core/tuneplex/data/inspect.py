@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from tuneplex.data.pipeline import Prepared
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 
 
 def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:

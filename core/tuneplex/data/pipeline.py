@@ -21,7 +21,8 @@ from typing import Any
 from tuneplex.data import formats, preference, sources
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
-from tuneplex.data.templates import IGNORE_INDEX, Encoder
+from tuneplex.data.targets import IGNORE_INDEX
+from tuneplex.data.templates import Encoder
 from tuneplex.data.turns import TurnNotFound
 from tuneplex.errors import Problem, UsageError, first_line
 

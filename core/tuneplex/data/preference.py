@@ -18,7 +18,7 @@ from typing import Any
 
 from tuneplex.data import formats
 from tuneplex.data.spec import DataSpec
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError, show, show_key
 
 SIDES = ("chosen", "rejected")

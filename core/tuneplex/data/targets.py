@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tuneplex.data.templates import IGNORE_INDEX
+IGNORE_INDEX = -100
+"""A label or target that no loss counts (the value torch's cross-entropy ignores)."""
+
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,9 +13,9 @@ from typing import Any
 
 from tuneplex.data import turns
 from tuneplex.data.spec import DataSpec
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
 
-IGNORE_INDEX = -100
 PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
 
 

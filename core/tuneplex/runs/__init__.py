@@ -1,4 +1,5 @@
-"""The run directory every backend writes: opening it safely, its records and checkpoints."""
+"""The run directory every backend writes: opening it safely, its records and checkpoints, the
+recorder that writes them, and how a stopped run ends."""
 
 from tuneplex.runs.checkpoints import (
     CHECKPOINTS_DIR,
@@ -26,12 +27,14 @@ from tuneplex.runs.directory import (
     open_run,
     resolve_run_dir,
 )
+from tuneplex.runs.endings import interrupted, resume_command, stopped_early
 from tuneplex.runs.recorder import RunRecorder
 from tuneplex.runs.records import (
     FINAL_DIR,
     METRICS_FILE,
     SUMMARY_FILE,
     MetricsLog,
+    RunHeader,
     peak_memory,
     read_metrics,
     run_summary,
@@ -52,12 +55,14 @@ __all__ = [
     "AtomicDir",
     "MetricsLog",
     "Run",
+    "RunHeader",
     "RunRecorder",
     "checkpoint_path",
     "complete_checkpoints",
     "damage",
     "default_run_dir",
     "hold_as_worker",
+    "interrupted",
     "is_run",
     "latest_checkpoint",
     "mark_complete",
@@ -69,7 +74,9 @@ __all__ = [
     "remove_stale_temporaries",
     "resolve_run_dir",
     "resume_checkpoint",
+    "resume_command",
     "run_summary",
+    "stopped_early",
     "write_json_atomic",
     "write_summary",
 ]

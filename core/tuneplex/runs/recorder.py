@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneplex.errors import Interrupted, TrainingStopped
-from tuneplex.runs.records import FINAL_DIR, MetricsLog, run_summary, write_summary
+from tuneplex.runs.records import FINAL_DIR, MetricsLog, RunHeader, run_summary, write_summary
 
 STATE_KEYS = ("tokens_seen", "elapsed_s", "train_loss", "val_loss", "best_val_loss")
 """What a checkpoint must carry for a resumed run to go on with the same numbers."""
@@ -31,11 +31,13 @@ class RunRecorder:
         job: Any = None,
         main: bool = True,
         device_type: str = "cpu",
+        header: RunHeader | None = None,
         warn: Any = None,
     ):
         self.run_dir, self.backend, self.job, self.main = Path(run_dir), backend, job, main
         self.device_type = device_type
-        self.header: dict[str, Any] = {}
+        self.header = header
+        """What summary.json says about the model, the device and the data."""
         self.total_steps = 0
         self.steps_per_epoch = 1.0
         self.step = 0
@@ -76,8 +78,7 @@ class RunRecorder:
         }
 
     def begin(self, *, total_steps: int, steps_per_epoch: float) -> None:
-        """Training starts (or resumes): the files, the progress display and the trackers.
-        `header` (what summary.json says about the model, device and data) is set before."""
+        """Training starts (or resumes): the files, the progress display and the trackers."""
         from tuneplex.progress import Progress
 
         self.total_steps = total_steps
@@ -243,15 +244,15 @@ class RunRecorder:
 
     def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
         """A stop by a signal (or Ctrl-C): recorded, and the error that says how to go on."""
-        from tuneplex.signals import interrupted
+        from tuneplex.runs.endings import interrupted
 
         self._end("interrupted")
         return interrupted(
             f"interrupted at step {self.step}",
+            backend=self.backend,
             signum=signum,
             during=during,
             continues_from=self.last_checkpoint,
-            backend=None if self.backend == "automodel" else self.backend,
         )
 
     def diverged(self, *, step: int, what: str, value: float) -> TrainingStopped:

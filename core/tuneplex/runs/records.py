@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunHeader:
+    """What summary.json says about the model, the device and the data: the same keys for
+    every backend (None where a backend has nothing to say), read back by `tuneplex runs`."""
+
+    model: str
+    """The job's model reference."""
+    device: str
+    """Where it trained, in words: processes, device, precision."""
+    training_type: str
+    finetuning_type: str
+    trainable_parameters: int
+    total_parameters: int
+    data: dict[str, Any]
+    """{"train": stats, "validation": stats or None}: what preparing each split kept and dropped."""
+    model_class: str | None = None
+    """The architecture's class (automodel), named before any wrapping hides it."""
+    loader: str | None = None
+    """How the model was loaded (unsloth: its loader)."""
+    parallel: dict[str, int] | None = None
+    """The parallel layout's sizes (automodel)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -84,7 +111,7 @@ def run_summary(
     status: str,
     *,
     backend: str,
-    header: dict[str, Any],
+    header: RunHeader | None,
     steps: int,
     total_steps: int,
     epochs: float,
@@ -101,7 +128,7 @@ def run_summary(
     return {
         "status": status,
         "backend": backend,
-        **header,
+        **(header.as_dict() if header is not None else {}),
         "steps": steps,
         "total_steps": total_steps,
         "epochs": round(epochs, 4),

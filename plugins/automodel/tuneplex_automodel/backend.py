@@ -56,6 +56,10 @@ class AutomodelBackend:
             validation_key="dataset.validation",
         )
 
+    def check_launch(self, launch: LaunchOptions) -> None:
+        """Every launch option applies (multi-node through torchrun's rendezvous); the
+        launcher checks their combination against the job when it starts the workers."""
+
     def train(
         self,
         job: AutomodelJobInput,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
 
 CHUNK = 1024
@@ -97,7 +97,7 @@ def distill_loss_sums(
 
     targets = batch["targets"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    from tuneplex.evaluation import autocast_context
+    from tuneplex.nn.evaluation import autocast_context
 
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     with autocast_context(batch["input_ids"].device, autocast), teacher.on_device() as t:
@@ -130,7 +130,7 @@ def distill_loss_sums(
 def _chunk(head, t_head, hs, ht, tg, temperature: float, configs):
     import torch
     import torch.nn.functional as F
-    from tuneplex.models import finish_logits
+    from tuneplex.nn.logits import finish_logits
 
     logits = finish_logits(configs[0], head(hs).float())
     with torch.no_grad():

@@ -6,7 +6,7 @@ reference model is the starting model: before the first step, one pass with no g
 computes every side's log-probability (each data-parallel rank its share, summed over ranks);
 the values travel with every checkpoint, so a resumed run compares with the same reference.
 No second model is held, LoRA or full weights. Log-probabilities come from the chunked head
-(`tuneplex.evaluation.sequence_log_probs`): no full-vocabulary logits.
+(`tuneplex.nn.evaluation.sequence_log_probs`): no full-vocabulary logits.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
-from tuneplex.evaluation import inference_passes, sequence_log_probs
-from tuneplex.preference import REWARD_KEYS, preference_loss, reward_sums
+from tuneplex.nn.evaluation import inference_passes, sequence_log_probs
+from tuneplex.nn.preference import REWARD_KEYS, preference_loss, reward_sums
 from tuneplex.schema.common import DpoConfig
 
 REFERENCE_KEY = "reference_log_probs"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.errors import Interrupted, Problem, UsageError
-from tuneplex.evaluation import evaluate
+from tuneplex.nn.evaluation import evaluate
 from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
 
 from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger

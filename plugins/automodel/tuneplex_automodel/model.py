@@ -6,7 +6,7 @@ from typing import Any
 
 from tuneplex.data.sources import hub_offline
 from tuneplex.errors import Problem, UsageError, first_line
-from tuneplex.models import resolve_model_ref
+from tuneplex.nn.models import resolve_model_ref
 
 MODEL_KEY = "model"
 
@@ -92,7 +92,7 @@ def checkpoint_activations(model, *, mode: str) -> None:
     `selective` every second one, `none` nothing."""
     if mode == "none":
         return
-    from tuneplex.models import unwrap_peft
+    from tuneplex.nn.models import unwrap_peft
 
     base = unwrap_peft(model)
     if not getattr(base, "supports_gradient_checkpointing", False):

@@ -21,11 +21,11 @@ from tuneplex.console import note
 from tuneplex.data.collate import RowTable
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import TuneplexError
-from tuneplex.evaluation import pad_id_of
-from tuneplex.models import parameter_counts
+from tuneplex.nn.evaluation import pad_id_of
+from tuneplex.nn.models import parameter_counts
 from tuneplex.progress import quiet_third_party_logs
-from tuneplex.runs import FINAL_DIR, RunRecorder
-from tuneplex.signals import Stop, StopSignals, stopped_early
+from tuneplex.runs import FINAL_DIR, RunHeader, RunRecorder, stopped_early
+from tuneplex.signals import Stop, StopSignals
 
 from tuneplex_automodel.checkpoint import export_run
 from tuneplex_automodel.distill import load_teacher
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from tuneplex_automodel.parallel.pp import Pipeline
 
 DEFAULT_SEED = 42
+BACKEND = "automodel"
 
 
 @dataclass
@@ -176,12 +177,12 @@ def train_here(
             dist = init_distributed(dims, cuda=torch.cuda.is_available())
             return _train(job, run_dir, resume=resume, data_spec=data_spec, dist=dist, stop=stop)
         except Stop as exc:  # while setting up: nothing worth saving yet
-            raise stopped_early(run_dir, signum=exc.signum) from None
+            raise stopped_early(run_dir, backend=BACKEND, signum=exc.signum) from None
         except TuneplexError:
             raise
         except Exception:
             if stop.signum and dims.world_size > 1:  # a peer that stopped first left a collective
-                raise stopped_early(run_dir, signum=stop.signum) from None
+                raise stopped_early(run_dir, backend=BACKEND, signum=stop.signum) from None
             raise
         finally:
             if dist is not None:
@@ -214,8 +215,21 @@ def _train(
     optimizer = setup_optimizer(job, model=loaded.model, runtime=runtime)
     plan = setup_plan(job, n_rows=len(data.train_rows), seed=seed, dist=dist)
     pipe = setup_pipeline(job, stage=loaded.stage, dist=dist, data=data)
+    counts = count_parameters(loaded.model, dist=dist)
     recorder = RunRecorder(
-        run_dir, backend="automodel", job=job, main=dist.is_main, device_type=runtime.device.type
+        run_dir,
+        backend=BACKEND,
+        job=job,
+        main=dist.is_main,
+        device_type=runtime.device.type,
+        header=run_header(
+            job,
+            model_class=loaded.model_class,
+            counts=counts,
+            data=data,
+            dist=dist,
+            runtime=runtime,
+        ),
     )
     parts = Components(
         job=job,
@@ -239,7 +253,8 @@ def _train(
     loop = Loop(parts)
     if resume:
         loop.restore()
-    open_run(parts, loaded=loaded, data=data)
+    for line in opening_lines(parts, model_class=loaded.model_class, counts=counts):
+        recorder.say(line)
     stop.defer()  # the loop stops between steps, every rank at the same one
     loop.run()
     final = None
@@ -412,16 +427,6 @@ def setup_pipeline(job: AutomodelJobInput, *, stage, dist: Dist, data: Data) -> 
 
 
 # -- opening and closing -----------------------------------------------------------------------
-def open_run(parts: Components, *, loaded: LoadedModel, data: Data) -> None:
-    """The summary's header, and the opening lines: what trains, where, on what, for how long."""
-    trainable, total = count_parameters(loaded.model, dist=parts.dist)
-    parts.recorder.header = run_header(
-        parts, model_class=loaded.model_class, counts=(trainable, total), data=data
-    )
-    for line in opening_lines(parts, model_class=loaded.model_class, counts=(trainable, total)):
-        parts.recorder.say(line)
-
-
 def count_parameters(model, *, dist: Dist) -> tuple[int, int]:
     """(trainable, total) parameters of the whole model; each pipeline stage holds its share."""
     trainable, total = parameter_counts(model)
@@ -434,19 +439,26 @@ def count_parameters(model, *, dist: Dist) -> tuple[int, int]:
 
 
 def run_header(
-    parts: Components, *, model_class: str, counts: tuple[int, int], data: Data
-) -> dict[str, Any]:
+    job: AutomodelJobInput,
+    *,
+    model_class: str,
+    counts: tuple[int, int],
+    data: Data,
+    dist: Dist,
+    runtime: Runtime,
+) -> RunHeader:
     trainable, total = counts
-    return {
-        "model": parts.job.model,
-        "model_class": model_class,
-        "device": _placement(parts),
-        "finetuning_type": parts.job.training.finetuning_type,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "parallel": parts.dist.dims.as_dict(),
-        "data": data.stats,
-    }
+    return RunHeader(
+        model=job.model,
+        model_class=model_class,
+        device=placement(dist, runtime),
+        training_type=job.training.training_type,
+        finetuning_type=job.training.finetuning_type,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        parallel=dist.dims.as_dict(),
+        data=data.stats,
+    )
 
 
 def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int]) -> list[str]:
@@ -456,7 +468,8 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
     unit = "pairs" if parts.preference is not None else "rows"
     return [
         f"automodel: {job.model} ({model_class}, {total:,} parameters, "
-        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on {_placement(parts)}",
+        f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on "
+        + placement(parts.dist, parts.runtime),
         f"data: {len(parts.train_rows):,} training {unit}"
         + (f", {len(val_rows):,} validation {unit}" if val_rows is not None else "")
         + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
@@ -467,11 +480,10 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
     ]
 
 
-def _placement(parts: Components) -> str:
+def placement(dist: Dist, runtime: Runtime) -> str:
     """The processes and the device, as the header and the first line say them."""
-    dist = parts.dist
     processes = f"{dist.world_size} processes ({dist.dims.describe()}) on "
-    return (processes if dist.world_size > 1 else "") + parts.runtime.label
+    return (processes if dist.world_size > 1 else "") + runtime.label
 
 
 def export_final(parts: Components, *, loaded: LoadedModel, tokenizer, loop: Loop) -> Any:

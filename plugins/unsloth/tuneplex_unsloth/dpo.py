@@ -16,7 +16,7 @@ from typing import Any
 
 from tuneplex.data.collate import collate_for_hf
 from tuneplex.data.targets import IGNORE_INDEX
-from tuneplex.preference import REWARD_KEYS
+from tuneplex.nn.preference import REWARD_KEYS
 
 from tuneplex_unsloth.schema import UnslothJobInput, trl_loss_type
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from tuneplex.data.sources import hub_offline
 from tuneplex.errors import Problem, UsageError, first_line
-from tuneplex.models import resolve_model_ref
+from tuneplex.nn.models import resolve_model_ref
 
 from tuneplex_unsloth.schema import UnslothJobInput
 

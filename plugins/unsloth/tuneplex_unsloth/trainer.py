@@ -21,20 +21,23 @@ from tuneplex.console import note
 from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import Problem, UsageError
-from tuneplex.evaluation import evaluate, pad_id_of
-from tuneplex.models import parameter_counts
+from tuneplex.nn.evaluation import evaluate, pad_id_of
+from tuneplex.nn.models import parameter_counts
 from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
+    RunHeader,
     RunRecorder,
     resume_checkpoint,
+    stopped_early,
 )
-from tuneplex.signals import Stop, StopSignals, stopped_early
+from tuneplex.signals import Stop, StopSignals
 
 from tuneplex_unsloth.model import Loader, UnslothLoader
 from tuneplex_unsloth.schema import UnslothJobInput
 
+BACKEND = "unsloth"
 LOADER: type[Loader] = UnslothLoader
 """The loader class `train` uses; tests put `PeftLoader` here to run on CPU."""
 
@@ -306,7 +309,7 @@ def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> di
         try:
             return _train(job, run_dir, resume=resume, data_spec=data_spec, stop=stop)
         except Stop as exc:  # while loading: nothing worth saving yet
-            raise stopped_early(run_dir, signum=exc.signum, backend="unsloth") from None
+            raise stopped_early(run_dir, backend=BACKEND, signum=exc.signum) from None
 
 
 def _train(
@@ -337,22 +340,28 @@ def _train(
     found = resume_checkpoint(run_dir, warn=note) if resume else None
     trainable, total = parameter_counts(model)
     device = "cuda (" + torch.cuda.get_device_name() + ")" if cuda else "cpu"
-    rec = RunRecorder(run_dir, backend="unsloth", job=job, device_type="cuda" if cuda else "cpu")
-    if found:
-        rec.restore({}, step=found[0], checkpoint=str(found[1]))
-    rec.header = {
-        "model": job.model.name,
-        "loader": loader.name,
-        "device": device,
-        "training_type": job.training.training_type,
-        "finetuning_type": job.training.finetuning_type,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "data": {
+    header = RunHeader(
+        model=job.model.name,
+        loader=loader.name,
+        device=device,
+        training_type=job.training.training_type,
+        finetuning_type=job.training.finetuning_type,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        data={
             "train": prepared.train.stats.as_dict(),
             "validation": prepared.validation.stats.as_dict() if prepared.validation else None,
         },
-    }
+    )
+    rec = RunRecorder(
+        run_dir,
+        backend=BACKEND,
+        job=job,
+        device_type="cuda" if cuda else "cpu",
+        header=header,
+    )
+    if found:
+        rec.restore({}, step=found[0], checkpoint=str(found[1]))
     dpo = job.training.training_type == "dpo"
     items = len(prepared.train.dataset) // 2 if dpo else len(prepared.train.dataset)
     rec.say(

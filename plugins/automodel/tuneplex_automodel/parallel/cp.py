@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from tuneplex.data.templates import IGNORE_INDEX
+from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError, first_line
-from tuneplex.models import unwrap_peft
+from tuneplex.nn.models import unwrap_peft
 
 if TYPE_CHECKING:
     import torch
@@ -157,8 +157,8 @@ def loss_sum(
     autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """This rank's part of the summed float32 cross-entropy of `batch`: the ranks' parts add up
-    to `tuneplex.evaluation.loss_sum` of the whole batch on one process."""
-    from tuneplex.evaluation import loss_sum as full_loss_sum
+    to `tuneplex.nn.evaluation.loss_sum` of the whole batch on one process."""
+    from tuneplex.nn.evaluation import loss_sum as full_loss_sum
 
     shard = shard_batch(batch, rank=rank, size=size, pad_id=pad_id)
     return full_loss_sum(model, shard, autocast=autocast)

@@ -19,7 +19,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from tuneplex.errors import Problem, UsageError
-from tuneplex.models import unwrap_peft
+from tuneplex.nn.models import unwrap_peft
 
 if TYPE_CHECKING:
     import torch

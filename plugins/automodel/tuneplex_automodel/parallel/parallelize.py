@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from tuneplex.errors import Problem, UsageError
-from tuneplex.models import adapter_names, unwrap_peft
+from tuneplex.nn.models import adapter_names, unwrap_peft
 
 from tuneplex_automodel.parallel import plans
 from tuneplex_automodel.parallel.mesh import Dist
@@ -139,7 +139,7 @@ def loss_function(dist: Dist, *, pad_id: int, separate_head: bool = False):
     head sharded as an FSDP unit of its own (`separate_head`, distillation) gathers its weight
     each time it is called, so it keeps the model's forward: one call on every rank.
     """
-    from tuneplex.evaluation import chunked_loss_sum, loss_sum
+    from tuneplex.nn.evaluation import chunked_loss_sum, loss_sum
 
     if separate_head and dist.dp_cp_size > 1:
         return loss_sum

@@ -22,8 +22,9 @@ import torch.nn as nn
 from tuneplex.data.collate import EMPTY_ROW, collate, pad_rows
 from tuneplex.data.targets import next_token_targets, summed_cross_entropy
 from tuneplex.errors import Problem, UsageError
-from tuneplex.evaluation import autocast_context
-from tuneplex.models import finish_logits, unwrap_peft
+from tuneplex.nn.evaluation import autocast_context
+from tuneplex.nn.logits import finish_logits
+from tuneplex.nn.models import unwrap_peft
 
 from tuneplex_automodel.parallel.cp import block_causal_mask
 from tuneplex_automodel.parallel.cp import enable as enable_exact_attention

@@ -321,10 +321,11 @@ def _save(model_class, config, out_dir, tokenizer, seed: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tuneplex.tiny DIR`: a tiny tokenizer + Llama model directory, built locally."""
+    """`python -m tuneplex.testing.tiny DIR`: a tiny tokenizer + Llama model directory, built
+    locally."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m tuneplex.tiny", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tuneplex.testing.tiny", description=main.__doc__)
     ap.add_argument("out", help="directory to write (config.json, safetensors, tokenizer)")
     ap.add_argument("--style", default="chatml", choices=sorted(STYLES))
     ap.add_argument("--vocab", type=int, default=512)

@@ -1,155 +1,25 @@
-"""Test support: the backend contract suite every backend runs, and a fake backend.
-
-A backend's test module subclasses `BackendContract`::
-
-    class TestMyBackend(BackendContract):
-        backend_name = "mine"
-        minimal_job = {...}          # the smallest valid job (required keys only)
-
-The fake backend (`FakeBackend`, registered by this module as a plugin) trains nothing: it
-writes a plausible run directory, so the CLI's train path can be tested without torch.
-"""
+"""The backend contract suite every backend runs (subclass `BackendContract`), and the checks
+of a run directory that backends' own tests share."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus, LaunchOptions
+from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus
 from tuneplex.data.spec import DataSpec
-from tuneplex.hookspecs import hookimpl
-from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
+from tuneplex.schema import JobSchema
 from tuneplex.schema.base import model_in
-from tuneplex.schema.common import output_dir_field
 
 HEAVY_MODULES = ("torch", "transformers", "peft", "trl", "unsloth", "bitsandbytes", "datasets")
 
 
-# --------------------------------------------------------------------------- fake backend
-class FakeData(StrictModel):
-    path: str = Field(min_length=1, description="Training data file.")
-
-
-class FakeSchedule(StrictModel):
-    steps: int = Field(default=3, ge=1, description="Steps to pretend to train.")
-    crash: bool = Field(
-        default=False, description="Fail inside train with an unexpected error (a defect)."
-    )
-    pause_s: float = Field(
-        default=0.0, ge=0, description="Seconds to wait before training (a slow import)."
-    )
-
-
-class FakeOutput(StrictModel):
-    dir: str | None = output_dir_field()
-
-
-class FakeJobInput(JobSchema):
-    """A job for the fake backend (tests only)."""
-
-    backend_name = "fake"
-
-    model: str = Field(min_length=1, description="Model reference.")
-    dataset: FakeData = Field(description="Data.")
-    schedule: FakeSchedule = Field(default_factory=FakeSchedule, description="Schedule.")
-    output: FakeOutput = Field(default_factory=FakeOutput, description="Output.")
-    integrations: IntegrationsConfig = Field(
-        default_factory=IntegrationsConfig, description="Tracking."
-    )
-
-
-class FakeBackend:
-    name = "fake"
-    description = "Trains nothing; writes a run directory (for tests)."
-    job_schema = FakeJobInput
-
-    def __init__(self, ready: bool = True):
-        self.ready = ready
-        self.launches: list[LaunchOptions] = []
-        """The launch options of every `train` call, in order (what the CLI handed over)."""
-
-    def check_environment(self) -> EnvironmentStatus:
-        return EnvironmentStatus(self.ready, "always" if self.ready else "switched off for a test")
-
-    def derived(self, job: FakeJobInput) -> dict[str, int]:
-        return {"total_gpus": 0, "steps": job.schedule.steps}
-
-    def data_spec(self, job: FakeJobInput) -> DataSpec:
-        return DataSpec(
-            train=job.dataset.path, tokenizer=job.model, max_seq_length=64, train_key="dataset.path"
-        )
-
-    def train(
-        self,
-        job: FakeJobInput,
-        run_dir: Path,
-        *,
-        resume: bool = False,
-        launch: LaunchOptions = NO_LAUNCH_OPTIONS,
-    ) -> None:
-        self.launches.append(launch)
-        if job.schedule.pause_s:
-            import time
-
-            time.sleep(job.schedule.pause_s)
-        with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-            for step in range(1, job.schedule.steps + 1):
-                row = {"step": step, "split": "train", "loss": 1.0 / step, "resumed": resume}
-                fh.write(json.dumps(row) + "\n")
-        (run_dir / "summary.json").write_text(
-            json.dumps({"steps": job.schedule.steps, "model": job.model}), encoding="utf-8"
-        )
-        if job.schedule.crash:
-            import warnings
-
-            warnings.warn("a third-party library warns here", UserWarning, stacklevel=1)
-            os.write(2, b"a C extension prints here\n")
-            raise ZeroDivisionError("a defect deep inside the backend")
-
-
-@hookimpl
-def register_backends(register) -> None:
-    register(FakeBackend())
-
-
-def fake_entry_point(name: str = "fake", value: str = "tuneplex.testing") -> metadata.EntryPoint:
-    return metadata.EntryPoint(name=name, value=value, group="tuneplex")
-
-
-# --------------------------------------------------------------------------- processes (Linux)
-def _proc_stat(pid: int | str) -> list[str] | None:
-    """/proc/PID/stat after the command name: [state, ppid, ...]; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (how tests and benchmarks find a launcher's workers)."""
-    return [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and (stat := _proc_stat(entry)) is not None and int(stat[1]) == pid
-    ]
-
-
-def is_running(pid: int) -> bool:
-    """Running (a zombie waiting for a parent that never reaps it counts as gone)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-# --------------------------------------------------------------------------- contract suite
 def _iter_models(model: type[BaseModel], path: str = ""):
     yield path, model
     for name, field in model.model_fields.items():
@@ -193,7 +63,6 @@ def assert_run_directory(run_dir, *, completed: bool = True) -> None:
     """The run-directory format every backend writes (see README, "the run directory")."""
     import json
     from importlib.util import find_spec
-    from pathlib import Path
 
     from tuneplex.runs import (
         FINAL_DIR,
@@ -233,7 +102,6 @@ def reference_val_loss(model, run_dir, backend: str) -> float:
     """Mean loss over every answer token of a run's validation rows, one row at a time (no
     padding, no packing, the model's logits only): independent of any trainer's loss code."""
     import json
-    from pathlib import Path
 
     import torch
 
@@ -273,7 +141,7 @@ class BackendContract:
         return registry().get(self.backend_name).backend
 
     def _validate(self, data):
-        from tuneplex.config_io import validate_job
+        from tuneplex.schema.loading import validate_job
 
         return validate_job(self.backend.job_schema, data)
 

@@ -64,20 +64,3 @@ def adapter_names(model: Any) -> list[str]:
     """The names of a peft wrapper's adapters (their modules' keys, as in `lora_A.<name>`); none
     for a plain model."""
     return list(model.peft_config) if is_peft(model) else []
-
-
-def finish_logits(config, logits):
-    """What a family's forward does to the output head's result before the loss: Granite divides
-    by `logits_scaling`, Gemma 2/3 soft-cap with `final_logit_softcapping`. Paths that run the
-    head themselves (the chunked loss, pipeline stages, distillation) call this to match the
-    model's own forward."""
-    import torch
-
-    from tuneplex.linear_ce import logit_rule
-
-    scaling, cap = logit_rule(config)
-    if scaling is not None:
-        logits = logits / scaling
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits

@@ -1,6 +1,6 @@
 """`tuneplex runs`: list run directories, show one, and draw their curves.
 
-Registered by cli.py as `app.add_typer(runs_app, name="runs")`. Everything below reads run
+Registered by the app as `app.add_typer(runs_app, name="runs")`. Everything below reads run
 directories and never writes to them, except `plot` (a picture, where it is asked to go).
 A path that is not a run, or a record that cannot be read, is one `where: what` line on
 stderr and exit code 2. matplotlib and rich are imported only by the commands using them.
@@ -8,13 +8,14 @@ stderr and exit code 2. matplotlib and rich are imported only by the commands us
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from tuneplex.cli.common import reported
 
 runs_app = typer.Typer(
     help="Look at training runs: list them, show one, draw their curves.",
@@ -26,24 +27,11 @@ RunArg = Annotated[Path, typer.Argument(help="A run directory (made by `tuneplex
 MISSING = "-"
 
 
-def _reported(fn):
-    """tuneplex.cli's error reporting (one line per problem on stderr, its exit code), looked
-    up when the command runs: cli.py imports this module to register it."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from tuneplex.cli import _reported as reported
-
-        return reported(fn)(*args, **kwargs)
-
-    return wrapper
-
-
 # -- list ----------------------------------------------------------------------------------
 
 
 @runs_app.command("list")
-@_reported
+@reported
 def list_cmd(
     root: Annotated[
         Path, typer.Argument(metavar="DIR", help="Where to look for runs, recursively.")
@@ -136,7 +124,7 @@ STATUS_STYLE = {
 
 
 @runs_app.command("show")
-@_reported
+@reported
 def show_cmd(run: RunArg, as_json: JsonOpt = False) -> None:
     """A run's outcome, the job's key settings, its data, and how to load what it made:
     final/ (a LoRA adapter or a whole model), the checkpoint with the best validation loss
@@ -297,7 +285,7 @@ def _outputs_lines(r: dict[str, Any]) -> list[str]:
 
 
 @runs_app.command("plot")
-@_reported
+@reported
 def plot_cmd(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="One or more run directories.")],
     output: Annotated[

@@ -48,22 +48,22 @@ def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def chunked_loss_sum(model, batch: dict[str, Any], *, autocast=None):
     """`loss_sum` without the full-vocabulary logits: the model's own forward asked for the
     logits of no position (`logits_to_keep`), the decoder's output taken as it passes, then the
-    output head and the loss fused over chunks of the counted positions (`tuneplex.linear_ce`).
+    output head and the loss fused over chunks of the counted positions (`tuneplex.nn.linear_ce`).
 
     The same loss and gradients as `loss_sum` (fp32: within rounding), for any model whose
     forward is decoder, head, then `finish_logits`. Going through the model's forward keeps
     its hooks: FSDP2 gathers the embeddings and the head as for the plain loss, once per call
     on every rank. A model whose forward takes no `logits_to_keep` gets `loss_sum`.
     """
-    from tuneplex.linear_ce import linear_cross_entropy_sum
+    from tuneplex.nn.linear_ce import linear_cross_entropy_sum
 
     return _through_head(model, batch, autocast, linear_cross_entropy_sum, fallback=loss_sum)
 
 
 def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
     """Float32 log-probability of each row's counted targets, summed per row (shape [rows]),
-    without full-vocabulary logits (`tuneplex.linear_ce.row_log_probs`)."""
-    from tuneplex.linear_ce import row_log_probs
+    without full-vocabulary logits (`tuneplex.nn.linear_ce.row_log_probs`)."""
+    from tuneplex.nn.linear_ce import row_log_probs
 
     return _through_head(model, batch, autocast, row_log_probs, fallback=_row_log_probs_of_logits)
 
@@ -71,7 +71,7 @@ def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
 def _through_head(model, batch: dict[str, Any], autocast, head_fn, *, fallback):
     """`head_fn(hidden, targets, head=, config=)` on the decoder's output of `batch`, or
     `fallback(model, batch, autocast=)` for a model whose forward takes no `logits_to_keep`."""
-    from tuneplex.models import unwrap_peft
+    from tuneplex.nn.models import unwrap_peft
 
     base = unwrap_peft(model)
     if not _keeps_logits(type(base)):
@@ -104,7 +104,7 @@ def decoder_output(model, batch: dict[str, Any]):
     the embeddings and head) run as for the plain loss."""
     import torch
 
-    from tuneplex.models import unwrap_peft
+    from tuneplex.nn.models import unwrap_peft
 
     seen = []
     hook = (

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from tuneplex.nn.logits import finish_logits, logit_rule
+
 HEAD_CHUNK_ELEMENTS = 1 << 24
 """Logits per chunk (64 MiB in fp32): tokens per chunk = this / vocab."""
 
@@ -43,14 +45,6 @@ def _counted(hidden, targets, *, head=None):
     states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     size = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
     return states, flat.index_select(0, keep), keep, size
-
-
-def logit_rule(config) -> tuple[float | None, float | None]:
-    """(divisor, soft cap) a family applies to the head's output before the loss: Granite's
-    `logits_scaling`, Gemma 2/3's `final_logit_softcapping`; None where it has none."""
-    scaling = getattr(config, "logits_scaling", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    return (scaling if scaling not in (None, 1) else None), cap
 
 
 @functools.cache
@@ -152,7 +146,6 @@ def _token_log_probs(states, wanted, *, head, config, size: int):
 
 
 def _chunk_log_probs(head, states, wanted, config):
-    from tuneplex.models import finish_logits
 
     logits = finish_logits(config, head(states).float())
     return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
