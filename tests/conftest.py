@@ -8,6 +8,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (tests/gpu: `pytestmark = pytest.mark.gpu`) are skipped where no CUDA
+    GPU is visible. torch is imported only when such a test is about to run."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu:
+            item.add_marker(skip)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 @pytest.fixture
 def fake_registry(monkeypatch):
     """The installed backends plus the fake one, as the CLI will see them."""

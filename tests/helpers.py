@@ -471,6 +471,24 @@ def build_family(cls: str, tok, **overrides):
     return model
 
 
+def packed_and_padded_batch(vocab: int) -> dict:
+    """A collated batch of two rows: a packed one (two samples, prompts untrained) and a
+    padded one with one counted token."""
+    import torch
+    from tuneplex.data.collate import collate
+    from tuneplex.data.targets import IGNORE_INDEX as X
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (30,), generator=g).tolist()
+    packed = {
+        "input_ids": ids[:17],
+        "labels": [X] * 4 + ids[4:9] + [X] * 3 + ids[12:17],
+        "position_ids": [*range(9), *range(8)],
+    }
+    short = {"input_ids": ids[17:23], "labels": [X] * 4 + ids[21:23]}
+    return collate([packed, short], pad_id=0)
+
+
 def trained_runs(tok, ids, labels):
     """Decoded text of each contiguous run of trained tokens."""
     from tuneplex.data.targets import IGNORE_INDEX as _IGNORE

@@ -469,3 +469,36 @@ def test_max_grad_norm_is_a_setting_for_every_training_type():
     assert problems(job(optimizer={"max_grad_norm": 0})) == [
         "optimizer.max_grad_norm: must be > 0 (got 0)"
     ]
+
+
+def test_describe_names_the_settings_runs_show_prints():
+    from tuneplex.backend import JobSettings
+    from tuneplex_automodel.backend import AutomodelBackend
+
+    lora = ok(
+        job(
+            dataset={"validation": "val.jsonl"},
+            training={"finetuning_type": "lora_merged", "lora": {"rank": 8, "alpha": 4}},
+            schedule={"max_steps": 10, "seed": 3},
+            batch={"global_batch_size": 4, "micro_batch_size": 2},
+            optimizer={"learning_rate": 1e-4},
+        )
+    )
+    assert AutomodelBackend().describe(lora) == JobSettings(
+        model="org/base",
+        train_data="train.jsonl",
+        validation_data="val.jsonl",
+        training_type="sft",
+        finetuning_type="lora_merged",
+        lora_rank=8,
+        lora_alpha=4,
+        max_seq_length=2048,
+        learning_rate=1e-4,
+        batch={"global_batch_size": 4, "micro_batch_size": 2, "sequence_packing": False},
+        epochs=1,
+        max_steps=10,
+        seed=3,
+    )
+    full = AutomodelBackend().describe(ok(job(training={"finetuning_type": "all_weights"})))
+    assert (full.finetuning_type, full.lora_rank, full.lora_alpha) == ("all_weights", None, None)
+    assert (full.validation_data, full.max_steps, full.seed) == (None, None, None)

@@ -411,3 +411,38 @@ def test_compile_auto_is_off_on_a_cpu_and_true_compiles_every_decoder_layer(toke
     assert compile_layers(model, setting=True, device=cpu, data_parallel_only=True)
     compiled = [vars(layer)["forward"] for layer in model.model.layers]
     assert len(compiled) == 2 and all(hasattr(f, "_torchdynamo_orig_callable") for f in compiled)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_and_gradients(mode, tokenizers):
+    """Recomputing layers in backward changes what is kept, not what is computed."""
+    from helpers import build_family, packed_and_padded_batch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from tuneplex.nn import evaluation
+    from tuneplex_automodel.model import apply_lora, checkpoint_activations
+
+    tok = tokenizers["chatml"][1]
+    batch = packed_and_padded_batch(len(tok))
+    results, saved = [], []
+    for ac in ("none", mode):
+        model = apply_lora(
+            build_family("Qwen3ForCausalLM", tok), rank=4, alpha=8, target_modules=None
+        ).train()
+        checkpoint_activations(model, mode=ac)
+        kept = []  # what autograd keeps for backward: less when layers are recomputed
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t, kept=kept: kept.append(t.numel()) or t, lambda t: t
+        ):
+            loss = evaluation.chunked_loss_sum(model, batch)
+        saved.append(sum(kept))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        results.append((loss.detach(), grads, [m.gradient_checkpointing for m in layers]))
+    (want, want_grads, off), (got, got_grads, on) = results
+    assert off == [False, False]
+    assert on == ([True, True] if mode == "full" else [True, False])
+    assert saved[1] < saved[0], saved
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-6, atol=1e-9)

@@ -9,23 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import build_family  # noqa: E402
+from helpers import build_family, packed_and_padded_batch  # noqa: E402
 from tuneplex.data.collate import collate  # noqa: E402
 from tuneplex.data.targets import IGNORE_INDEX as X  # noqa: E402
 from tuneplex.nn import evaluation, linear_ce  # noqa: E402
-
-
-def batch_of(vocab: int):
-    """A packed row (two samples, prompts untrained) and a padded one with one counted token."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, vocab, (30,), generator=g).tolist()
-    packed = {
-        "input_ids": ids[:17],
-        "labels": [X] * 4 + ids[4:9] + [X] * 3 + ids[12:17],
-        "position_ids": [*range(9), *range(8)],
-    }
-    short = {"input_ids": ids[17:23], "labels": [X] * 4 + ids[21:23]}
-    return collate([packed, short], pad_id=0)
 
 
 @pytest.mark.parametrize("ft", ["all_weights", "lora"])
@@ -43,7 +30,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(cls, ft, tokenizers, m
         for name, p in model.named_parameters():  # B starts at 0: give A and B gradients both
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02)
-    batch = batch_of(len(tok))
+    batch = packed_and_padded_batch(len(tok))
     counted = int((batch["targets"] != X).sum())
     vocab = model.get_output_embeddings().weight.shape[0]
     monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 tokens a chunk
@@ -106,7 +93,7 @@ def test_under_bf16_autocast_the_fused_loss_matches_the_models_own(tokenizers):
     forward + cross-entropy; equal within bf16 rounding."""
     tok = tokenizers["chatml"][1]
     model = build_family("LlamaForCausalLM", tok).train()
-    batch = batch_of(len(tok))
+    batch = packed_and_padded_batch(len(tok))
     results = []
     for fn in (evaluation.loss_sum, evaluation.chunked_loss_sum):
         model.zero_grad(set_to_none=True)
@@ -132,7 +119,7 @@ def test_a_lora_wrapped_head_takes_the_recomputing_path(tokenizers, monkeypatch)
             torch.nn.init.normal_(p, std=0.02)
     assert type(model.get_output_embeddings()) is not torch.nn.Linear
     monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", len(tok) * 3)
-    batch = batch_of(len(tok))
+    batch = packed_and_padded_batch(len(tok))
     results = []
     for fn in (evaluation.loss_sum, evaluation.chunked_loss_sum):
         model.zero_grad(set_to_none=True)
@@ -155,36 +142,3 @@ def test_a_batch_without_counted_tokens_gives_zero_and_touches_every_parameter(t
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None for p in model.parameters())
-
-
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_keeps_loss_and_gradients(mode, tokenizers):
-    """Recomputing layers in backward changes what is kept, not what is computed."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-    from tuneplex_automodel.model import apply_lora, checkpoint_activations
-
-    tok = tokenizers["chatml"][1]
-    batch = batch_of(len(tok))
-    results, saved = [], []
-    for ac in ("none", mode):
-        model = apply_lora(
-            build_family("Qwen3ForCausalLM", tok), rank=4, alpha=8, target_modules=None
-        ).train()
-        checkpoint_activations(model, mode=ac)
-        kept = []  # what autograd keeps for backward: less when layers are recomputed
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t, kept=kept: kept.append(t.numel()) or t, lambda t: t
-        ):
-            loss = evaluation.chunked_loss_sum(model, batch)
-        saved.append(sum(kept))
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        results.append((loss.detach(), grads, [m.gradient_checkpointing for m in layers]))
-    (want, want_grads, off), (got, got_grads, on) = results
-    assert off == [False, False]
-    assert on == ([True, True] if mode == "full" else [True, False])
-    assert saved[1] < saved[0], saved
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for name, g in want_grads.items():
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-6, atol=1e-9)

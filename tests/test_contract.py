@@ -1,7 +1,7 @@
 """Every installed backend runs the core's contract suite."""
 
 import pytest
-from tuneplex.testing import BackendContract
+from tuneplex.testing import BackendContract, imported_heavy_modules
 
 
 class TestAutomodelContract(BackendContract):
@@ -12,6 +12,7 @@ class TestAutomodelContract(BackendContract):
 class TestUnslothContract(BackendContract):
     backend_name = "unsloth"
     minimal_job = {"model": {"name": "org/base"}, "dataset": {"path": "train.jsonl"}}
+    model_key = "model.name"
 
 
 class TestFakeContract(BackendContract):
@@ -27,3 +28,13 @@ class TestFakeContract(BackendContract):
 
     def test_environment_check_is_cheap(self):
         assert self.backend.check_environment().ready
+
+    def test_describe_is_cheap(self):  # the fake is not installed: built here, not discovered
+        heavy = imported_heavy_modules(
+            f"""
+            from tuneplex.testing.fake import FakeBackend
+            backend = FakeBackend()
+            backend.describe(backend.job_schema.model_validate({self.minimal_job!r}))
+            """
+        )
+        assert heavy == []

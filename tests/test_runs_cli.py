@@ -263,9 +263,88 @@ def test_show_incomplete_run_with_a_line_being_written(tp, runs, tmp_path):
     assert code == 0, err
     assert "status     incomplete, 4/? steps" in out
     assert "final      none (the run did not complete)" in out
+    # no summary.json names the backend: the one installed backend whose schema takes the job
+    assert "  training     sft, lora (rank 16, alpha 32)" in out
     report = json.loads(tp("show", run, "--json")[1])
     assert report["status"] == "incomplete" and report["final"] is None
     assert report["last_checkpoint"] == str(run / "checkpoints" / "step_4")
+    assert report["settings"]["lora_rank"] == 16 and "settings_unavailable" not in report
+
+
+def _without_job_block(lines: list[str]) -> list[str]:
+    """`runs show` lines less the job's: the `job` line or block (its lines are indented)."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("job"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    return lines[:start] + lines[end:]
+
+
+def test_show_without_the_runs_backend_installed_says_so_in_one_line(
+    tp, runs, tmp_path, monkeypatch
+):
+    from tuneplex import plugins
+    from tuneplex.testing import fake_entry_point
+
+    run = runs["lora"]
+    code, out, err = tp("show", run)
+    assert code == 0, err
+    report = json.loads(tp("show", run, "--json")[1])
+    only_fake = plugins.load_registry([fake_entry_point()])
+    monkeypatch.setattr(plugins, "registry", lambda: only_fake)
+    code, bare, err = tp("show", run)
+    assert code == 0 and err == ""
+    why = "the automodel backend is not installed (pip install 'tuneplex[automodel]')"
+    assert f"job        settings not shown: {why}" in bare.splitlines()
+    assert _without_job_block(bare.splitlines()) == _without_job_block(out.splitlines())
+    code, text, _ = tp("show", run, "--json")
+    bare_report = json.loads(text)
+    assert bare_report.pop("settings") is None
+    assert bare_report.pop("settings_unavailable") == why
+    assert bare_report == {k: v for k, v in report.items() if k != "settings"}
+
+
+def test_show_a_saved_job_that_is_no_longer_valid(tp, runs, tmp_path):
+    run = _copy(runs["full"], tmp_path / "old")
+    job = json.loads((run / "job.json").read_text())
+    job["training"]["finetuning_type"] = "qlora"  # say, from a version that had it
+    (run / "job.json").write_text(json.dumps(job))
+    code, out, err = tp("show", run)
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("job")]
+    assert line.startswith(
+        "job        settings not shown: job.json is no longer a valid automodel job: "
+        "training.finetuning_type: "
+    )
+    assert "final      " in out and "  model" not in out
+    report = json.loads(tp("show", run, "--json")[1])
+    assert report["settings"] is None
+    assert report["settings_unavailable"] == line.removeprefix("job        settings not shown: ")
+
+
+def test_show_asks_the_unsloth_backend_for_an_unsloth_run(tp, tmp_path):
+    events = [{"step": 1, "split": "train", "loss": 2.0}]
+    run = _fake_run(tmp_path / "u", events, {"status": "completed", "backend": "unsloth"})
+    job = {
+        "model": {"name": "org/base", "max_seq_length": 512},
+        "dataset": {"path": "train.jsonl", "validation_path": "val.jsonl"},
+        "training": {"lora": {"rank": 8}},
+        "batch": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4},
+    }
+    (run / "job.json").write_text(json.dumps(job))
+    code, out, err = tp("show", run)
+    assert code == 0, err
+    lines = out.splitlines()
+    i = lines.index("job")
+    assert lines[i + 1 : i + 8] == [
+        "  model        org/base",
+        "  data         train.jsonl, validation val.jsonl",
+        "  training     sft, lora (rank 8, alpha 16)",
+        "  max length   512",
+        "  lr           0.0002",
+        "  batch        per_device_train_batch_size 2, gradient_accumulation_steps 4",
+        "  schedule     1 epochs, seed 3407",
+    ]
+    settings = json.loads(tp("show", run, "--json")[1])["settings"]
+    assert settings["batch"] == job["batch"] and settings["max_seq_length"] == 512
 
 
 def test_show_json_of_a_diverged_run_is_strict_json(tp, tmp_path):

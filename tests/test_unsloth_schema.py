@@ -253,3 +253,39 @@ def test_derived_values():
     )
     d = UnslothBackend().derived(parsed)
     assert d["total_gpus"] == 1 and d["effective_batch_size"] == 32 and d["visible_gpus"] == "1"
+
+
+def test_describe_names_the_settings_runs_show_prints():
+    from tuneplex.backend import JobSettings
+    from tuneplex_unsloth.backend import UnslothBackend
+
+    lora = ok(
+        job(
+            model={"max_seq_length": 512},
+            dataset={"validation_path": "val.jsonl"},
+            training={"lora": {"rank": 8, "alpha": 4}},
+            schedule={"max_steps": 10, "epochs": 2},
+            batch={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4},
+            optimizer={"learning_rate": 1e-4},
+        )
+    )
+    assert UnslothBackend().describe(lora) == JobSettings(
+        model="org/base",
+        train_data="train.jsonl",
+        validation_data="val.jsonl",
+        training_type="sft",
+        finetuning_type="lora",
+        lora_rank=8,
+        lora_alpha=4,
+        max_seq_length=512,
+        learning_rate=1e-4,
+        batch={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4},
+        epochs=2,
+        max_steps=10,
+        seed=3407,
+    )
+    full = UnslothBackend().describe(
+        ok(job(model=FULL_16BIT["model"], training={"finetuning_type": "all_weights"}))
+    )
+    assert (full.finetuning_type, full.lora_rank, full.lora_alpha) == ("all_weights", None, None)
+    assert (full.model, full.validation_data, full.max_steps) == ("org/base", None, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from tuneplex.data.spec import DataSpec
@@ -47,6 +47,41 @@ NO_LAUNCH_OPTIONS = LaunchOptions()
 """The default of `Backend.train`'s `launch`: no flag given (one node, or Slurm's variables)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """The settings a user looks for first in a job, under the same names for every backend
+    (what `tuneplex runs show` prints): `Backend.describe` reads them from its own validated
+    job, so the core never guesses where a backend keeps its model or its data."""
+
+    model: str
+    train_data: str
+    validation_data: str | None
+    training_type: str
+    """sft, dpo, distillation..."""
+    finetuning_type: str
+    """lora, all_weights..."""
+    lora_rank: int | None
+    """None: no adapter trained."""
+    lora_alpha: float | None
+    max_seq_length: int
+    learning_rate: float | None
+    """None: no single peak learning rate (a backend without an optimizer of its own)."""
+    batch: Mapping[str, int | float | bool | str]
+    """The backend's own batch keys and values, as the job names them."""
+    epochs: int | None
+    max_steps: int | None
+    seed: int | None
+    """None: the backend's default seed."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON data, in field order."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A training backend.
@@ -77,6 +112,11 @@ class Backend(Protocol):
     def check_launch(self, launch: LaunchOptions) -> None:
         """Refuse (UsageError) launch options this backend cannot use; the CLI calls it before
         a run directory is opened, so a refusal leaves nothing behind."""
+        ...
+
+    def describe(self, job: JobSchema) -> JobSettings:
+        """The job's key settings under the shared names (`tuneplex runs show` asks the run's
+        backend to describe its saved job). Reads the job only."""
         ...
 
     def train(

@@ -1,6 +1,6 @@
 """On a CUDA GPU: the automodel engine on a random-init Llama-3.2-1B-shaped model.
 
-Skipped without CUDA. Run: `pytest -q -s tests/gpu` (prints the throughput table).
+Skipped without CUDA. Run: `pytest -q -s -m gpu` (prints the throughput table).
 """
 
 import math
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
 
 

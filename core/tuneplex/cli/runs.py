@@ -128,7 +128,11 @@ STATUS_STYLE = {
 def show_cmd(run: RunArg, as_json: JsonOpt = False) -> None:
     """A run's outcome, the job's key settings, its data, and how to load what it made:
     final/ (a LoRA adapter or a whole model), the checkpoint with the best validation loss
-    if one is kept, and its curves.png."""
+    if one is kept, and its curves.png.
+
+    The settings are the run's backend's description of its job.json; where that backend is
+    not installed, or the saved job is no longer valid for it, one line says so instead
+    (in JSON: `settings` null and `settings_unavailable` the reason)."""
     from tuneplex.runs.listing import read_run
 
     info = read_run(run)
@@ -152,10 +156,14 @@ def _report(info) -> dict[str, Any]:
 
     latest = latest_checkpoint(info.path)
     curves = info.path / CURVES_FILE
+    settings, unavailable = job_settings(info)
+    described = {"settings": settings.as_dict() if settings else None}
+    if unavailable:
+        described["settings_unavailable"] = unavailable
     return {
         **overview(info),
         "path": str(info.path.resolve()),
-        "settings": job_settings(info.job),
+        **described,
         "data": info.summary.get("data"),
         "final": final_weights(info.path),
         "best_checkpoint": best_checkpoint(info),
@@ -189,7 +197,10 @@ def _show_lines(r: dict[str, Any]) -> list[str]:
     lines.append(f"speed      {', '.join(speed)}")
     if s.get("device"):
         lines.append(f"device     {s['device']}")
-    lines += ["job", *_settings_lines(r["settings"], s)]
+    if r["settings"] is None:
+        lines.append(f"job        settings not shown: {r['settings_unavailable']}")
+    else:
+        lines += ["job", *_settings_lines(r["settings"], s)]
     data = r["data"]
     if isinstance(data, dict) and data:
         lines.append("data")

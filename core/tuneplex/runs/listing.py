@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneplex.backend import Backend, JobSettings
 from tuneplex.errors import Problem, UsageError, first_line
 from tuneplex.runs.checkpoints import complete_checkpoints
 from tuneplex.runs.directory import JOB_FILE, LOCK, MARKER, WORKER_LOCK, is_run
@@ -225,41 +226,51 @@ def overview(info: RunInfo) -> dict[str, Any]:
     }
 
 
-def job_settings(job: dict[str, Any]) -> dict[str, Any]:
-    """The settings a user looks for first, from any backend's job (automodel: `model` a
-    path, `dataset.training`; unsloth: `model.name`, `dataset.path`)."""
+def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
+    """(settings, None): the run's key settings, as its backend describes the saved job; or
+    (None, why not) in one line: the backend is not installed, or job.json is missing or no
+    longer valid for it. The backend is the one summary.json names; a run without one yet is
+    told by its job, when exactly one installed backend's schema takes it."""
+    from tuneplex.plugins import KNOWN_EXTRAS, registry
+    from tuneplex.schema.loading import validate_job
 
-    def get(*keys: str) -> Any:
-        node: Any = job
-        for key in keys:
-            if not isinstance(node, dict):
-                return None
-            node = node.get(key)
-        return node
+    if not info.job:
+        return None, f"{JOB_FILE} is missing or empty"
+    try:
+        installed = registry().backends
+    except UsageError as exc:  # two plugins claim one name: `show` still shows the rest
+        return None, exc.lines()[0]
+    name = info.summary.get("backend")
+    if not isinstance(name, str):
+        fits = [n for n in sorted(installed) if _fits(installed[n].backend, info.job)]
+        if len(fits) != 1:
+            which = f"several backends ({', '.join(fits)})" if fits else "no installed backend"
+            return None, f"no {SUMMARY_FILE} names the backend, and {JOB_FILE} fits {which}"
+        name = fits[0]
+    if name not in installed:
+        extra = KNOWN_EXTRAS.get(name)
+        hint = f" (pip install 'tuneplex[{extra}]')" if extra else ""
+        return None, f"the {name} backend is not installed{hint}"
+    backend = installed[name].backend
+    try:
+        job = validate_job(backend.job_schema, info.job)
+    except UsageError as exc:
+        more = len(exc.problems) - 1
+        return None, (
+            f"{JOB_FILE} is no longer a valid {name} job: {exc.lines()[0]}"
+            + (f" (and {more} more)" if more else "")
+        )
+    return backend.describe(job), None
 
-    model = get("model")
-    if isinstance(model, dict):
-        model = model.get("name")
-    kind = get("training", "finetuning_type")
-    lora = isinstance(kind, str) and "lora" in kind
-    batch = get("batch")
-    return {
-        "model": model,
-        "train_data": get("dataset", "training") or get("dataset", "path"),
-        "validation_data": get("dataset", "validation") or get("dataset", "validation_path"),
-        "training_type": get("training", "training_type"),
-        "finetuning_type": kind,
-        "lora_rank": get("training", "lora", "rank") if lora else None,
-        "lora_alpha": get("training", "lora", "alpha") if lora else None,
-        "max_seq_length": get("training", "max_seq_length") or get("model", "max_seq_length"),
-        "learning_rate": get("optimizer", "learning_rate"),
-        "batch": {k: v for k, v in batch.items() if v is not None}
-        if isinstance(batch, dict)
-        else None,
-        "epochs": get("schedule", "epochs"),
-        "max_steps": get("schedule", "max_steps"),
-        "seed": get("schedule", "seed"),
-    }
+
+def _fits(backend: Backend, job: dict[str, Any]) -> bool:
+    from tuneplex.schema.loading import validate_job
+
+    try:
+        validate_job(backend.job_schema, job)
+    except UsageError:
+        return False
+    return True
 
 
 def final_weights(run_dir: Path) -> dict[str, Any] | None:

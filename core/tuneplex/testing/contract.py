@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus
+from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus, JobSettings
 from tuneplex.data.spec import DataSpec
 from tuneplex.schema import JobSchema
 from tuneplex.schema.base import model_in
@@ -132,6 +132,8 @@ class BackendContract:
 
     backend_name: ClassVar[str]
     minimal_job: ClassVar[dict[str, Any]]
+    model_key: ClassVar[str] = "model"
+    """Where the job names its model (dotted: "model.name")."""
 
     # -- helpers
     @property
@@ -229,6 +231,37 @@ class BackendContract:
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
             assert params[name].default == default, name
 
+    def test_launch_defaults_accepted(self):
+        assert self.backend.check_launch(NO_LAUNCH_OPTIONS) is None
+
+    def test_describe_reads_the_job(self):
+        job = self._validate(self.minimal_job)
+        settings = self.backend.describe(job)
+        assert isinstance(settings, JobSettings)
+        spec = self.backend.data_spec(job)
+        assert settings.model == _get(self.minimal_job, self.model_key)
+        assert settings.train_data == spec.train == _get(self.minimal_job, spec.train_key)
+        assert settings.validation_data == spec.validation
+        assert settings.max_seq_length == spec.max_seq_length
+        assert all(isinstance(v, int | float | bool | str) for v in settings.batch.values())
+        json.dumps(settings.as_dict())  # what `runs show --json` prints
+        # the job's own values, not constants that happen to match the minimal job
+        other = _set_path(self.minimal_job, *_split(self.model_key), "contract/other-model")
+        other = _set_path(other, *_split(spec.train_key), "contract-other.jsonl")
+        moved = self.backend.describe(self._validate(other))
+        assert (moved.model, moved.train_data) == ("contract/other-model", "contract-other.jsonl")
+
+    def test_describe_is_cheap(self):
+        heavy = imported_heavy_modules(
+            f"""
+            from tuneplex.plugins import registry
+            from tuneplex.schema.loading import validate_job
+            backend = registry().get({self.backend_name!r}).backend
+            backend.describe(validate_job(backend.job_schema, {self.minimal_job!r}))
+            """
+        )
+        assert heavy == []
+
     def test_data_spec_names_the_job_keys(self):
         spec = self.backend.data_spec(self._validate(self.minimal_job))
         assert isinstance(spec, DataSpec)
@@ -248,6 +281,18 @@ class BackendContract:
         filled = _fill(data, self.minimal_job)
         job = self._validate(filled)
         assert job == self._validate(self.minimal_job)
+
+
+def _split(key: str) -> tuple[str, str]:
+    """`a.b.c` -> ("a.b", "c"): the section and the key, as `_set_path` takes them."""
+    section, _, name = key.rpartition(".")
+    return section, name
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
 
 
 def _fill(template: Any, minimal: Any) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, LaunchOptions
+from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
 from tuneplex.data.spec import DataSpec
 from tuneplex.hookspecs import hookimpl
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
@@ -72,6 +72,23 @@ class FakeBackend:
 
     def check_launch(self, launch: LaunchOptions) -> None:
         """Takes every launch option (tests check what `train` is handed)."""
+
+    def describe(self, job: FakeJobInput) -> JobSettings:
+        return JobSettings(
+            model=job.model,
+            train_data=job.dataset.path,
+            validation_data=None,
+            training_type="sft",
+            finetuning_type="all_weights",
+            lora_rank=None,
+            lora_alpha=None,
+            max_seq_length=self.data_spec(job).max_seq_length,
+            learning_rate=None,
+            batch={},
+            epochs=None,
+            max_steps=job.schedule.steps,
+            seed=None,
+        )
 
     def train(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, LaunchOptions
+from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
 
@@ -59,6 +59,24 @@ class AutomodelBackend:
     def check_launch(self, launch: LaunchOptions) -> None:
         """Every launch option applies (multi-node through torchrun's rendezvous); the
         launcher checks their combination against the job when it starts the workers."""
+
+    def describe(self, job: AutomodelJobInput) -> JobSettings:
+        t, lora = job.training, job.training.lora
+        return JobSettings(
+            model=job.model,
+            train_data=job.dataset.training,
+            validation_data=job.dataset.validation,
+            training_type=t.training_type,
+            finetuning_type=t.finetuning_type,
+            lora_rank=lora.rank if lora else None,
+            lora_alpha=lora.alpha if lora else None,
+            max_seq_length=t.max_seq_length,
+            learning_rate=job.optimizer.learning_rate,
+            batch=job.batch.model_dump(),
+            epochs=job.schedule.epochs,
+            max_steps=job.schedule.max_steps,
+            seed=job.schedule.seed,
+        )
 
     def train(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, LaunchOptions
+from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
 
@@ -53,6 +53,24 @@ class UnslothBackend:
     def check_launch(self, launch: LaunchOptions) -> None:
         """Called by the CLI before the run directory is opened."""
         refuse_launch_options(launch)
+
+    def describe(self, job: UnslothJobInput) -> JobSettings:
+        t, lora = job.training, job.training.lora
+        return JobSettings(
+            model=job.model.name,
+            train_data=job.dataset.path,
+            validation_data=job.dataset.validation_path,
+            training_type=t.training_type,
+            finetuning_type=t.finetuning_type,
+            lora_rank=lora.rank if lora else None,
+            lora_alpha=lora.alpha if lora else None,
+            max_seq_length=job.model.max_seq_length,
+            learning_rate=job.optimizer.learning_rate,
+            batch=job.batch.model_dump(),
+            epochs=job.schedule.epochs,
+            max_steps=job.schedule.max_steps,
+            seed=job.schedule.seed,
+        )
 
     def train(
         self,
