@@ -56,6 +56,7 @@ def test_a_run_is_recognised_by_its_marker(fake_registry, job, tmp_path, capsys)
     assert train(capsys, job, out)[0] == 0
     marker = json.loads((out / MARKER).read_text())
     assert marker["format"] == 1 and len(marker["run_id"]) == 32
+    assert marker["backend"] == "fake"
     assert str(job.parent / "data.jsonl") in marker["inputs"]["dataset.path"]
     code, _, err = train(capsys, job, out)
     assert code == 2 and err == (
@@ -68,6 +69,24 @@ def test_a_run_is_recognised_by_its_marker(fake_registry, job, tmp_path, capsys)
     assert train(capsys, job, out, "--overwrite")[0] == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / MARKER).read_text())["run_id"] != marker["run_id"]
+
+
+def test_a_run_resumes_only_with_the_backend_that_began_it(fake_registry, job, tmp_path):
+    from pathlib import Path
+
+    from tuneplex.errors import UsageError
+    from tuneplex.runs import open_run
+
+    out = tmp_path / "run"
+    public = {"model": "m"}
+    opened = dict(job=public, job_file=Path("j.yaml"), overwrite=False, note=print)
+    open_run(out, backend="fake", resume=False, **opened).close()
+    with pytest.raises(UsageError) as refused:
+        open_run(out, backend="other", resume=True, **opened)
+    assert refused.value.lines() == [
+        f"--output {out}: was trained by the fake backend, not other; resume it with --backend fake"
+    ]
+    open_run(out, backend="fake", resume=True, **opened).close()
 
 
 def test_a_users_folder_with_a_job_json_is_not_a_run(fake_registry, tmp_path, capsys):
@@ -186,7 +205,9 @@ from pathlib import Path
 from tuneplex.runs import open_run
 out = Path(sys.argv[1])
 job = json.loads((out / "job.json").read_text())
-run = open_run(out, job=job, job_file=Path("j.yaml"), resume=True, overwrite=False, note=print)
+run = open_run(
+    out, job=job, job_file=Path("j.yaml"), backend="fake", resume=True, overwrite=False, note=print
+)
 print("locked", flush=True)
 time.sleep(120)
 """

@@ -12,6 +12,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+from tuneplex.runs import MARKER
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -261,14 +262,19 @@ def test_show_incomplete_run_with_a_line_being_written(tp, runs, tmp_path):
         fh.write('{"step": 5, "split": "tra')  # cut by the crash: no newline
     code, out, err = tp("show", run)
     assert code == 0, err
-    assert "status     incomplete, 4/? steps" in out
+    assert "status     incomplete, automodel, 4/? steps" in out  # run.json names the backend
     assert "final      none (the run did not complete)" in out
-    # no summary.json names the backend: the one installed backend whose schema takes the job
     assert "  training     sft, lora (rank 16, alpha 32)" in out
     report = json.loads(tp("show", run, "--json")[1])
     assert report["status"] == "incomplete" and report["final"] is None
     assert report["last_checkpoint"] == str(run / "checkpoints" / "step_4")
     assert report["settings"]["lora_rank"] == 16 and "settings_unavailable" not in report
+    # a run made before run.json named its backend: the one installed schema its job fits
+    marker = json.loads((run / MARKER).read_text())
+    del marker["backend"]
+    (run / MARKER).write_text(json.dumps(marker))
+    report = json.loads(tp("show", run, "--json")[1])
+    assert report["backend"] is None and report["settings"]["lora_rank"] == 16
 
 
 def _without_job_block(lines: list[str]) -> list[str]:

@@ -98,7 +98,13 @@ def _train_into_run(
 
     public = parsed.to_public_dict()
     with open_run(
-        run_dir, job=public, job_file=job, resume=resume, overwrite=overwrite, note=console.note
+        run_dir,
+        job=public,
+        job_file=job,
+        backend=backend.name,
+        resume=resume,
+        overwrite=overwrite,
+        note=console.note,
     ) as run:
         log = run_dir / LOG_FILE
         try:

@@ -113,12 +113,13 @@ def open_run(
     *,
     job: Mapping[str, Any],
     job_file: Path,
+    backend: str,
     resume: bool,
     overwrite: bool,
     note: Callable[[str], None],
 ) -> Run:
-    """Make `run_dir` ready for `train` and lock it; refuse (one line each, exit 2, nothing
-    touched) whatever could lose a user's file or let two trainings write one run."""
+    """Make `run_dir` ready for `train` by `backend` and lock it; refuse (one line each, exit
+    2, nothing touched) whatever could lose a user's file or let two trainings write one run."""
     if resume and overwrite:
         raise UsageError("--resume, --overwrite: choose one (continue the run or replace it)")
     where = f"--output {run_dir}"
@@ -130,7 +131,7 @@ def open_run(
     if not occupied:
         if resume:
             note(f"tuneplex: nothing to resume in {run_dir}; starting a new run")
-        return _create(run_dir, job=job, where=where)
+        return _create(run_dir, job=job, backend=backend, where=where)
     if not is_run(run_dir):
         action = "resume in it" if resume else "delete anything in it" if overwrite else None
         raise UsageError(
@@ -154,6 +155,7 @@ def open_run(
                 )
             )
         if resume:
+            _check_same_backend(run_dir, backend, marker)
             _check_same_job(run_dir, job)
             _check_same_inputs(run_dir, job, marker)
             remove_stale_temporaries(run_dir)
@@ -162,13 +164,27 @@ def open_run(
         if kept:
             shown = ", ".join(sorted(kept)[:5]) + (", ..." if len(kept) > 5 else "")
             note(f"tuneplex: kept {len(kept)} entries tuneplex did not write in {run_dir}: {shown}")
-        return _start(run_dir, job=job, lock_fd=fd)
+        return _start(run_dir, job=job, backend=backend, lock_fd=fd)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _create(run_dir: Path, *, job: Mapping[str, Any], where: str) -> Run:
+def _check_same_backend(run_dir: Path, backend: str, marker: Mapping[str, Any]) -> None:
+    """A run goes on with the backend that began it (runs made before the marker named its
+    backend are taken as they are)."""
+    began = marker.get("backend")
+    if isinstance(began, str) and began != backend:
+        raise UsageError(
+            Problem(
+                f"--output {run_dir}",
+                f"was trained by the {began} backend, not {backend}; resume it with "
+                f"--backend {began}",
+            )
+        )
+
+
+def _create(run_dir: Path, *, job: Mapping[str, Any], backend: str, where: str) -> Run:
     existed = run_dir.is_dir()
     try:
         (run_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
@@ -180,7 +196,7 @@ def _create(run_dir: Path, *, job: Mapping[str, Any], where: str) -> Run:
         raise UsageError(Problem(where, f"cannot create it ({exc.strerror or exc})")) from None
     fd = _lock(run_dir)
     try:
-        run = _start(run_dir, job=job, lock_fd=fd)
+        run = _start(run_dir, job=job, backend=backend, lock_fd=fd)
         run.created = not existed
         return run
     except BaseException:
@@ -188,14 +204,15 @@ def _create(run_dir: Path, *, job: Mapping[str, Any], where: str) -> Run:
         raise
 
 
-def _start(run_dir: Path, *, job: Mapping[str, Any], lock_fd: int) -> Run:
-    """Write the marker (a new run id, the inputs' fingerprints) and job.json."""
+def _start(run_dir: Path, *, job: Mapping[str, Any], backend: str, lock_fd: int) -> Run:
+    """Write the marker (a new run id, the backend, the inputs' fingerprints) and job.json."""
     run_id = uuid.uuid4().hex
     marker = {
         "format": RUN_FORMAT,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tuneplex": __version__,
+        "backend": backend,
         "inputs": fingerprints(job_inputs(job), skip_under=run_dir),
     }
     try:

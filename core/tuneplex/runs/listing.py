@@ -213,7 +213,7 @@ def overview(info: RunInfo) -> dict[str, Any]:
     return {
         "name": info.name,
         "path": str(info.path),
-        "backend": s.get("backend"),
+        "backend": s.get("backend") or info.marker.get("backend"),
         "status": info.status,
         "steps": steps,
         "total_steps": total,
@@ -229,8 +229,8 @@ def overview(info: RunInfo) -> dict[str, Any]:
 def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
     """(settings, None): the run's key settings, as its backend describes the saved job; or
     (None, why not) in one line: the backend is not installed, or job.json is missing or no
-    longer valid for it. The backend is the one summary.json names; a run without one yet is
-    told by its job, when exactly one installed backend's schema takes it."""
+    longer valid for it. The backend is the one run.json (or summary.json) names; an older run
+    that names none is told by its job, when exactly one installed backend's schema takes it."""
     from tuneplex.plugins import KNOWN_EXTRAS, registry
     from tuneplex.schema.loading import validate_job
 
@@ -240,8 +240,8 @@ def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
         installed = registry().backends
     except UsageError as exc:  # two plugins claim one name: `show` still shows the rest
         return None, exc.lines()[0]
-    name = info.summary.get("backend")
-    if not isinstance(name, str):
+    name = info.summary.get("backend") or info.marker.get("backend")
+    if not isinstance(name, str):  # a run made before run.json named its backend
         fits = [n for n in sorted(installed) if _fits(installed[n].backend, info.job)]
         if len(fits) != 1:
             which = f"several backends ({', '.join(fits)})" if fits else "no installed backend"
