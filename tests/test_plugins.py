@@ -133,3 +133,170 @@ def test_core_never_imports_a_plugin_by_name():
     for path in core.rglob("*.py"):
         text = path.read_text()
         assert "tuneplex_automodel" not in text and "tuneplex_unsloth" not in text, path
+
+
+# ------------------------------------------------------------------ which backend runs a job
+def installed(*names):
+    """A registry of the named real backends, loaded through their own entry points."""
+    from importlib import metadata
+
+    from tuneplex.plugins import ENTRY_POINT_GROUP
+
+    eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return load_registry([eps[n] for n in names], warn=pytest.fail)
+
+
+def registry_of(*backends):
+    """A registry holding exactly these backend objects."""
+    from tuneplex.plugins import InstalledBackend, Registry
+
+    return Registry(
+        backends={b.name: InstalledBackend(b, b.name, f"tuneplex-{b.name}", "0") for b in backends},
+        failures=[],
+    )
+
+
+def example(name: str) -> dict:
+    from pathlib import Path
+
+    from tuneplex.schema.loading import load_job_file
+
+    return load_job_file(Path(__file__).parents[1] / "examples" / name)
+
+
+FAKE_JOB = {"model": "m", "dataset": {"path": "d.jsonl"}}
+
+
+@pytest.fixture
+def only(monkeypatch):
+    """only("unsloth"): the CLI sees just these real backends installed."""
+    from tuneplex import plugins
+
+    def _only(*names):
+        reg = installed(*names)
+        monkeypatch.setattr(plugins, "registry", lambda: reg)
+        return reg
+
+    return _only
+
+
+def test_the_only_backend_installed_is_the_default(only, capsys):
+    from tuneplex.cli import main
+
+    assert only("unsloth").choose(None, example("unsloth-qlora.yaml")).backend.name == "unsloth"
+    assert main(["validate", "examples/unsloth-qlora.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("# examples/unsloth-qlora.yaml: valid unsloth job")
+
+
+def test_a_job_foreign_to_the_only_backend_names_the_one_to_install(only, capsys):
+    """An automodel job where only unsloth is installed: one line, not unsloth's nine."""
+    from tuneplex.cli import main
+
+    only("unsloth")
+    assert main(["validate", "examples/automodel-lora.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "job: fits no installed backend; most of its keys are not unsloth's (--backend unsloth "
+        "lists them): a job for automodel? installed: unsloth; install it with: "
+        "pip install 'tuneplex[automodel]'\n"
+    )
+    only("automodel")
+    assert main(["validate", "examples/unsloth-dpo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(
+        "install it with: pip install 'tuneplex[unsloth]'\n"
+    )
+
+
+def test_a_typo_in_a_job_for_the_only_backend_is_reported_as_such(only, capsys, write):
+    """A few wrong keys are the installed backend's problems, each on its line."""
+    from tuneplex.cli import main
+
+    only("unsloth")
+    job = write("u.yaml", "model: {name: m}\ndataset: {pth: d.jsonl}\n")
+    assert main(["validate", str(job)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "dataset.path: required key is missing",
+        "dataset.pth: unknown key; did you mean 'path'? (allowed: path, text_field, "
+        "apply_chat_template, validation_path, packing, format, column_mapping, "
+        "skip_invalid_rows)",
+    ]
+
+
+def test_with_both_installed_the_job_picks_the_schema_it_fits():
+    reg = installed("automodel", "unsloth")
+    for name, backend in [
+        ("automodel-lora.yaml", "automodel"),
+        ("automodel-dpo.yaml", "automodel"),
+        ("unsloth-qlora.yaml", "unsloth"),
+        ("unsloth-dpo.yaml", "unsloth"),
+    ]:
+        assert reg.choose(None, example(name)).backend.name == backend, name
+    # fitting neither, a job is the default's to report on, not refused as foreign
+    assert reg.choose(None, {"model": "m"}).backend.name == "automodel"
+
+
+def test_backend_flag_overrides_the_choice(only, capsys):
+    from tuneplex.cli import main
+
+    reg = installed("automodel", "unsloth")
+    assert reg.choose("unsloth", example("automodel-lora.yaml")).backend.name == "unsloth"
+    only("unsloth")
+    assert main(["validate", "examples/automodel-lora.yaml", "--backend", "unsloth"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 9 and "dataset.training: unknown key" in lines[2]
+    with pytest.raises(UsageError, match="unknown backend 'automodel'; installed: unsloth"):
+        installed("unsloth").choose("automodel", example("automodel-lora.yaml"))
+
+
+def test_a_job_fitting_several_goes_to_the_default_else_the_first_by_name():
+    from tuneplex.testing import FakeBackend
+
+    class Named(FakeBackend):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+    reg = registry_of(Named("zeta"), Named("automodel"))
+    assert reg.choose(None, FAKE_JOB).backend.name == "automodel"
+    reg = registry_of(Named("zeta"), Named("beta"))
+    assert reg.choose(None, FAKE_JOB).backend.name == "beta"
+    assert reg.choose("zeta", FAKE_JOB).backend.name == "zeta"
+
+
+def test_no_backend_installed_is_one_line(monkeypatch, capsys):
+    from tuneplex import plugins
+    from tuneplex.cli import main
+
+    monkeypatch.setattr(plugins, "registry", lambda: registry_of())
+    assert main(["validate", "examples/automodel-lora.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'\n"
+    )
+
+
+def test_refused_keys_tell_a_foreign_job_from_a_wrong_one():
+    from tuneplex.plugins import FOREIGN_MIN, FOREIGN_SHARE, refused_keys
+    from tuneplex_automodel.schema import AutomodelJobInput
+    from tuneplex_unsloth.schema import UnslothJobInput
+
+    def foreign(schema, job):
+        refused, total = refused_keys(schema, job)
+        return refused >= FOREIGN_MIN and refused >= FOREIGN_SHARE * total
+
+    assert refused_keys(UnslothJobInput, example("unsloth-qlora.yaml")) is None
+    for name in ("automodel-lora.yaml", "automodel-dpo.yaml", "automodel-multinode.yaml"):
+        assert foreign(UnslothJobInput, example(name)), name
+    for name in ("unsloth-qlora.yaml", "unsloth-dpo.yaml"):
+        assert foreign(AutomodelJobInput, example(name)), name
+    # automodel-lora: 8 of its 14 keys are not unsloth's, and it lacks unsloth's dataset.path
+    assert refused_keys(UnslothJobInput, example("automodel-lora.yaml")) == (9, 15)
+    wrong_value = example("unsloth-qlora.yaml")
+    wrong_value["optimizer"]["learning_rate"] = -1
+    assert refused_keys(UnslothJobInput, wrong_value) == (0, 17)
+    one_typo = example("unsloth-qlora.yaml")
+    one_typo["training"] = {"lora": {"rnak": 16, "alpha": 16}}
+    assert refused_keys(UnslothJobInput, one_typo) == (1, 17)
+    assert refused_keys(UnslothJobInput, {"model": {"name": "m"}, "dataset": {"pth": "d"}}) == (
+        2,
+        3,
+    )

@@ -53,14 +53,18 @@ def _stderr_fd() -> int | None:
 @contextlib.contextmanager
 def defects_as_one_line() -> Iterator[None]:
     """An unexpected exception (a defect, not bad input) becomes one `InternalError` line; its
-    traceback goes to the log. What tuneplex reports itself passes through unchanged."""
-    from tuneplex.errors import InternalError, TuneplexError, first_line
+    traceback goes to the log. A missing optional package is the line naming its extra (exit
+    2). What tuneplex reports itself passes through unchanged."""
+    from tuneplex.errors import InternalError, TuneplexError, first_line, missing_package
 
     try:
         yield
     except TuneplexError:
         raise
     except Exception as exc:
+        missing = missing_package(exc)
+        if missing is not None:
+            raise missing from None
         log_traceback()
         raise InternalError(
             f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} "

@@ -162,6 +162,57 @@ class InternalError(TuneplexError):
     """A defect, not bad input: one line for the user, the traceback in the run's log. Exit 1."""
 
 
+# The packages tuneplex imports that `pip install tuneplex` does not bring: what needs each,
+# and the extras that install it. The one place a missing package becomes an install line.
+OPTIONAL_PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "datasets": ("reading data", ("data",)),
+    "pyarrow": ("reading data", ("data",)),
+    "numpy": ("reading data", ("data",)),
+    "transformers": ("tokenizing", ("data",)),
+    "tokenizers": ("tokenizing", ("data",)),
+    "torch": ("training", ("automodel", "unsloth")),
+    "peft": ("training", ("automodel", "unsloth")),
+    "safetensors": ("training", ("automodel",)),
+    "trl": ("the unsloth backend", ("unsloth",)),
+    "unsloth": ("the unsloth backend", ("unsloth",)),
+    "unsloth_zoo": ("the unsloth backend", ("unsloth",)),
+    "bitsandbytes": ("the unsloth backend", ("unsloth",)),
+    "matplotlib": ("drawing curves", ("plots",)),
+    "wandb": ("the W&B tracker", ("wandb",)),
+    "mlflow": ("the MLflow tracker", ("mlflow",)),
+    "sqlalchemy": ("the MLflow tracker", ("mlflow",)),
+    "alembic": ("the MLflow tracker", ("mlflow",)),
+    "tensorboard": ("the TensorBoard tracker", ("tensorboard",)),
+}
+
+
+def extra_of(package: str) -> str:
+    """The (first) extra that installs `package`, one of OPTIONAL_PACKAGES."""
+    return OPTIONAL_PACKAGES[package][1][0]
+
+
+def needs_package(package: str) -> EnvironmentNotReady:
+    """The refusal for a missing optional package, in one line:
+    `reading data needs the package 'datasets': pip install 'tuneplex[data]'`."""
+    what, extras = OPTIONAL_PACKAGES[package]
+    install = " or ".join(f"'tuneplex[{extra}]'" for extra in extras)
+    return EnvironmentNotReady(f"{what} needs the package '{package}': pip install {install}")
+
+
+def missing_package(exc: BaseException) -> EnvironmentNotReady | None:
+    """`needs_package` for a ModuleNotFoundError of an optional package, found in `exc` or
+    what caused it (a library re-raising it as its own error); None for anything else (a
+    missing module of tuneplex or of an installed package is a defect, not a missing extra)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ModuleNotFoundError) and current.name in OPTIONAL_PACKAGES:
+            return needs_package(current.name)
+        current = current.__cause__ or current.__context__
+    return None
+
+
 class CrossFieldError(ValueError):
     """Raised by schema validators for rules spanning several fields.
 
@@ -230,7 +281,7 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
     problems: list[Problem] = []
     for err in exc.errors(include_url=False):
         kind = err["type"]
-        loc = _user_loc(tuple(err.get("loc", ())), keep_last=kind == "extra_forbidden")
+        loc = user_loc(tuple(err.get("loc", ())), keep_last=kind == "extra_forbidden")
         path = _join(loc) or "job"
         ctx = err.get("ctx") or {}
         if kind == "value_error" and isinstance(ctx.get("error"), CrossFieldError):
@@ -275,7 +326,7 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
 _TAG = re.compile(r"[a-z][a-z-]*\[.*\]")
 
 
-def _user_loc(loc: tuple, *, keep_last: bool) -> tuple:
+def user_loc(loc: tuple, *, keep_last: bool) -> tuple:
     """`loc` without the tags pydantic adds for validators and unions (`function-after[...]`,
     `literal['x']`); an unknown key is the user's, whatever it looks like."""
     head, last = (loc[:-1], loc[-1:]) if keep_last else (loc, ())

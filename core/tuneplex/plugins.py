@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -13,14 +13,19 @@ import pluggy
 
 from tuneplex import hookspecs
 from tuneplex.backend import Backend
-from tuneplex.errors import UsageError, did_you_mean
+from tuneplex.errors import UsageError, did_you_mean, user_loc
 
 ENTRY_POINT_GROUP = "tuneplex"
 
-# where a backend that is not installed comes from, for the "pip install" hint
+# where a backend that is not installed comes from, for the "pip install" hint; the default first
 KNOWN_EXTRAS = {"automodel": "automodel", "unsloth": "unsloth"}
 DEFAULT_BACKEND = "automodel"
 """The backend a job runs on when several are installed and the job fits more than one."""
+NO_BACKENDS = "no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'"
+FOREIGN_SHARE, FOREIGN_MIN = 0.5, 3
+"""A job that fits no installed schema, of whose keys the pick's schema refuses at least this
+share and this many, is taken for a job of a backend that is not installed (a typo is a key or
+two; another backend's job is most of it)."""
 
 
 @dataclass(frozen=True)
@@ -48,27 +53,77 @@ class Registry:
             raise UsageError(unknown_backend_message(name, self.backends)) from None
 
     def choose(self, name: str | None, job: Mapping[str, Any]) -> InstalledBackend:
-        """The backend for a job: `name` (--backend) when given; else the only one installed;
-        else the one whose job schema `job` fits, when exactly one does; else the default."""
+        """The backend for a job: `name` (--backend) when given; else the one whose job schema
+        `job` fits, when exactly one does; else the only one installed, or the default. A job
+        that fits none and is mostly foreign to that pick (an automodel job where only unsloth
+        is installed) is refused in one line naming the backend to install."""
         if name is not None:
             return self.get(name)
+        if not self.backends:
+            raise UsageError(NO_BACKENDS)
         names = sorted(self.backends)
-        if len(names) == 1:
-            return self.backends[names[0]]
-        fits = [n for n in names if _fits(self.backends[n].backend.job_schema, job)]
+        refused = {n: refused_keys(self.backends[n].backend.job_schema, job) for n in names}
+        fits = [n for n in names if refused[n] is None]
         if len(fits) == 1:
             return self.backends[fits[0]]
-        return self.get(DEFAULT_BACKEND if DEFAULT_BACKEND in names or not names else names[0])
+        pool = fits or names
+        pick = DEFAULT_BACKEND if DEFAULT_BACKEND in pool else pool[0]
+        missing = [n for n in KNOWN_EXTRAS if n not in self.backends]  # the default first
+        if not fits and missing and _foreign(*refused[pick]):
+            raise UsageError(
+                f"job: fits no installed backend; most of its keys are not {pick}'s (--backend "
+                f"{pick} lists them): a job for {missing[0]}? installed: {', '.join(names)}; "
+                f"install it with: pip install 'tuneplex[{KNOWN_EXTRAS[missing[0]]}]'"
+            )
+        return self.backends[pick]
 
 
-def _fits(schema: type, job: Mapping[str, Any]) -> bool:
-    from tuneplex.schema.loading import validate_job
+def refused_keys(schema: type, job: Mapping[str, Any]) -> tuple[int, int] | None:
+    """None when `job` fits `schema`; else (refused, total): how many of its keys the schema
+    refuses as unknown or of another shape (a mapping for a string, say), each required key the
+    job lacks counted as one more, out of all its keys and those. (0, n) when only values are
+    wrong."""
+    from pydantic import ValidationError
 
     try:
-        validate_job(schema, job)
-    except UsageError:
-        return False
-    return True
+        schema.model_validate(job)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+    else:
+        return None
+    foreign: set[tuple] = set()  # where the job's shape and the schema's part
+    lacking = 0
+    for err in errors:
+        kind = err["type"]
+        loc = user_loc(tuple(err.get("loc", ())), keep_last=kind == "extra_forbidden")
+        if kind == "missing":
+            lacking += 1
+        elif kind in _SHAPE_ERRORS or (
+            kind.endswith("_type") and isinstance(err.get("input"), Mapping)
+        ):
+            foreign.add(loc)
+    keys = list(_leaves(job, ()))
+    refused = sum(any(k[:i] in foreign for i in range(len(k) + 1)) for k in keys)
+    return refused + lacking, len(keys) + lacking
+
+
+def _foreign(refused: int, total: int) -> bool:
+    return refused >= FOREIGN_MIN and refused >= FOREIGN_SHARE * total
+
+
+_SHAPE_ERRORS = {"extra_forbidden", "model_type", "model_attributes_type", "dict_type"}
+
+
+def _leaves(value: Any, path: tuple) -> Iterator[tuple]:
+    """The paths of a job's values, as pydantic locates them (list items by index)."""
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            yield from _leaves(item, (*path, key))
+    elif isinstance(value, list) and any(isinstance(item, Mapping) for item in value):
+        for i, item in enumerate(value):
+            yield from _leaves(item, (*path, i))
+    else:
+        yield path
 
 
 def unknown_backend_message(name: str, installed: Iterable[str]) -> str:

@@ -13,7 +13,8 @@ import typer
 
 from tuneplex import __version__
 from tuneplex.cli import data, jobs, runs, train
-from tuneplex.errors import EXIT_USAGE, TuneplexError
+from tuneplex.cli.common import echo_lines
+from tuneplex.errors import EXIT_USAGE, TuneplexError, missing_package
 
 app = typer.Typer(
     name="tuneplex",
@@ -55,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="tuneplex", standalone_mode=False)
     except TuneplexError as exc:  # raised outside a command, e.g. while loading plugins
-        for line in exc.lines():
-            typer.echo(line, err=True)
+        echo_lines(exc)
         return exc.exit_code
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
     except Exception as exc:
+        missing = missing_package(exc)  # an optional package imported outside a command
+        if missing is not None:
+            echo_lines(missing)
+            return missing.exit_code
         # click's UsageError family (vendored inside newer typer): bad flag, missing argument
         if not (hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE):
             raise

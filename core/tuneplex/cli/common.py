@@ -9,15 +9,15 @@ from typing import Annotated
 
 import typer
 
-from tuneplex.errors import TuneplexError, UsageError
+from tuneplex.errors import TuneplexError, UsageError, missing_package
 
 BackendOpt = Annotated[
     str | None,
     typer.Option(
         "--backend",
         "-b",
-        help="Backend that runs the job (see `tuneplex backends`). Default: the only one "
-        "installed, else the one whose schema the job fits, else automodel.",
+        help="Backend that runs the job (see `tuneplex backends`). Default: the one whose "
+        "schema the job fits, else the only one installed, else automodel.",
     ),
 ]
 SetOpt = Annotated[
@@ -32,18 +32,30 @@ JobArg = Annotated[Path, typer.Argument(help="Job file (.yaml, .yml or .json).")
 
 
 def reported(fn):
-    """Print a TuneplexError as its lines on stderr and exit with its code; no traceback."""
+    """Print a TuneplexError as its lines on stderr and exit with its code; no traceback. A
+    missing optional package is one line naming the extra that installs it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TuneplexError as exc:
-            for line in exc.lines():
-                typer.echo(line, err=True)
+            echo_lines(exc)
             raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            missing = missing_package(exc)
+            if missing is None:
+                raise
+            echo_lines(missing)
+            raise typer.Exit(missing.exit_code) from None
 
     return wrapper
+
+
+def echo_lines(exc: TuneplexError) -> None:
+    """An error's lines on stderr."""
+    for line in exc.lines():
+        typer.echo(line, err=True)
 
 
 def load_job_for(job: Path, backend: str | None, sets: list[str] | None, *, trackers: bool = False):

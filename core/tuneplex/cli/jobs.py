@@ -17,7 +17,7 @@ def backends_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the installed backends, their versions and whether this machine can run them."""
-    from tuneplex.plugins import registry
+    from tuneplex.plugins import NO_BACKENDS, registry
 
     reg = registry()
     rows = []
@@ -38,9 +38,7 @@ def backends_cmd(
         typer.echo(json.dumps({"backends": rows, "plugin_failures": reg.failures}, indent=2))
         return
     if not rows:
-        typer.echo(
-            "no backends installed; pip install 'tuneplex[automodel]' or 'tuneplex[unsloth]'"
-        )
+        typer.echo(NO_BACKENDS)
         return
     for row in rows:
         typer.echo(f"{row['name']}  ({row['distribution']} {row['version']})")

@@ -17,7 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from tuneplex.errors import Problem, UsageError, first_line
+from tuneplex.errors import Problem, UsageError, first_line, needs_package
 from tuneplex.runs.listing import CURVES_FILE, RunInfo, finite, read_run
 from tuneplex.runs.records import METRICS_FILE
 
@@ -82,7 +82,7 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, *, labels: Sequence[str] | No
         where = str(Path(run_dirs[0]) / METRICS_FILE) if len(runs) == 1 else "runs"
         raise UsageError(Problem(where, "no finite metrics recorded yet; nothing to plot"))
     if find_spec("matplotlib") is None:
-        raise UsageError("drawing curves needs matplotlib: pip install 'tuneplex[plots]'")
+        raise needs_package("matplotlib")
     figure = _draw(curves, runs)
     if not out.parent.is_dir():
         raise UsageError(Problem(str(out), f"no such directory: {out.parent}"))

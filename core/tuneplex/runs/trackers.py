@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from tuneplex.errors import Problem, first_line, one_line
+from tuneplex.errors import Problem, extra_of, first_line, one_line
 from tuneplex.runs.directory import STATE_DIR
 from tuneplex.runs.records import write_json_atomic
 
@@ -34,9 +34,9 @@ STATUSES = ("completed", "interrupted", "diverged", "failed")
 
 # tracker name -> (package that must be importable, pip extra, what messages call it)
 _PACKAGES = {
-    "wandb": ("wandb", "wandb", "W&B"),
-    "mlflow": ("mlflow", "mlflow", "MLflow"),
-    "tensorboard": ("tensorboard", "tensorboard", "TensorBoard"),
+    "wandb": ("wandb", extra_of("wandb"), "W&B"),
+    "mlflow": ("mlflow", extra_of("mlflow"), "MLflow"),
+    "tensorboard": ("tensorboard", extra_of("tensorboard"), "TensorBoard"),
 }
 _QUIET_LOGGERS = ("wandb", "mlflow", "absl", "tensorboard", "alembic", "git")
 _MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # else FAILED
@@ -86,7 +86,7 @@ def missing_packages(integrations: Any) -> list[Problem]:
                 Problem(
                     "integrations.mlflow.tracking_uri",
                     f"a {scheme}: store needs the sqlalchemy package "
-                    '(pip install "tuneplex[mlflow]")',
+                    f'(pip install "tuneplex[{extra_of("sqlalchemy")}]")',
                 )
             )
     return problems
