@@ -178,7 +178,7 @@ def test_data_parallel_distillation_equals_one_process(job, tmp_path):
 
 def test_teacher_is_frozen_and_outside_the_optimizer(tiny_model):
     from transformers import AutoModelForCausalLM
-    from tuneplex_automodel.distill import Teacher
+    from tuneplex_automodel.objectives.distill import Teacher
     from tuneplex_automodel.trainer import build_optimizer
 
     student = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -217,3 +217,27 @@ def test_head_run_by_hand_matches_the_model(cls, changes, tokenizers):
         plain = model.get_output_embeddings()(hidden)
     torch.testing.assert_close(finish_logits(model.config, plain), want, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(plain, want, atol=1e-3)  # the family really changes its logits
+
+
+@pytest.mark.slow  # worker processes
+def test_data_parallel_distillation_refuses_a_tied_head(job, tmp_path, tokenizers):
+    """Data parallelism makes the student's head an FSDP unit of its own: not with a head
+    that is the input embeddings (the objective refuses it before any step)."""
+    from helpers import cli, family_config
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizers["chatml"][1]
+    tied = tmp_path / "tied"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        family_config("LlamaForCausalLM", tok, tie_word_embeddings=True)
+    )
+    model.save_pretrained(tied)
+    tok.save_pretrained(tied)
+    path = job(f"model: {tied}\ntraining: {{teacher_model: {tied}}}")
+    proc = cli(path, "-o", tmp_path / "r", "--set", "parallelism.num_gpus_per_node=2", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (
+        "training.training_type: distillation across 2 data-parallel ranks needs an output head "
+        "not tied to the input embeddings (this model ties them); train it in one process"
+    ) in proc.stderr

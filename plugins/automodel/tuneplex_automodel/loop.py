@@ -1,8 +1,12 @@
 """The automodel training loop, given the components the recipe (`trainer`) set up.
 
-Each optimizer step takes `global_batch_size` rows (the last step of an epoch the rows left),
+Each optimizer step takes `global_batch_size` items (the last step of an epoch the items left),
 split into micro-batches; the loss is the mean over every counted token of the whole step, so
-any split into micro-batches (or data-parallel ranks) gives the same gradient.
+any split into micro-batches (or data-parallel ranks) gives the same gradient. What the loss
+is, what it reports and how it is validated is the job's objective's (`objectives`): the loop
+names none. It keeps what every objective shares: the plan, the learning rate, gradient sync
+and scaling across micro-batches and ranks (`backward_micro_batches`), clipping, the
+non-finite check, one host sync per step, the recorder, checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -17,23 +21,18 @@ from typing import TYPE_CHECKING, Any
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.errors import Interrupted, Problem, UsageError
-from tuneplex.nn.evaluation import evaluate
 from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
 
 from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
-from tuneplex_automodel.distill import distill_loss_sums
-from tuneplex_automodel.dpo import PARTS as DPO_PARTS
-from tuneplex_automodel.dpo import REFERENCE_KEY, Preference, references
 from tuneplex_automodel.model import compile_seconds
 from tuneplex_automodel.parallel.mesh import clip_grad_norm
 from tuneplex_automodel.plan import learning_rate
 
 if TYPE_CHECKING:
-    from tuneplex.data.collate import RowTable
     from tuneplex.runs import RunRecorder
     from tuneplex.signals import StopSignals
 
-    from tuneplex_automodel.distill import Teacher
+    from tuneplex_automodel.objectives import Objective, Table
     from tuneplex_automodel.parallel.mesh import Dist
     from tuneplex_automodel.parallel.parallelize import Parallelized
     from tuneplex_automodel.parallel.pp import Pipeline
@@ -63,18 +62,17 @@ class Components:
     model: Any
     optimizer: Any
     plan: TrainPlan
-    train_rows: RowTable
-    val_rows: RowTable | None
+    objective: Objective
+    train_rows: Table
+    """The items the plan iterates: the objective's (`Objective.tables`)."""
+    val_rows: Table | None
     pad_id: int
     loss: Callable[..., Any]
     """`loss(model, batch, autocast=...)`: this rank's part of the summed cross-entropy."""
     layout: Parallelized
     recorder: RunRecorder
     stop: StopSignals
-    teacher: Teacher | None = None
     pipe: Pipeline | None = None
-    preference: Preference | None = None
-    """dpo: the objective; `train_rows` / `val_rows` are then `PairTable`s."""
 
 
 class Loop:
@@ -104,29 +102,14 @@ class Loop:
                 )
             )
         self.step = step
-        if p.preference is not None:
-            import torch
-
-            saved = state[REFERENCE_KEY]
-            p.preference.reference = {
-                k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()
-            }
+        p.objective.restore(state)
         p.recorder.restore(state, step=step, checkpoint=str(path))
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         p, plan = self.parts, self.parts.plan
         p.recorder.begin(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
-        if p.preference is not None and p.preference.reference is None:
-            p.preference.reference = references(
-                p.model,
-                train=p.train_rows,
-                val=p.val_rows,
-                micro=p.plan.micro_batch,
-                pad_id=p.pad_id,
-                runtime=p.runtime,
-                dist=p.dist,
-            )
+        p.objective.begin(p)
         if p.recorder.resumed_from is None and p.val_rows is not None:
             self._validate()  # the starting point, so the curve shows what training changed
         try:
@@ -182,11 +165,7 @@ class Loop:
         p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         self.step = step
-        extra = {}
-        if p.teacher is not None:
-            extra = {"ce_loss": figures[0], "kd_loss": figures[1]}
-        elif p.preference is not None:
-            extra = p.preference.figures(figures)
+        extra = p.objective.figures(figures)
         compiling = compile_seconds() - compiling
         if compiling > 0:  # part of this step's seconds, said apart from steady-state speed
             extra["compile_s"] = round(compiling, 3)
@@ -205,21 +184,13 @@ class Loop:
             self._checkpoint()
 
     def _gradients(self, micro_batches, step_rows: list[int]) -> list[float]:
-        """Forward and backward of the step, gradients finished and clipped; the step's loss,
-        its CE and KD parts (distillation) and the gradient norm, the same on every rank."""
+        """Forward and backward of the step (the objective's), gradients finished and clipped;
+        the step's loss, the objective's figures and the gradient norm, the same on every
+        rank, in one host sync."""
         import torch
 
         p = self.parts
-        # FSDP averages gradients over data(-and-context)-parallel ranks; each rank's loss is
-        # already a share of the step's token mean, so scale it back to a sum
-        scale = p.dist.dp_cp_size
-        # distillation: CE, KD; dpo: SFT, reward sums
-        size = DPO_PARTS if p.preference is not None else 2
-        parts = torch.zeros(size, dtype=torch.float32, device=p.runtime.device)
-        if p.pipe is not None:
-            total = self._pipeline_step(micro_batches, step_rows, scale)
-        else:
-            total = self._micro_steps(micro_batches, step_rows, scale, parts)
+        total, figures = p.objective.gradients(p, micro_batches=micro_batches, step_rows=step_rows)
         p.layout.finish_grads()
         grad_norm = clip_grad_norm(
             self.params,
@@ -227,93 +198,16 @@ class Loop:
             device=p.runtime.device,
             sum_over_stages=p.dist.sum_over_stages,
         )
+        sums = [total.reshape(1)] + ([figures] if figures is not None else [])
         # non-last pipeline stages hold 0: the sum over stages is the last stage's loss
-        reduced = p.dist.sum_over_stages(p.dist.sum_over_data(torch.cat([total.reshape(1), parts])))
+        reduced = p.dist.sum_over_stages(p.dist.sum_over_data(torch.cat(sums)))
         return torch.cat([reduced, grad_norm.float().reshape(1)]).tolist()
 
-    def _micro_steps(self, micro_batches, step_rows: list[int], scale: int, parts):
-        """Forward and backward of each micro-batch; returns this rank's share of the loss."""
-        import torch
-
-        p = self.parts
-        n_targets = int(p.train_rows.target_counts[step_rows].sum())
-        total = torch.zeros((), dtype=torch.float32, device=p.runtime.device)
-        sharded = hasattr(p.model, "set_requires_gradient_sync")  # an FSDP2 module
-        for i, indices in enumerate(micro_batches):
-            if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
-                p.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            # a rank with no rows left in a short last step still runs the collectives
-            if p.preference is not None:
-                loss, share = p.preference.micro_loss(
-                    p.model,
-                    p.train_rows,
-                    indices,
-                    step=step_rows,
-                    pad_id=p.pad_id,
-                    runtime=p.runtime,
-                )
-                parts += share
-                (loss * scale if scale > 1 else loss).backward()
-                total += loss.detach()
-                continue
-            rows = p.train_rows.take(indices) if indices else [EMPTY_ROW]
-            batch = _to(collate(rows, pad_id=p.pad_id), p.runtime)
-            if p.teacher is None:
-                loss = p.loss(p.model, batch, autocast=p.runtime.autocast)
-                loss = loss / max(n_targets, 1)
-            else:
-                ce, kd = distill_loss_sums(
-                    p.model,
-                    p.teacher,
-                    batch,
-                    temperature=p.job.training.distillation_temperature,
-                    autocast=p.runtime.autocast,
-                )
-                ratio = p.job.training.distillation_ratio
-                loss = ((1 - ratio) * ce + ratio * kd) / max(n_targets, 1)
-                parts += torch.stack([ce, kd]).detach() / max(n_targets, 1)
-            (loss * scale if scale > 1 else loss).backward()
-            total += loss.detach()
-        return total
-
-    def _pipeline_step(self, micro_batches, step_rows: list[int], scale: int):
-        """The step's micro-batches through the pipeline schedule; this rank's share of the
-        loss on the last stage, 0 on the others."""
-        p = self.parts
-        batch = p.pipe.batch(
-            [p.train_rows.take(indices) for indices in micro_batches], device=p.runtime.device
-        )
-        n_targets = int(p.train_rows.target_counts[step_rows].sum())
-        step_loss = p.pipe.train_step(batch, scale=scale / max(n_targets, 1))
-        return step_loss / scale
-
     def _validate(self) -> None:
-        p, pipe = self.parts, self.parts.pipe
-        dist = p.dist
-        if p.preference is not None:
-            loss, figures = p.preference.evaluate(
-                p.model,
-                p.val_rows,
-                micro=p.plan.micro_batch,
-                pad_id=p.pad_id,
-                runtime=p.runtime,
-                dist=dist,
-            )
-            tokens = int(p.val_rows.lengths.sum())
-            p.recorder.validated(step=self.step, loss=loss, tokens=tokens, **figures)
-            return
-        loss = evaluate(
-            p.model if pipe is None else pipe.module,
-            p.val_rows,
-            micro=p.plan.micro_batch if pipe is None else pipe.rows_per_step,
-            pad_id=p.pad_id,
-            device=p.runtime.device,
-            autocast=p.runtime.autocast,
-            shard=(dist.dp_rank, dist.dp_size),
-            reduce=lambda t: dist.sum_over_stages(dist.sum_over_data(t)),
-            loss=p.loss if pipe is None else pipe.loss_sum,
-        )
-        p.recorder.validated(step=self.step, loss=loss, tokens=int(p.val_rows.lengths.sum()))
+        p = self.parts
+        loss, figures = p.objective.validate(p)
+        tokens = int(p.val_rows.lengths.sum())
+        p.recorder.validated(step=self.step, loss=loss, tokens=tokens, **figures)
 
     def _checkpoint(self) -> None:
         p = self.parts
@@ -336,11 +230,8 @@ class Loop:
         counters, and what `restore` checks the resumed run against."""
         p = self.parts
         epoch, step_in_epoch = p.plan.position(self.step)
-        reference = {}
-        if p.preference is not None:
-            reference[REFERENCE_KEY] = {k: v.tolist() for k, v in p.preference.reference.items()}
         return {
-            **reference,
+            **p.objective.state(),
             EPOCH_KEY: epoch,
             STEP_IN_EPOCH_KEY: step_in_epoch,
             **p.recorder.state(),
@@ -357,9 +248,53 @@ class Loop:
         self.parts.recorder.close()
 
 
-def _to(batch: dict[str, Any], rt: Runtime) -> dict[str, Any]:
-    non_blocking = rt.device.type == "cuda"
-    return {k: v.to(rt.device, non_blocking=non_blocking) for k, v in batch.items()}
+# -- what objectives share -------------------------------------------------------------------
+MicroLoss = Callable[[list[int]], tuple[Any, Any | None]]
+"""`loss_of(indices)`: a micro-batch's share of the step's loss (a scalar tensor with its
+graph), and its share of the step's figures (a detached float32 vector) or None."""
+
+
+def gradient_scale(dist: Dist) -> int:
+    """What a loss is multiplied by before its backward: FSDP averages gradients over the
+    data(-and-context)-parallel ranks, and each rank's loss is already its share of the step's
+    mean, so the average is scaled back to the sum."""
+    return dist.dp_cp_size
+
+
+def backward_micro_batches(
+    parts: Components, micro_batches: list[list[int]], *, loss_of: MicroLoss
+) -> tuple[Any, Any | None]:
+    """Forward (`loss_of`) and backward of each of this rank's micro-batches, gradients
+    reduce-scattered once, after the last; returns this rank's summed loss and figures.
+    A rank with no rows left in a short last step gets `[]`, and still runs the forward
+    and its collectives."""
+    import torch
+
+    p = parts
+    scale = gradient_scale(p.dist)
+    total = torch.zeros((), dtype=torch.float32, device=p.runtime.device)
+    figures = None
+    sharded = hasattr(p.model, "set_requires_gradient_sync")  # an FSDP2 module
+    for i, indices in enumerate(micro_batches):
+        if sharded:  # reduce-scatter gradients once per step, after the last micro-batch
+            p.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss, share = loss_of(indices)
+        (loss * scale if scale > 1 else loss).backward()
+        total += loss.detach()
+        if share is not None:
+            if figures is None:
+                figures = torch.zeros(share.shape, dtype=torch.float32, device=total.device)
+            figures += share
+    return total, figures
+
+
+def device_batch(parts: Components, table: Table, indices: list[int]) -> dict[str, Any]:
+    """The collated micro-batch of `indices` on this rank's device (the one-token row that
+    counts for nothing where `indices` is empty)."""
+    rows = table.take(indices) if indices else [EMPTY_ROW]
+    batch = collate(rows, pad_id=parts.pad_id)
+    non_blocking = parts.runtime.device.type == "cuda"
+    return {k: v.to(parts.runtime.device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def _silent(_: str) -> None:

@@ -4,7 +4,8 @@
 workers there; every process that trains (a launched worker through `train_here`, a worker of
 the user's own torchrun, or the one process of a single-process job) runs `train_here`. The
 setup steps each return a value the next ones take, and the loop gets them all as one frozen
-`Components`, so what a step depends on is what it is handed.
+`Components`, so what a step depends on is what it is handed. What differs between training
+types is the job's objective (`objectives.objective_for`), which the steps ask and never name.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplex.backend import LaunchOptions
 from tuneplex.console import note
-from tuneplex.data.collate import RowTable
 from tuneplex.data.pipeline import prepare
 from tuneplex.errors import TuneplexError
 from tuneplex.nn.evaluation import pad_id_of
@@ -28,8 +28,6 @@ from tuneplex.runs import FINAL_DIR, RunHeader, RunRecorder, stopped_early
 from tuneplex.signals import Stop, StopSignals
 
 from tuneplex_automodel.checkpoint import export_run
-from tuneplex_automodel.distill import load_teacher
-from tuneplex_automodel.dpo import PairTable, Preference
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.loop import Components, Loop
 from tuneplex_automodel.model import (
@@ -39,6 +37,7 @@ from tuneplex_automodel.model import (
     compile_layers,
     load_model,
 )
+from tuneplex_automodel.objectives import objective_for
 from tuneplex_automodel.parallel.mesh import Dist, under_torchrun
 from tuneplex_automodel.parallel.mesh import init as init_distributed
 from tuneplex_automodel.parallel.parallelize import check_plan, loss_function, parallelize
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 
     from tuneplex.data.spec import DataSpec
 
-    from tuneplex_automodel.distill import Teacher
+    from tuneplex_automodel.objectives import Objective, Table
     from tuneplex_automodel.parallel import plans
     from tuneplex_automodel.parallel.parallelize import Parallelized
     from tuneplex_automodel.parallel.pp import Pipeline
@@ -115,8 +114,9 @@ def pick_runtime(job: AutomodelJobInput, device) -> Runtime:
 class Data:
     """The prepared data as the loop reads it."""
 
-    train_rows: RowTable
-    val_rows: RowTable | None
+    train_rows: Table
+    """The items the plan iterates: the objective's tables of the prepared rows."""
+    val_rows: Table | None
     tokenizer: Any
     pad_id: int
     stats: dict[str, Any]
@@ -132,7 +132,6 @@ class LoadedModel:
     """The dtype the checkpoint declares (or None): the dtype `final/` is saved in."""
     model_class: str
     """The architecture's class, named before any wrapping hides it."""
-    teacher: Teacher | None
     stage: Any
     """This rank's pipeline stage (the module whose forward runs), or None."""
     family: plans.Family | None
@@ -156,7 +155,7 @@ def train(
     quiet_third_party_logs()
     dims = job.parallel_dims()
     if dims.world_size > 1 and not under_torchrun():
-        _check_model_refs(job)
+        _check_model_refs(job, objective=objective_for(job))
         launch(dims, job.to_private_dict(), run_dir, resume=resume, options=launch_options)
         return None
     return train_here(job, run_dir, resume=resume, data_spec=data_spec)
@@ -167,7 +166,8 @@ def train_here(
 ) -> dict | None:
     """Train in this process (one rank of the job); never launches. A stop while setting up
     leaves nothing worth saving: it ends the run at once, saying how to start again."""
-    _check_model_refs(job)
+    objective = objective_for(job)
+    _check_model_refs(job, objective=objective)
     import torch
 
     dims = job.parallel_dims()
@@ -175,7 +175,15 @@ def train_here(
         dist = None
         try:
             dist = init_distributed(dims, cuda=torch.cuda.is_available())
-            return _train(job, run_dir, resume=resume, data_spec=data_spec, dist=dist, stop=stop)
+            return _train(
+                job,
+                run_dir,
+                resume=resume,
+                data_spec=data_spec,
+                objective=objective,
+                dist=dist,
+                stop=stop,
+            )
         except Stop as exc:  # while setting up: nothing worth saving yet
             raise stopped_early(run_dir, backend=BACKEND, signum=exc.signum) from None
         except TuneplexError:
@@ -189,10 +197,11 @@ def train_here(
                 dist.close()
 
 
-def _check_model_refs(job: AutomodelJobInput) -> None:
-    """In one line, before any data work: a model reference that cannot load."""
-    if job.training.training_type == "distillation":
-        check_model_ref(job.training.teacher_model, key="training.teacher_model")
+def _check_model_refs(job: AutomodelJobInput, *, objective: Objective) -> None:
+    """In one line, before any data work: a model reference that cannot load (the objective's
+    own first)."""
+    for key, ref in objective.models:
+        check_model_ref(ref, key=key)
     check_model_ref(job.model)
 
 
@@ -203,14 +212,17 @@ def _train(
     *,
     resume: bool,
     data_spec: DataSpec,
+    objective: Objective,
     dist: Dist,
     stop: StopSignals,
 ) -> dict | None:
-    data = setup_data(data_spec, dist=dist)
+    data = setup_data(data_spec, dist=dist, objective=objective)
     runtime = pick_runtime(job, dist.device)
     seed = seed_everything(job)
-    loaded = setup_model(job, dist=dist, runtime=runtime, data=data)
-    layout, loss = setup_parallel(loaded, dist=dist, pad_id=data.pad_id)
+    loaded = setup_model(job, dist=dist, runtime=runtime, data=data, objective=objective)
+    layout, loss = setup_parallel(
+        loaded, dist=dist, pad_id=data.pad_id, separate_head=objective.separate_head
+    )
     loaded.model.train()
     optimizer = setup_optimizer(job, model=loaded.model, runtime=runtime)
     plan = setup_plan(job, n_rows=len(data.train_rows), seed=seed, dist=dist)
@@ -239,6 +251,7 @@ def _train(
         model=loaded.model,
         optimizer=optimizer,
         plan=plan,
+        objective=objective,
         train_rows=data.train_rows,
         val_rows=data.val_rows,
         pad_id=data.pad_id,
@@ -246,9 +259,7 @@ def _train(
         layout=layout,
         recorder=recorder,
         stop=stop,
-        teacher=loaded.teacher,
         pipe=pipe,
-        preference=Preference(job.training.dpo) if job.training.dpo is not None else None,
     )
     loop = Loop(parts)
     if resume:
@@ -267,9 +278,9 @@ def _train(
 
 
 # -- setup steps -------------------------------------------------------------------------------
-def setup_data(spec: DataSpec, *, dist: Dist) -> Data:
+def setup_data(spec: DataSpec, *, dist: Dist, objective: Objective) -> Data:
     """Rank 0 builds the token cache once (saying what it kept and dropped); the other ranks
-    then load it."""
+    then load it. The objective reads the prepared rows as the items it trains on."""
     if dist.is_main:
         prepared = prepare(spec, report=note)
     dist.barrier()
@@ -277,10 +288,10 @@ def setup_data(spec: DataSpec, *, dist: Dist) -> Data:
         prepared = prepare(spec)
     validation = prepared.validation
     tokenizer = prepared.tokenizer
-    table = PairTable if spec.preference else (lambda rows: rows)  # dpo: a pair is an item
+    train_rows, val_rows = objective.tables(prepared)
     return Data(
-        train_rows=table(RowTable(prepared.train.dataset)),
-        val_rows=table(RowTable(validation.dataset)) if validation is not None else None,
+        train_rows=train_rows,
+        val_rows=val_rows,
         tokenizer=tokenizer,
         pad_id=pad_id_of(tokenizer),
         stats={
@@ -303,9 +314,11 @@ def seed_everything(job: AutomodelJobInput) -> int:
     return seed
 
 
-def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: Data) -> LoadedModel:
-    """Load and check the model, add LoRA, load the teacher, keep this rank's pipeline stage.
-    Checks that refuse the layout come before the work they would waste."""
+def setup_model(
+    job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: Data, objective: Objective
+) -> LoadedModel:
+    """Load and check the model, add LoRA, the objective's own setup, keep this rank's
+    pipeline stage. Checks that refuse the layout come before the work they would waste."""
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     dims = dist.dims
     model, base_dtype = load_model(
@@ -332,7 +345,7 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
         device=runtime.device,
         data_parallel_only=dims.tp == dims.pp == dims.cp == dims.ep == 1,
     )
-    teacher = load_teacher(job, student=model, tokenizer=data.tokenizer, device=runtime.device)
+    objective.setup_model(model, tokenizer=data.tokenizer, runtime=runtime, dist=dist)
     stage = None
     if dims.pp > 1:
         from tuneplex_automodel.parallel.pp import keep_stage
@@ -343,18 +356,17 @@ def setup_model(job: AutomodelJobInput, *, dist: Dist, runtime: Runtime, data: D
         model=model,
         base_dtype=base_dtype,
         model_class=model_class,
-        teacher=teacher,
         stage=stage,
         family=family,
     )
 
 
 def setup_parallel(
-    loaded: LoadedModel, *, dist: Dist, pad_id: int
+    loaded: LoadedModel, *, dist: Dist, pad_id: int, separate_head: bool
 ) -> tuple[Parallelized, Callable[..., Any]]:
-    """The job's parallelism applied in place (distillation keeps the output head a unit of its
-    own), and the loss that matches it (context parallelism computes each rank's share)."""
-    separate_head = loaded.teacher is not None
+    """The job's parallelism applied in place (`separate_head`: the objective calls the output
+    head apart, so it is a unit of its own), and the loss that matches it (context
+    parallelism computes each rank's share)."""
     layout = parallelize(
         loaded.model,
         dist=dist,
@@ -465,7 +477,7 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
     job, plan, dims = parts.job, parts.plan, parts.dist.dims
     trainable, total = counts
     val_rows = parts.val_rows
-    unit = "pairs" if parts.preference is not None else "rows"
+    unit = parts.objective.unit
     return [
         f"automodel: {job.model} ({model_class}, {total:,} parameters, "
         f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on "

@@ -84,17 +84,15 @@ def parallelize(
     `check_plan` found for the model's class (it has refused a layout the family lacks).
 
     `separate_head`: the decoder and the output head become FSDP units of their own, so they
-    can be called one after the other (distillation projects hidden states through the head in
-    chunks). `root`: the module whose forward runs (a pipeline stage), sharded last instead of
-    the model.
+    can be called one after the other (an objective that projects hidden states through the
+    head in chunks; it refuses a head tied to the embeddings). `root`: the module whose forward
+    runs (a pipeline stage), sharded last instead of the model.
     """
     out = Parallelized(dist=dist)
     if dist.world_size == 1:
         return out
     dims = dist.dims
     base = unwrap_peft(model)
-    if separate_head and dims.dp * dims.cp > 1:
-        _check_untied_head(base, dp=dims.dp)
     layers = decoder_layers(model)
     if dims.cp > 1:
         from tuneplex_automodel.parallel.cp import enable
@@ -136,8 +134,8 @@ def loss_function(dist: Dist, *, pad_id: int, separate_head: bool = False):
     The output head and the loss fused over chunks of the counted tokens (`chunked_loss_sum`:
     no full-vocabulary logits) in one process, with data and with tensor parallelism; context
     parallelism computes each rank's share of the sequence with the model's own forward. A
-    head sharded as an FSDP unit of its own (`separate_head`, distillation) gathers its weight
-    each time it is called, so it keeps the model's forward: one call on every rank.
+    head sharded as an FSDP unit of its own (`separate_head`) gathers its weight each time it
+    is called, so it keeps the model's forward: one call on every rank.
     """
     from tuneplex.nn.evaluation import chunked_loss_sum, loss_sum
 
@@ -148,14 +146,3 @@ def loss_function(dist: Dist, *, pad_id: int, separate_head: bool = False):
     from tuneplex_automodel.parallel import cp
 
     return partial(cp.loss_sum, rank=dist.cp_rank, size=dist.dims.cp, pad_id=pad_id)
-
-
-def _check_untied_head(base, *, dp: int) -> None:
-    if base.get_output_embeddings().weight is base.get_input_embeddings().weight:
-        raise UsageError(
-            Problem(
-                "training.training_type",
-                f"distillation across {dp} data-parallel ranks needs an output head not tied to "
-                "the input embeddings (this model ties them); train it in one process",
-            )
-        )

@@ -4,19 +4,33 @@ loss = (1 - ratio) · CE(student, targets) + ratio · T² · KL(p_teacher,T ‖ 
 both summed over the tokens the cross-entropy counts (the loss mask) and divided by the step's
 token count. Only the counted positions are projected through the output heads, a chunk of
 CHUNK tokens at a time and under activation checkpointing, so no more than one chunk of
-full-vocabulary logits (per model) exists at once, forward or backward.
+full-vocabulary logits (per model) exists at once, forward or backward. The student's head is
+therefore called apart from its decoder: an FSDP unit of its own (`separate_head`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneplex.data.targets import IGNORE_INDEX
 from tuneplex.errors import Problem, UsageError
 
+from tuneplex_automodel.loop import backward_micro_batches, device_batch
+from tuneplex_automodel.objectives.sft import row_tables, token_mean_loss
+
+if TYPE_CHECKING:
+    from tuneplex.data.collate import RowTable
+    from tuneplex.data.pipeline import Prepared
+
+    from tuneplex_automodel.loop import Components
+    from tuneplex_automodel.parallel.mesh import Dist
+    from tuneplex_automodel.schema import AutomodelJobInput
+    from tuneplex_automodel.trainer import Runtime
+
 CHUNK = 1024
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TEACHER_KEY = "training.teacher_model"
 
 
 def check_same_tokenizer(student_tok, teacher_tok, *, teacher_ref: str) -> None:
@@ -36,7 +50,7 @@ def check_same_tokenizer(student_tok, teacher_tok, *, teacher_ref: str) -> None:
             parts.append(f"different ids for {_few(moved)}")
         problems.append(
             Problem(
-                "training.teacher_model",
+                TEACHER_KEY,
                 f"{teacher_ref}: the teacher's vocabulary differs from the student's "
                 f"({'; '.join(parts)}); distillation needs the same tokenizer",
             )
@@ -44,9 +58,7 @@ def check_same_tokenizer(student_tok, teacher_tok, *, teacher_ref: str) -> None:
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         a, b = getattr(student_tok, attr, None), getattr(teacher_tok, attr, None)
         if a != b:
-            problems.append(
-                Problem("training.teacher_model", f"{teacher_ref}: {attr} is {b}, student's {a}")
-            )
+            problems.append(Problem(TEACHER_KEY, f"{teacher_ref}: {attr} is {b}, student's {a}"))
     if problems:
         raise UsageError(problems)
 
@@ -57,7 +69,7 @@ def check_same_vocab_size(student, teacher, *, teacher_ref: str) -> None:
     if s != t:
         raise UsageError(
             Problem(
-                "training.teacher_model",
+                TEACHER_KEY,
                 f"{teacher_ref}: output head has {t} logits, the student's {s}",
             )
         )
@@ -142,28 +154,120 @@ def _chunk(head, t_head, hs, ht, tg, temperature: float, configs):
     return ce, kd
 
 
-def load_teacher(job, *, student, tokenizer, device):
-    """The frozen teacher of a distillation job (None otherwise), checked against the student."""
-    if job.training.training_type != "distillation":
-        return None
+class Distillation:
+    """The objective of a distillation job: rows as for SFT, the teacher loaded with the
+    student, a loss of two parts reported as `ce_loss` and `kd_loss`."""
+
+    unit = "rows"
+    separate_head = True
+
+    def __init__(self, job: AutomodelJobInput):
+        t = job.training
+        self.teacher_ref = t.teacher_model
+        self.ratio, self.temperature = t.distillation_ratio, t.distillation_temperature
+        self.precision, self.offload = t.teacher_precision, t.offload_teacher
+        self.trust_remote_code = t.trust_remote_code
+        self.models = ((TEACHER_KEY, self.teacher_ref),)
+        self.teacher: Teacher | None = None
+
+    def tables(self, prepared: Prepared) -> tuple[RowTable, RowTable | None]:
+        return row_tables(prepared)
+
+    def setup_model(self, model: Any, *, tokenizer: Any, runtime: Runtime, dist: Dist) -> None:
+        """The frozen teacher, checked against the student; a head tied to the embeddings
+        cannot be the FSDP unit of its own that data parallelism would make it."""
+        self.teacher = load_teacher(
+            self.teacher_ref,
+            student=model,
+            tokenizer=tokenizer,
+            device=runtime.device,
+            precision=self.precision,
+            offload=self.offload,
+            trust_remote_code=self.trust_remote_code,
+        )
+        if dist.dp_cp_size > 1:
+            check_untied_head(model, dp=dist.dims.dp)
+
+    def begin(self, parts: Components) -> None:
+        """Nothing before the first step."""
+
+    def gradients(
+        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+    ) -> tuple[Any, Any]:
+        """The step's loss, and its CE and KD parts as figures."""
+        import torch
+
+        n_targets = max(int(parts.train_rows.target_counts[step_rows].sum()), 1)
+
+        def loss_of(indices: list[int]):
+            ce, kd = distill_loss_sums(
+                parts.model,
+                self.teacher,
+                device_batch(parts, parts.train_rows, indices),
+                temperature=self.temperature,
+                autocast=parts.runtime.autocast,
+            )
+            loss = ((1 - self.ratio) * ce + self.ratio * kd) / n_targets
+            return loss, torch.stack([ce, kd]).detach() / n_targets
+
+        return backward_micro_batches(parts, micro_batches, loss_of=loss_of)
+
+    def figures(self, sums: list[float]) -> dict[str, float]:
+        ce, kd = sums
+        return {"ce_loss": ce, "kd_loss": kd}
+
+    def validate(self, parts: Components) -> tuple[float, dict[str, float]]:
+        """The student's own cross-entropy, as SFT measures it."""
+        return token_mean_loss(parts), {}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to take back: the teacher is loaded again from its reference."""
+
+
+def load_teacher(
+    ref: str,
+    *,
+    student,
+    tokenizer,
+    device,
+    precision: str,
+    offload: bool,
+    trust_remote_code: bool,
+) -> Teacher:
+    """The frozen teacher at `ref`, checked against the student."""
     import torch
     from tuneplex.data.pipeline import load_tokenizer
 
     from tuneplex_automodel.model import load_model
 
-    ref = job.training.teacher_model
-    key = "training.teacher_model"
     check_same_tokenizer(
         tokenizer,
-        load_tokenizer(ref, trust_remote_code=job.training.trust_remote_code, key=key),
+        load_tokenizer(ref, trust_remote_code=trust_remote_code, key=TEACHER_KEY),
         teacher_ref=ref,
     )
     model, _ = load_model(
         ref,
-        dtype=getattr(torch, PRECISIONS[job.training.teacher_precision]),
+        dtype=getattr(torch, PRECISIONS[precision]),
         device="cpu",
-        trust_remote_code=job.training.trust_remote_code,
-        key=key,
+        trust_remote_code=trust_remote_code,
+        key=TEACHER_KEY,
     )
     check_same_vocab_size(student, model, teacher_ref=ref)
-    return Teacher(model, device=device, offload=job.training.offload_teacher)
+    return Teacher(model, device=device, offload=offload)
+
+
+def check_untied_head(model, *, dp: int) -> None:
+    from tuneplex.nn.models import unwrap_peft
+
+    base = unwrap_peft(model)
+    if base.get_output_embeddings().weight is base.get_input_embeddings().weight:
+        raise UsageError(
+            Problem(
+                "training.training_type",
+                f"distillation across {dp} data-parallel ranks needs an output head not tied to "
+                "the input embeddings (this model ties them); train it in one process",
+            )
+        )

@@ -1,4 +1,4 @@
-"""Preference tuning (DPO, IPO, hinge, robust DPO) in the automodel loop.
+"""Preference tuning (DPO, IPO, hinge, robust DPO): the objective of a dpo job.
 
 The data pipeline gives each pair as two rows, chosen then rejected (`PairTable` reads them as
 one item each, so the plan, the row order and data parallelism treat a pair as a row). The
@@ -11,13 +11,22 @@ No second model is held, LoRA or full weights. Log-probabilities come from the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
 from tuneplex.nn.evaluation import inference_passes, sequence_log_probs
 from tuneplex.nn.preference import REWARD_KEYS, preference_loss, reward_sums
-from tuneplex.schema.common import DpoConfig
+
+from tuneplex_automodel.loop import backward_micro_batches
+from tuneplex_automodel.objectives.sft import row_tables
+
+if TYPE_CHECKING:
+    from tuneplex.data.pipeline import Prepared
+
+    from tuneplex_automodel.loop import Components
+    from tuneplex_automodel.parallel.mesh import Dist
+    from tuneplex_automodel.schema import AutomodelJobInput
+    from tuneplex_automodel.trainer import Runtime
 
 REFERENCE_KEY = "reference_log_probs"
 """In a checkpoint's trainer state: {"train": [...], "validation": [...]}, one per side row."""
@@ -48,13 +57,75 @@ class PairTable:
         return self.rows.take(self.side_indices(pairs))
 
 
-@dataclass
-class Preference:
+class Dpo:
     """The objective of a dpo job and the reference log-probabilities it compares with."""
 
-    config: DpoConfig
-    reference: dict[str, Any] | None = None
-    """{"train": float64 tensor [side rows], "validation": ...}, set before the first step."""
+    unit = "pairs"
+    separate_head = False
+    models: tuple[tuple[str, str], ...] = ()  # the reference is the starting model
+
+    def __init__(self, job: AutomodelJobInput):
+        self.config = job.training.dpo
+        self.reference: dict[str, Any] | None = None
+        """{"train": float64 tensor [side rows], "validation": ...}, set before the first step."""
+
+    def tables(self, prepared: Prepared) -> tuple[PairTable, PairTable | None]:
+        """The prepared side rows read as pairs: a pair is an item of the plan."""
+        train, validation = row_tables(prepared)
+        return PairTable(train), PairTable(validation) if validation is not None else None
+
+    def setup_model(self, model: Any, *, tokenizer: Any, runtime: Runtime, dist: Dist) -> None:
+        """Nothing: no second model is held."""
+
+    def begin(self, parts: Components) -> None:
+        """The reference pass, unless a checkpoint brought the values back."""
+        if self.reference is None:
+            self.reference = references(
+                parts.model,
+                train=parts.train_rows,
+                val=parts.val_rows,
+                micro=parts.plan.micro_batch,
+                pad_id=parts.pad_id,
+                runtime=parts.runtime,
+                dist=parts.dist,
+            )
+
+    def gradients(
+        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+    ) -> tuple[Any, Any]:
+        """The step's loss; its SFT part and reward sums as figures."""
+
+        def loss_of(pairs: list[int]):
+            return self.micro_loss(
+                parts.model,
+                parts.train_rows,
+                pairs,
+                step=step_rows,
+                pad_id=parts.pad_id,
+                runtime=parts.runtime,
+            )
+
+        return backward_micro_batches(parts, micro_batches, loss_of=loss_of)
+
+    def validate(self, parts: Components) -> tuple[float, dict[str, float]]:
+        return self.evaluate(
+            parts.model,
+            parts.val_rows,
+            micro=parts.plan.micro_batch,
+            pad_id=parts.pad_id,
+            runtime=parts.runtime,
+            dist=parts.dist,
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The reference values, so a resumed run compares with the same reference."""
+        return {REFERENCE_KEY: {k: v.tolist() for k, v in self.reference.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        import torch
+
+        saved = state[REFERENCE_KEY]
+        self.reference = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
 
     def terms(self, model, table: PairTable, pairs, *, split: str, pad_id: int, runtime):
         """(per-pair preference terms, chosen log-prob sums, chosen counts) of `pairs`, or
@@ -119,11 +190,11 @@ class Preference:
             return max(len(pairs), 1)
         return max(int(table.chosen_counts[pairs].sum()), 1)
 
-    def figures(self, parts: list[float]) -> dict[str, float]:
+    def figures(self, sums: list[float]) -> dict[str, float]:
         """The step's metrics from the summed parts."""
-        out = dict(zip(REWARD_KEYS, parts[1:], strict=True))
+        out = dict(zip(REWARD_KEYS, sums[1:], strict=True))
         if self.config.sft_loss_weight > 0:
-            out[SFT_KEY] = parts[0]
+            out[SFT_KEY] = sums[0]
         return out
 
     def evaluate(self, model, table: PairTable, *, micro: int, pad_id: int, runtime, dist):
