@@ -103,7 +103,7 @@ def test_schema_yaml_template_has_every_default():
 def test_schema_unknown_backend(capsys):
     code, out, err = run_main(capsys, "schema", "nemo")
     assert code == 2 and out == ""
-    assert err == "--backend: unknown backend 'nemo'; installed: automodel, unsloth\n"
+    assert err == "schema BACKEND: unknown backend 'nemo'; installed: automodel, unsloth\n"
 
 
 def test_schema_bad_format_is_one_line(capsys):

@@ -46,11 +46,12 @@ class Registry:
     failures: list[str]
     """One line per plugin that failed to load (already warned about)."""
 
-    def get(self, name: str) -> InstalledBackend:
+    def get(self, name: str, *, where: str = "--backend") -> InstalledBackend:
+        """The backend called `name`, or a one-line refusal naming `where` it was asked for."""
         try:
             return self.backends[name]
         except KeyError:
-            raise UsageError(unknown_backend_message(name, self.backends)) from None
+            raise UsageError(unknown_backend_message(name, self.backends, where=where)) from None
 
     def choose(self, name: str | None, job: Mapping[str, Any]) -> InstalledBackend:
         """The backend for a job: `name` (--backend) when given; else the one whose job schema
@@ -126,9 +127,11 @@ def _leaves(value: Any, path: tuple) -> Iterator[tuple]:
         yield path
 
 
-def unknown_backend_message(name: str, installed: Iterable[str]) -> str:
+def unknown_backend_message(
+    name: str, installed: Iterable[str], *, where: str = "--backend"
+) -> str:
     installed = sorted(installed)
-    msg = f"--backend: unknown backend '{name}'" + did_you_mean(name, installed)
+    msg = f"{where}: unknown backend '{name}'" + did_you_mean(name, installed)
     msg += f"; installed: {', '.join(installed) if installed else 'none'}"
     if name in KNOWN_EXTRAS:
         msg += f"; install it with: pip install 'tuneplex[{KNOWN_EXTRAS[name]}]'"

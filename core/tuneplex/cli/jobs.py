@@ -67,7 +67,7 @@ def schema_cmd(
     """Print a backend's live job schema (JSON Schema) or a YAML job template with every default."""
     from tuneplex.plugins import registry
 
-    schema = registry().get(backend).backend.job_schema
+    schema = registry().get(backend, where="schema BACKEND").backend.job_schema
     if fmt is SchemaFormat.json:
         typer.echo(json.dumps(schema.model_json_schema(), indent=2))
     elif fmt is SchemaFormat.yaml:
