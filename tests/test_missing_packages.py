@@ -68,6 +68,7 @@ def tiny_job(tiny_model, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ through the command line
+@pytest.mark.slow  # a subprocess per case that loads the data stack (~5 s each)
 @pytest.mark.parametrize(
     ("hidden", "command", "line"),
     [
