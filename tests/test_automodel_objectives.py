@@ -55,7 +55,9 @@ class HalfSft:
         n = max(int(parts.train_rows.target_counts[step_rows].sum()), 1)
 
         def loss_of(indices):
-            batch = device_batch(parts, parts.train_rows, indices)
+            batch = device_batch(
+                parts.train_rows, indices, pad_id=parts.pad_id, device=parts.runtime.device
+            )
             full = parts.loss(parts.model, batch, autocast=parts.runtime.autocast) / n
             return 0.5 * full, full.detach().reshape(1)
 

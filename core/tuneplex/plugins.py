@@ -64,7 +64,7 @@ class Registry:
             raise UsageError(NO_BACKENDS)
         names = sorted(self.backends)
         refused = {n: refused_keys(self.backends[n].backend.job_schema, job) for n in names}
-        fits = [n for n in names if refused[n] is None]
+        fits = [n for n in names if refused[n] is None]  # `fitting`, keeping the counts
         if len(fits) == 1:
             return self.backends[fits[0]]
         pool = fits or names
@@ -77,6 +77,11 @@ class Registry:
                 f"install it with: pip install 'tuneplex[{KNOWN_EXTRAS[missing[0]]}]'"
             )
         return self.backends[pick]
+
+    def fitting(self, job: Mapping[str, Any]) -> list[str]:
+        """The installed backends whose job schema `job` fits, by name."""
+        schemas = {n: b.backend.job_schema for n, b in self.backends.items()}
+        return [n for n in sorted(schemas) if refused_keys(schemas[n], job) is None]
 
 
 def refused_keys(schema: type, job: Mapping[str, Any]) -> tuple[int, int] | None:

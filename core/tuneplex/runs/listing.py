@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneplex.backend import Backend, JobSettings
+from tuneplex.backend import JobSettings
 from tuneplex.errors import Problem, UsageError, first_line
 from tuneplex.runs.checkpoints import complete_checkpoints
 from tuneplex.runs.directory import JOB_FILE, LOCK, MARKER, WORKER_LOCK, is_run
@@ -237,12 +237,13 @@ def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
     if not info.job:
         return None, f"{JOB_FILE} is missing or empty"
     try:
-        installed = registry().backends
+        reg = registry()
     except UsageError as exc:  # two plugins claim one name: `show` still shows the rest
         return None, exc.lines()[0]
+    installed = reg.backends
     name = info.summary.get("backend") or info.marker.get("backend")
     if not isinstance(name, str):  # a run made before run.json named its backend
-        fits = [n for n in sorted(installed) if _fits(installed[n].backend, info.job)]
+        fits = reg.fitting(info.job)
         if len(fits) != 1:
             which = f"several backends ({', '.join(fits)})" if fits else "no installed backend"
             return None, f"no {SUMMARY_FILE} names the backend, and {JOB_FILE} fits {which}"
@@ -261,16 +262,6 @@ def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
             + (f" (and {more} more)" if more else "")
         )
     return backend.describe(job), None
-
-
-def _fits(backend: Backend, job: dict[str, Any]) -> bool:
-    from tuneplex.schema.loading import validate_job
-
-    try:
-        validate_job(backend.job_schema, job)
-    except UsageError:
-        return False
-    return True
 
 
 def final_weights(run_dir: Path) -> dict[str, Any] | None:

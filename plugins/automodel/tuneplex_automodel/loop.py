@@ -288,13 +288,13 @@ def backward_micro_batches(
     return total, figures
 
 
-def device_batch(parts: Components, table: Table, indices: list[int]) -> dict[str, Any]:
-    """The collated micro-batch of `indices` on this rank's device (the one-token row that
-    counts for nothing where `indices` is empty)."""
-    rows = table.take(indices) if indices else [EMPTY_ROW]
-    batch = collate(rows, pad_id=parts.pad_id)
-    non_blocking = parts.runtime.device.type == "cuda"
-    return {k: v.to(parts.runtime.device, non_blocking=non_blocking) for k, v in batch.items()}
+def device_batch(table: Table, indices, *, pad_id: int, device) -> dict[str, Any]:
+    """The collated micro-batch of `indices` on `device` (the one-token row that counts for
+    nothing where `indices` is empty: a rank with no rows still runs the forward)."""
+    rows = table.take(indices) if len(indices) else [EMPTY_ROW]
+    batch = collate(rows, pad_id=pad_id)
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def _silent(_: str) -> None:

@@ -203,7 +203,9 @@ class Distillation:
             ce, kd = distill_loss_sums(
                 parts.model,
                 self.teacher,
-                device_batch(parts, parts.train_rows, indices),
+                device_batch(
+                    parts.train_rows, indices, pad_id=parts.pad_id, device=parts.runtime.device
+                ),
                 temperature=self.temperature,
                 autocast=parts.runtime.autocast,
             )

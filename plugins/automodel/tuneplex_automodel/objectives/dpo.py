@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tuneplex.data.collate import EMPTY_ROW, RowTable, collate
+from tuneplex.data.collate import RowTable
 from tuneplex.nn.evaluation import inference_passes, sequence_log_probs
 from tuneplex.nn.preference import REWARD_KEYS, preference_loss, reward_sums
 
-from tuneplex_automodel.loop import backward_micro_batches
+from tuneplex_automodel.loop import backward_micro_batches, device_batch
 from tuneplex_automodel.objectives.sft import row_tables
 
 if TYPE_CHECKING:
@@ -132,8 +132,7 @@ class Dpo:
         None for a rank with no pair in this pass (it still runs the forward)."""
         import torch
 
-        rows = table.take(pairs) if len(pairs) else [EMPTY_ROW]
-        batch = {k: v.to(runtime.device) for k, v in collate(rows, pad_id=pad_id).items()}
+        batch = device_batch(table, pairs, pad_id=pad_id, device=runtime.device)
         logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
         if not len(pairs):
             return None, logps
@@ -229,8 +228,7 @@ def reference_log_probs(model, rows: RowTable, *, micro: int, pad_id: int, runti
     out = torch.zeros(len(rows), dtype=torch.float64, device=runtime.device)
     shard = (dist.dp_rank, dist.dp_size)
     for chunk in inference_passes(model, len(rows), micro=micro, shard=shard):
-        data = rows.take(chunk) if chunk else [EMPTY_ROW]
-        batch = {k: v.to(runtime.device) for k, v in collate(data, pad_id=pad_id).items()}
+        batch = device_batch(rows, chunk, pad_id=pad_id, device=runtime.device)
         logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
         if chunk:
             out[torch.as_tensor(chunk, device=out.device)] = logps.double()

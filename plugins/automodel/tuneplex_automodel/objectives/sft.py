@@ -49,7 +49,9 @@ class Sft:
             return pipeline_gradients(parts, micro_batches, n_targets=n_targets), None
 
         def loss_of(indices: list[int]):
-            batch = device_batch(parts, parts.train_rows, indices)
+            batch = device_batch(
+                parts.train_rows, indices, pad_id=parts.pad_id, device=parts.runtime.device
+            )
             return parts.loss(parts.model, batch, autocast=parts.runtime.autocast) / n_targets, None
 
         total, _ = backward_micro_batches(parts, micro_batches, loss_of=loss_of)
