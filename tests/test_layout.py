@@ -119,11 +119,13 @@ def test_the_core_knows_no_backend():
 
 
 def test_the_torch_package_is_for_backends_only():
-    """Within the core only `nn` itself and test support import `tuneplex.nn`."""
+    """Within the core only `nn` itself, inference (which runs models as training did) and test
+    support import `tuneplex.nn`."""
     graph = import_graph()
     users = {
         m
         for m, targets in graph.items()
         if m.startswith("tuneplex.") and any(t.startswith("tuneplex.nn") for t in targets)
     }
-    assert {m for m in users if not m.startswith(("tuneplex.nn", "tuneplex.testing"))} == set()
+    allowed = ("tuneplex.nn", "tuneplex.inference", "tuneplex.testing")
+    assert {m for m in users if not m.startswith(allowed)} == set()

@@ -82,6 +82,25 @@ def _plain(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainedModel:
+    """How a run's weights load again (generate, chat, eval, export): what transformers or peft
+    take, and the precision the run computed in, so inference sees the numbers training saw."""
+
+    path: Path
+    """A directory `from_pretrained` loads: a peft adapter (adapter_config.json, loaded on
+    `base`) or a whole model (config.json)."""
+    base: str
+    """The model the run started from (a local directory or a Hub id)."""
+    dtype: str | None
+    """Weights dtype to load in (`float32`, `bfloat16`, `float16`); None: the model's own."""
+    autocast: str | None
+    """Compute dtype under torch.autocast (`bfloat16`, `float16`), or None."""
+    quantization: str | None = None
+    """`4bit` / `8bit`: the base was loaded quantized (bitsandbytes; honoured on CUDA only)."""
+    trust_remote_code: bool = False
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A training backend.
@@ -117,6 +136,15 @@ class Backend(Protocol):
     def describe(self, job: JobSchema) -> JobSettings:
         """The job's key settings under the shared names (`tuneplex runs show` asks the run's
         backend to describe its saved job). Reads the job only."""
+        ...
+
+    def trained_model(
+        self, job: JobSchema, weights: Path, *, device: str, scratch: Path
+    ) -> TrainedModel:
+        """How `weights` (the run's final/, or one of its complete checkpoints) load for
+        inference on `device` (`cpu`, `cuda`). A checkpoint in a format of the backend's own is
+        written as a loadable directory under `scratch` (a fresh empty directory the caller
+        owns); the run directory is only read. May import torch."""
         ...
 
     def train(

@@ -183,6 +183,8 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sqlalchemy": ("the MLflow tracker", ("mlflow",)),
     "alembic": ("the MLflow tracker", ("mlflow",)),
     "tensorboard": ("the TensorBoard tracker", ("tensorboard",)),
+    "math_verify": ("the math metric", ("eval",)),
+    "lm_eval": ("--lm-eval", ("eval",)),
 }
 
 

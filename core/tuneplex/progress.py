@@ -80,7 +80,7 @@ class Progress:
             self._bar = None
 
 
-NOISY_LOGGERS = ("torch.utils._pytree",)
+NOISY_LOGGERS = ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 """Loggers that warn at import time about other libraries' code (e.g. torchao registering enums
 with torch's pytree), nothing a user of a training run can act on."""
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from tuneplex import __version__
-from tuneplex.cli import data, jobs, runs, train
+from tuneplex.cli import data, jobs, runs, train, use
 from tuneplex.cli.common import echo_lines
 from tuneplex.errors import EXIT_USAGE, TuneplexError, missing_package
 
@@ -46,6 +46,9 @@ app.command("backends")(jobs.backends_cmd)
 app.command("schema")(jobs.schema_cmd)
 app.command("validate")(jobs.validate_cmd)
 app.command("train")(train.train_cmd)
+app.command("generate")(use.generate_cmd)
+app.command("chat")(use.chat_cmd)
+app.command("eval")(use.eval_cmd)
 app.add_typer(data.data_app, name="data")
 app.add_typer(runs.runs_app, name="runs")
 

@@ -332,13 +332,13 @@ def _settle(problems: list[tuple[int, Problem]], spec: DataSpec, stats: DataStat
         return
     problems.sort(key=lambda p: p[0])
     if not spec.skip_invalid_rows:
-        raise UsageError(_report(key, [p for _, p in problems], stats.rows))
+        raise UsageError(report_problems(key, [p for _, p in problems], stats.rows))
     stats.skipped_invalid_rows = len(problems)
     stats.first_skipped = str(problems[0][1])
     stats.formats = {f: n for f, n in stats.formats.items() if n}
 
 
-def _report(key: str, problems: list[Problem], rows: int) -> list[Problem]:
+def report_problems(key: str, problems: list[Problem], rows: int) -> list[Problem]:
     """The first rows that cannot be used, one line each, then how many there are in all."""
     if len(problems) == 1:
         return problems

@@ -148,9 +148,39 @@ class Encoder:
         text = prompt + completion
         return Rendered(text, [(len(prompt), len(text))], self.bos_id is not None, True)
 
-    def _chat(self, messages, tools, trained_from: int = 0) -> Rendered:
-        """Trains the assistant turns at message index `trained_from` or later (a preference
-        pair's side after its prompt; 0: all of them)."""
+    def prompt(self, fmt: str, example: dict[str, Any]) -> tuple[str, bool]:
+        """(the text a model is given to answer `example`, whether BOS goes first): what
+        training rendered before the answer it trained — a chat (already cut before its
+        answer) with the generation prompt, a prompt as the user turn of a two-turn chat when a
+        template is at hand, else the prompt (or text) itself."""
+        if fmt == "chat":
+            self._check_chat()
+            if self.mode == "passthrough":
+                return "".join(m.get("content") or "" for m in example["messages"]), False
+            return self._render_chat(
+                example["messages"], example.get("tools"), generation=True
+            ), False
+        if fmt == "text":
+            return example["text"], self.bos_id is not None
+        if self.template is not None:
+            user = [{"role": "user", "content": example["prompt"]}]
+            return self._render_chat(user, None, generation=True), False
+        return example["prompt"], self.bos_id is not None
+
+    def turn_end(self) -> str | None:
+        """The text training put after an answer and trained (`<|im_end|>`, `<|eot_id|>`): what
+        a model emits when its turn is done. None when an end-of-sequence token is appended
+        instead (text and prompt/completion rows without a template); "" when nothing is
+        (passthrough chats)."""
+        if self.template is None and self.mode != "passthrough":
+            return None
+        answer = PROBE[-1]["content"]
+        rendered = self._chat(PROBE, None)
+        start, end = rendered.spans[-1]
+        at = rendered.text.find(answer, start, end)
+        return rendered.text[at + len(answer) : end] if at >= 0 else ""
+
+    def _check_chat(self) -> None:
         if self.mode == "none":
             raise UsageError(
                 Problem(
@@ -159,6 +189,19 @@ class Encoder:
                     "dataset.apply_chat_template: true (unsloth) or give the rows a text field",
                 )
             )
+        if self.mode != "passthrough" and self.template is None:
+            raise UsageError(
+                Problem(
+                    "dataset",
+                    "the tokenizer has no chat template; set "
+                    "dataset.prompt_template (a Jinja template) or use passthrough",
+                )
+            )
+
+    def _chat(self, messages, tools, trained_from: int = 0) -> Rendered:
+        """Trains the assistant turns at message index `trained_from` or later (a preference
+        pair's side after its prompt; 0: all of them)."""
+        self._check_chat()
         if self.mode == "passthrough":
             text, spans = "", []
             for i, m in enumerate(messages):
@@ -167,14 +210,6 @@ class Encoder:
                     spans.append((len(text), len(text) + len(content)))
                 text += content
             return Rendered(text, spans, False, False)
-        if self.template is None:
-            raise UsageError(
-                Problem(
-                    "dataset",
-                    "the tokenizer has no chat template; set "
-                    "dataset.prompt_template (a Jinja template) or use passthrough",
-                )
-            )
         full = self._render_chat(messages, tools, generation=False)
         spans = turns.locate(
             self._renderer(tools),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneplex.backend import JobSettings
+from tuneplex.backend import Backend, JobSettings
 from tuneplex.errors import Problem, UsageError, first_line
 from tuneplex.runs.checkpoints import complete_checkpoints
 from tuneplex.runs.directory import JOB_FILE, LOCK, MARKER, WORKER_LOCK, is_run
@@ -228,9 +228,19 @@ def overview(info: RunInfo) -> dict[str, Any]:
 
 def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
     """(settings, None): the run's key settings, as its backend describes the saved job; or
-    (None, why not) in one line: the backend is not installed, or job.json is missing or no
-    longer valid for it. The backend is the one run.json (or summary.json) names; an older run
-    that names none is told by its job, when exactly one installed backend's schema takes it."""
+    (None, why not) in one line (see `run_job`)."""
+    found, why = run_job(info)
+    if found is None:
+        return None, why
+    backend, job = found
+    return backend.describe(job), None
+
+
+def run_job(info: RunInfo) -> tuple[tuple[Backend, Any] | None, str | None]:
+    """((the run's backend, its validated job), None), or (None, why not) in one line: the
+    backend is not installed, or job.json is missing or no longer valid for it. The backend is
+    the one run.json (or summary.json) names; an older run that names none is told by its job,
+    when exactly one installed backend's schema takes it."""
     from tuneplex.plugins import KNOWN_EXTRAS, registry
     from tuneplex.schema.loading import validate_job
 
@@ -261,7 +271,7 @@ def job_settings(info: RunInfo) -> tuple[JobSettings | None, str | None]:
             f"{JOB_FILE} is no longer a valid {name} job: {exc.lines()[0]}"
             + (f" (and {more} more)" if more else "")
         )
-    return backend.describe(job), None
+    return (backend, job), None
 
 
 def final_weights(run_dir: Path) -> dict[str, Any] | None:

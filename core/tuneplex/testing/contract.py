@@ -12,7 +12,13 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, Backend, EnvironmentStatus, JobSettings
+from tuneplex.backend import (
+    NO_LAUNCH_OPTIONS,
+    Backend,
+    EnvironmentStatus,
+    JobSettings,
+    TrainedModel,
+)
 from tuneplex.data.spec import DataSpec
 from tuneplex.schema import JobSchema
 from tuneplex.schema.base import model_in
@@ -261,6 +267,23 @@ class BackendContract:
             """
         )
         assert heavy == []
+
+    def test_trained_model_of_a_final_directory(self, tmp_path):
+        """final/ (a peft adapter or a whole model) loads as it is, on the job's base model,
+        in a dtype transformers knows; the run directory is not written."""
+        job = self._validate(self.minimal_job)
+        final = tmp_path / "final"
+        final.mkdir()
+        (final / "adapter_config.json").write_text("{}")
+        scratch = tmp_path / "scratch"
+        trained = self.backend.trained_model(job, final, device="cpu", scratch=scratch)
+        assert isinstance(trained, TrainedModel)
+        assert trained.path == final
+        assert trained.base == self.backend.describe(job).model
+        known = (None, "float32", "bfloat16", "float16")
+        assert trained.dtype in known and trained.autocast in known
+        assert trained.quantization is None  # nothing quantized on a CPU
+        assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json"]
 
     def test_data_spec_names_the_job_keys(self):
         spec = self.backend.data_spec(self._validate(self.minimal_job))

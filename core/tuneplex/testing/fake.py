@@ -10,7 +10,13 @@ from pathlib import Path
 
 from pydantic import Field
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
+from tuneplex.backend import (
+    NO_LAUNCH_OPTIONS,
+    EnvironmentStatus,
+    JobSettings,
+    LaunchOptions,
+    TrainedModel,
+)
 from tuneplex.data.spec import DataSpec
 from tuneplex.hookspecs import hookimpl
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
@@ -89,6 +95,11 @@ class FakeBackend:
             max_steps=job.schedule.steps,
             seed=None,
         )
+
+    def trained_model(
+        self, job: FakeJobInput, weights: Path, *, device: str, scratch: Path
+    ) -> TrainedModel:
+        return TrainedModel(path=weights, base=job.model, dtype=None, autocast=None)
 
     def train(
         self,

@@ -5,7 +5,13 @@ from __future__ import annotations
 from importlib.util import find_spec
 from pathlib import Path
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
+from tuneplex.backend import (
+    NO_LAUNCH_OPTIONS,
+    EnvironmentStatus,
+    JobSettings,
+    LaunchOptions,
+    TrainedModel,
+)
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
 
@@ -76,6 +82,23 @@ class AutomodelBackend:
             epochs=job.schedule.epochs,
             max_steps=job.schedule.max_steps,
             seed=job.schedule.seed,
+        )
+
+    def trained_model(
+        self, job: AutomodelJobInput, weights: Path, *, device: str, scratch: Path
+    ) -> TrainedModel:
+        import torch
+
+        from tuneplex_automodel.checkpoint import as_pretrained
+        from tuneplex_automodel.trainer import pick_runtime
+
+        runtime = pick_runtime(job, torch.device(device))
+        return TrainedModel(
+            path=as_pretrained(weights, job=job, scratch=scratch),
+            base=job.model,
+            dtype=str(runtime.dtype).removeprefix("torch."),
+            autocast=str(runtime.autocast).removeprefix("torch.") if runtime.autocast else None,
+            trust_remote_code=job.training.trust_remote_code,
         )
 
     def train(

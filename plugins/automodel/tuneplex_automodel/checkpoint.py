@@ -268,6 +268,59 @@ def export_run(target: Path, *, job, model, tokenizer, dist, load_dtype, dtype) 
     )
 
 
+def as_pretrained(weights: Path, *, job, scratch: Path) -> Path:
+    """`weights` as a directory transformers / peft load: final/ as it is; a checkpoint written
+    under `scratch` — a LoRA checkpoint as a peft adapter (its config and weights, names as
+    peft saves them), a full-weight one as the base's config beside its weights (linked)."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if not (weights / STATE_FILE).is_file():
+        return weights
+    file = weights / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            names = list(fh.keys())
+            lora = job.training.lora
+            if lora is not None:
+                tensors = {_peft_name(n): fh.get_tensor(n) for n in names}
+    except Exception as exc:
+        raise UsageError(
+            Problem(str(weights), f"unreadable checkpoint: {first_line(exc)}")
+        ) from None
+    scratch.mkdir(parents=True, exist_ok=True)
+    if lora is not None:
+        from tuneplex_automodel.model import lora_config
+
+        config = lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+        config.base_model_name_or_path = job.model
+        config.save_pretrained(str(scratch))
+        save_file(tensors, str(scratch / "adapter_model.safetensors"))
+        return scratch
+    from transformers import AutoConfig
+    from tuneplex.nn.models import resolve_model_ref
+
+    where, local = resolve_model_ref(job.model, key="model")
+    config = AutoConfig.from_pretrained(
+        where, local_files_only=local, trust_remote_code=job.training.trust_remote_code
+    )
+    config.save_pretrained(str(scratch))
+    os.symlink(file.resolve(), scratch / "model.safetensors")
+    return scratch
+
+
+def _peft_name(name: str) -> str:
+    """A LoRA parameter's name in the model (`...lora_A.default.weight`) as peft saves it in an
+    adapter file (`...lora_A.weight`)."""
+    for part in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
+        head, sep, tail = name.partition(part)
+        if sep and "." in tail:
+            return head + part + tail.split(".", 1)[1]
+    return name
+
+
 def stage_merger(dist):
     """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
     if dist.dims.pp == 1:

@@ -54,11 +54,12 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
     return model.to(device), base_dtype
 
 
-def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
-    """A peft LoRA adapter; target_modules None = every linear layer but the output head."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(*, rank: int, alpha: float, target_modules: list[str] | None):
+    """The peft LoraConfig of `training.lora`; target_modules None = every linear layer but the
+    output head."""
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
@@ -66,6 +67,13 @@ def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | No
         target_modules=target_modules if target_modules is not None else "all-linear",
         task_type="CAUSAL_LM",
     )
+
+
+def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
+    """A peft LoRA adapter (`lora_config`) on `model`."""
+    from peft import get_peft_model
+
+    config = lora_config(rank=rank, alpha=alpha, target_modules=target_modules)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

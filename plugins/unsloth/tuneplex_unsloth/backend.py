@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneplex.backend import NO_LAUNCH_OPTIONS, EnvironmentStatus, JobSettings, LaunchOptions
+from tuneplex.backend import (
+    NO_LAUNCH_OPTIONS,
+    EnvironmentStatus,
+    JobSettings,
+    LaunchOptions,
+    TrainedModel,
+)
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
 
@@ -70,6 +76,26 @@ class UnslothBackend:
             epochs=job.schedule.epochs,
             max_steps=job.schedule.max_steps,
             seed=job.schedule.seed,
+        )
+
+    def trained_model(
+        self, job: UnslothJobInput, weights: Path, *, device: str, scratch: Path
+    ) -> TrainedModel:
+        """final/ and the trainer's checkpoints are peft adapters or whole models already. On
+        a GPU the base loads as it trained (4/8-bit, the compute dtype); on a CPU, which
+        computes neither, in its own dtype (fp32 compute)."""
+        m = job.model
+        on_gpu = device.startswith("cuda")
+        dtype = None if m.dtype == "auto" or not on_gpu else m.dtype
+        autocast = job.hardware.precision if on_gpu else None
+        quantization = "4bit" if m.load_in_4bit else "8bit" if m.load_in_8bit else None
+        return TrainedModel(
+            path=weights,
+            base=m.name,
+            dtype=dtype,
+            autocast={"bf16": "bfloat16", "fp16": "float16"}.get(autocast or ""),
+            quantization=quantization if on_gpu else None,
+            trust_remote_code=m.trust_remote_code,
         )
 
     def train(

@@ -1,0 +1,1 @@
+"""Using a trained model: loading, prompt rendering as training did, batched generation, metrics."""

@@ -1,0 +1,200 @@
+"""Batched generation with a KV cache: what `generate`, `chat`, `eval` and reinforcement
+learning's rollouts call.
+
+Prompts (token ids, already rendered) are sorted by length and run `batch_size` at a time,
+left-padded, through transformers' own `generate` (its KV cache, its samplers); the answers come
+back in the input order, cut at the first stop token (not kept) or stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tuneplex.inference.prompts import Stop
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How the next token is picked: greedy at temperature 0, else sampled."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k cut."""
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    ids: list[int]
+    """The generated token ids, the stop token not included."""
+    text: str
+    stopped: bool
+    """It ended on a stop token or string (else it ran out of `max_new_tokens`)."""
+
+
+class Generator:
+    """One loaded model generating for many prompts."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, stop: Stop, device: Any, autocast=None):
+        self.model, self.tok, self.stop = model, tokenizer, stop
+        self.device, self.autocast = device, autocast
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (stop.token_ids or (0,))[0])
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        *,
+        batch_size: int = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in the prompts' order; `progress(n)` after each batch of
+        n prompts."""
+        if not prompts:
+            return []
+        _seed(sampling)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        out: list[Completion | None] = [None] * len(prompts)
+        for at in range(0, len(order), batch_size):
+            chunk = order[at : at + batch_size]
+            rows = self._run([prompts[i] for i in chunk], sampling)
+            for i, ids in zip(chunk, rows, strict=True):
+                out[i] = self._finish(ids)
+            if progress is not None:
+                progress(len(chunk))
+        return [c for c in out if c is not None]
+
+    def stream(
+        self, prompt: Sequence[int], sampling: Sampling, *, on_text: Callable[[str], None]
+    ) -> Completion:
+        """One completion, its text handed to `on_text` piece by piece as it is generated."""
+        _seed(sampling)
+        streamer = _TextStream(self, on_text)
+        ids = self._run([prompt], sampling, streamer=streamer)[0]
+        done = self._finish(ids)
+        streamer.flush(done.text)
+        return done
+
+    # -- internals ---------------------------------------------------------------------
+    def _run(self, prompts: list[Sequence[int]], sampling: Sampling, *, streamer=None):
+        import torch
+
+        from tuneplex.nn.evaluation import autocast_context
+
+        longest = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if p:
+                input_ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+                mask[i, longest - len(p) :] = 1
+        with torch.inference_mode(), autocast_context(self.device, self.autocast):
+            sequences = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=self._config(sampling),
+                streamer=streamer,
+                **({"tokenizer": self.tok} if self.stop.strings else {}),
+            )
+        return [row[longest:].tolist() for row in sequences.cpu()]
+
+    def _config(self, sampling: Sampling):
+        from transformers import GenerationConfig
+
+        sample = not sampling.greedy
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=(sampling.top_k or None) if sample else None,
+            eos_token_id=list(self.stop.token_ids) or None,
+            pad_token_id=self.pad_id,
+            bos_token_id=self.tok.bos_token_id,
+            stop_strings=list(self.stop.strings) or None,
+            use_cache=True,
+        )
+
+    def _finish(self, ids: list[int]) -> Completion:
+        """Cut at the first stop token (not kept) or stop string (not kept)."""
+        stops = set(self.stop.token_ids)
+        stopped = False
+        for k, t in enumerate(ids):
+            if t in stops:
+                ids, stopped = ids[:k], True
+                break
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        for s in self.stop.strings:
+            at = text.find(s)
+            if at >= 0:
+                text, stopped = text[:at], True
+                ids = _ids_within(self.tok, ids, text)
+        return Completion(ids=list(ids), text=text, stopped=stopped)
+
+
+def _ids_within(tok, ids: list[int], text: str) -> list[int]:
+    """The shortest prefix of `ids` whose text covers `text` (what a stop string cut off)."""
+    for k in range(len(ids) + 1):
+        if len(tok.decode(ids[:k], skip_special_tokens=False)) >= len(text):
+            return ids[:k]
+    return ids
+
+
+def _seed(sampling: Sampling) -> None:
+    if sampling.seed is not None and not sampling.greedy:
+        import torch
+
+        torch.manual_seed(sampling.seed)
+
+
+class _TextStream:
+    """A transformers streamer: decodes the tokens generated so far and hands on the new text,
+    holding back what may still turn out to be a stop string or half a character."""
+
+    def __init__(self, gen: Generator, on_text: Callable[[str], None]):
+        self.gen, self.on_text = gen, on_text
+        self.ids: list[int] = []
+        self.prompt_seen = False
+        self.sent = 0
+        self.ended = False
+        self.hold = max((len(s) for s in gen.stop.strings), default=1) - 1
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.ended:
+            return
+        for t in value.reshape(-1).tolist():
+            if t in self.gen.stop.token_ids:
+                self.ended = True
+                break
+            self.ids.append(t)
+        text = self.gen.tok.decode(self.ids, skip_special_tokens=False)
+        for s in self.gen.stop.strings:
+            at = text.find(s)
+            if at >= 0:
+                text, self.ended = text[:at], True
+        ready = len(text) if self.ended else max(len(text) - self.hold, 0)
+        if text[:ready].endswith("\ufffd"):
+            return
+        if ready > self.sent:
+            self.on_text(text[self.sent : ready])
+            self.sent = ready
+
+    def end(self) -> None:
+        """Called by transformers when generation ends; `flush` hands on the rest."""
+
+    def flush(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.on_text(text[self.sent :])
+            self.sent = len(text)
