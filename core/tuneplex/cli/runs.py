@@ -151,6 +151,7 @@ def _report(info) -> dict[str, Any]:
         best_checkpoint,
         final_weights,
         job_settings,
+        latest_eval,
         overview,
     )
 
@@ -170,6 +171,7 @@ def _report(info) -> dict[str, Any]:
         "last_checkpoint": info.summary.get("last_checkpoint")
         or (str(latest[1]) if latest else None),
         "curves": str(curves.resolve()) if curves.is_file() else None,
+        "eval": latest_eval(info.path),
         "summary": info.summary,
     }
 
@@ -289,6 +291,25 @@ def _outputs_lines(r: dict[str, Any]) -> list[str]:
     if r["last_checkpoint"]:
         lines.append(f"checkpoint {r['last_checkpoint']} (latest)")
     lines.append(f"curves     {r['curves'] or 'none (draw them: tuneplex runs plot RUN)'}")
+    lines += _eval_lines(r.get("eval"))
+    return lines
+
+
+def _eval_lines(report: dict[str, Any] | None) -> list[str]:
+    """The latest `tuneplex eval` report: what was measured on what, tuned (and base)."""
+    if not report:
+        return []
+    model = report.get("model") or {}
+    base = report.get("baseline")
+    on = report.get("data") or "lm-eval"
+    lines = [f"eval       {report.get('checkpoint', 'final')} on {on} ({report.get('created')})"]
+    for name, value in model.items():
+        if name == "n" or not isinstance(value, int | float):
+            continue
+        was = base.get(name) if isinstance(base, dict) else None
+        than = f" (base {was:.4f})" if isinstance(was, int | float) else ""
+        lines.append(f"  {name:<12} {value:.4f}{than}")
+    lines.append(f"  report   {report.get('path')}")
     return lines
 
 

@@ -3,7 +3,6 @@ on a data file, and optionally the evaluation harness; a run keeps each report i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,6 @@ from typing import Any
 from tuneplex.errors import Problem, UsageError
 from tuneplex.inference.loading import Loaded
 from tuneplex.inference.target import Target
-
-EVALS_DIR = "evals"
-"""A run's eval reports, one JSON file each (`<UTC time>.json`), written by `tuneplex eval`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,7 +145,7 @@ def _side(loaded: Loaded, opts: EvalOptions) -> tuple[Side, list[tuple[str, str 
 
 def save(target: Target, result: EvalResult, opts: EvalOptions) -> Path:
     """The report as `evals/<UTC time>.json` in the run (tuneplex's own entry of the run)."""
-    from tuneplex.runs.records import write_json_atomic
+    from tuneplex.runs.records import EVALS_DIR, write_json_atomic
 
     assert target.run is not None
     folder = target.run / EVALS_DIR
@@ -173,17 +169,3 @@ def save(target: Target, result: EvalResult, opts: EvalOptions) -> Path:
             report.setdefault("lm_eval", {})[name] = side.harness.results
     write_json_atomic(path, report)
     return path
-
-
-def latest_report(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest eval report a run keeps (None: none, or unreadable)."""
-    folder = Path(run_dir) / EVALS_DIR
-    if not folder.is_dir():
-        return None
-    found = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    for path in reversed(found):
-        try:
-            return path, json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return None

@@ -30,7 +30,13 @@ from tuneplex.runs.checkpoints import (
     remove_stale_temporaries,
 )
 from tuneplex.runs.inputs import changes, fingerprints, job_inputs
-from tuneplex.runs.records import FINAL_DIR, METRICS_FILE, SUMMARY_FILE, write_json_atomic
+from tuneplex.runs.records import (
+    EVALS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    write_json_atomic,
+)
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -50,6 +56,7 @@ OWNED = (
     "curves.png",
     "wandb",
     "tensorboard",
+    EVALS_DIR,
 )
 """Entries of a run directory that tuneplex writes (and `--overwrite` replaces); checkpoints/
 is emptied of checkpoints only. Anything else in the directory is the user's and stays."""

@@ -19,7 +19,7 @@ from tuneplex.backend import Backend, JobSettings
 from tuneplex.errors import Problem, UsageError, first_line
 from tuneplex.runs.checkpoints import complete_checkpoints
 from tuneplex.runs.directory import JOB_FILE, LOCK, MARKER, WORKER_LOCK, is_run
-from tuneplex.runs.records import FINAL_DIR, METRICS_FILE, SUMMARY_FILE
+from tuneplex.runs.records import EVALS_DIR, FINAL_DIR, METRICS_FILE, SUMMARY_FILE
 
 CURVES_FILE = "curves.png"
 """The picture every run draws of itself when it ends (see `plots.plot_run`)."""
@@ -299,6 +299,21 @@ def final_weights(run_dir: Path) -> dict[str, Any] | None:
             f"model = AutoModelForCausalLM.from_pretrained({where!r})",
         }
     return {"path": where, "kind": "unknown", "what": "no adapter or model config", "load": None}
+
+
+def latest_eval(run_dir: Path) -> dict[str, Any] | None:
+    """The newest report `tuneplex eval` kept in the run (its path under "path"); None when
+    there is none that can be read."""
+    folder = Path(run_dir) / EVALS_DIR
+    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    for path in reversed(found):  # names are UTC times: the last sorts last
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict):
+            return {**report, "path": str(path.resolve())}
+    return None
 
 
 def best_checkpoint(info: RunInfo) -> dict[str, Any] | None:

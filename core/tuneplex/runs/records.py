@@ -11,6 +11,8 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
+EVALS_DIR = "evals"
+"""A run's eval reports, one JSON file each (`<UTC time>.json`), written by `tuneplex eval`."""
 
 
 @dataclass(frozen=True, kw_only=True)
