@@ -26,3 +26,7 @@ print("validation loss:", "  ".join(f"step {e['step']}: {e['loss']:.3f}" for e i
 summary = json.load(open("runs/demo/summary.json"))
 print(f"{summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; adapter in runs/demo/final")
 PY
+# ask the tuned model a question from the validation data, then its base model the same one
+set -x
+$tp generate runs/demo "Count the words: blue green river" --max-new-tokens 24
+$tp generate models/tiny-llama "Count the words: blue green river" --max-new-tokens 24

@@ -467,3 +467,77 @@ def test_a_bare_adapter_directory_loads_on_its_base(runs, tmp_path, capsys):
     alone = json.loads(capsys.readouterr().out)
     assert main(["generate", str(run), "Reverse: a b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "merged_16bit"])
+def test_unsloth_outputs_generate_and_evaluate(
+    cpu_seam, tiny_model, data, tmp_path, method, capsys
+):
+    """The unsloth backend's final/ (adapter or merged 16-bit model) through the same commands;
+    on this CPU the 16-bit trainer stand-in computes as the loaded model does."""
+    pytest.importorskip("trl")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""\
+model: {{name: {tiny_model}, max_seq_length: 128, load_in_4bit: false}}
+dataset: {{path: {data[0]}, validation_path: {data[1]}, apply_chat_template: true}}
+training: {{use_gradient_checkpointing: false}}
+schedule: {{epochs: 2, seed: 1}}
+batch: {{per_device_train_batch_size: 4, gradient_accumulation_steps: 2}}
+optimizer: {{learning_rate: 1.0e-2}}
+output: {{save_method: {method}}}
+"""
+    )
+    run = tmp_path / "run"
+    assert main(["train", str(job), "--backend", "unsloth", "-o", str(run)]) == 0
+    capsys.readouterr()
+    loaded = _loaded(run, scratch=tmp_path / "s")
+    assert loaded.target.adapter == (method == "lora")
+    prompter, gen = _engine(loaded)
+    from tuneplex.inference.engine import Sampling
+
+    prompts = prompter.from_file(data[1])
+    done = gen.generate([p.ids for p in prompts], Sampling(max_new_tokens=16), batch_size=3)
+    for p, c in zip(prompts, done, strict=True):
+        ref = _reference_generate(
+            loaded.model, p.ids, stop=prompter.stop.token_ids, pad_id=gen.pad_id, max_new_tokens=16
+        )
+        assert c.ids == ref
+    assert main(["eval", str(run), "--data", str(data[1]), "--json", "--no-generate"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    # merged_16bit holds bf16 weights: the run's loss to bf16 precision
+    assert got["model"]["loss"] == pytest.approx(
+        summary["val_loss"], abs=1e-4 if method == "lora" else 0.05
+    )
+
+
+def test_eval_runs_a_local_lm_eval_task_on_a_run(runs, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from tuneplex.testing.tiny import WORDS
+
+    rows = [
+        {"question": " ".join(WORDS[i : i + 3]), "choices": WORDS[i : i + 3], "label": i % 3}
+        for i in range(6)
+    ]
+    write_rows(tmp_path / "rows.jsonl", rows)
+    task = tmp_path / "pick.yaml"
+    task.write_text(
+        f"task: tiny_pick\noutput_type: multiple_choice\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'rows.jsonl'}\ntest_split: test\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: label\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    run = runs("lora")
+    assert main(["eval", str(run), "--lm-eval", str(task), "--baseline"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tiny_pick") == 2  # the tuned model's table and the base model's
+    report = json.loads(sorted((run / "evals").glob("*.json"))[-1].read_text())
+    for side in ("model", "baseline"):
+        acc = report["lm_eval"][side]["results"]["tiny_pick"]["acc,none"]
+        assert 0.0 <= acc <= 1.0
+    assert main(["eval", str(run), "--lm-eval", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

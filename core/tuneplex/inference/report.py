@@ -19,7 +19,8 @@ class EvalOptions:
     metrics: tuple[str, ...]
     max_new_tokens: int = 256
     batch_size: int = 8
-    harness_tasks: tuple[str, ...] = ()
+    harness_tasks: Any | None = None
+    """`harness.HarnessTasks` for --lm-eval."""
     harness_limit: int | None = None
     dtype: str | None = None
     """`--dtype`, for the baseline as for the model."""
@@ -82,19 +83,14 @@ def metric_names(given: list[str] | None, *, generate: bool) -> tuple[str, ...]:
     return check_metrics(given or [])
 
 
-def harness_tasks(given: str | None) -> tuple[str, ...]:
+def harness_tasks(given: str | None):
+    """The `--lm-eval` tasks, found and their data loaded before any model loads (a typo or
+    missing data is one line); None without the option."""
     if given is None:
-        return ()
-    tasks = tuple(t.strip() for t in given.split(",") if t.strip())
-    if not tasks:
-        raise UsageError(Problem("--lm-eval", "names no task"))
-    from importlib.util import find_spec
+        return None
+    from tuneplex.inference.harness import check_tasks
 
-    if find_spec("lm_eval") is None:
-        from tuneplex.errors import needs_package
-
-        raise needs_package("lm_eval")
-    return tasks
+    return check_tasks(tasks=[given])
 
 
 def evaluate_target(loaded: Loaded, opts: EvalOptions, *, baseline: bool) -> EvalResult:
@@ -129,13 +125,13 @@ def _side(loaded: Loaded, opts: EvalOptions) -> tuple[Side, list[tuple[str, str 
         side.figures = scores.figures
         side.answers = [c.text for c in scores.completions]
         rows = [(p.text, p.reference) for p in scores.prompts]
-    if opts.harness_tasks:
+    if opts.harness_tasks is not None:
         from tuneplex.inference.harness import run_harness
 
         side.harness = run_harness(
             model=loaded.model,
             tokenizer=loaded.tokenizer,
-            tasks=list(opts.harness_tasks),
+            tasks=opts.harness_tasks,
             batch_size=opts.batch_size,
             limit=opts.harness_limit,
             device=str(loaded.device),
