@@ -541,3 +541,28 @@ def test_eval_runs_a_local_lm_eval_task_on_a_run(runs, tmp_path, capsys):
         assert 0.0 <= acc <= 1.0
     assert main(["eval", str(run), "--lm-eval", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_column_mapping_names_a_files_prompt_and_answer(runs, tmp_path, capsys):
+    rows = [{"q": "Reverse: a b", "gold": "b a"}, {"q": "Reverse: river", "gold": "river"}]
+    write_rows(tmp_path / "qa.jsonl", rows)
+    run = str(runs("lora"))
+    args = ["generate", run, "--file", str(tmp_path / "qa.jsonl"), "--json"]
+    assert main([*args, "--column-mapping", "question=q,answer=gold"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(g["prompt"], g["reference"]) for g in got] == [
+        ("Reverse: a b", "b a"),
+        ("Reverse: river", "river"),
+    ]
+    assert main(["generate", run, "Reverse: a b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == got[0]["completion"]
+    assert main(args) == 2  # without the mapping the rows' format is unknown: say how
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        "--file: 2 of 2 rows cannot be used; fix them, or map their prompt and answer columns "
+        "with --column-mapping"
+    )
+    assert main([*args, "--column-mapping", "question=q,gold"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "--column-mapping: 'gold': expected ROLE=COLUMN with ROLE one of context, question, answer"
+    )

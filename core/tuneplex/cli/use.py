@@ -43,12 +43,45 @@ TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucle
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="Top-k sampling (0: off).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Prompts run together.")]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--column-mapping",
+        help="Rows' columns as prompt parts and answer: question=COL,answer=COL[,context=COL] "
+        "(a run's job mapping otherwise).",
+    ),
+]
+MAPPED = ("context", "question", "answer")
+
+
+def _columns(text: str | None) -> dict[str, str] | None:
+    """`question=q,answer=a` -> {"question": "q", "answer": "a"}, checked."""
+    if text is None:
+        return None
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        role, eq, column = (x.strip() for x in part.partition("="))
+        if not eq or role not in MAPPED or not column:
+            raise UsageError(
+                Problem(
+                    "--column-mapping",
+                    f"{part.strip()!r}: expected ROLE=COLUMN with ROLE one of {', '.join(MAPPED)}",
+                )
+            )
+        mapping[role] = column
+    if "answer" not in mapping:
+        raise UsageError(Problem("--column-mapping", "needs answer=COLUMN"))
+    return mapping
 
 
 @contextlib.contextmanager
-def _loaded(target: str, *, checkpoint: str | None, dtype: str | None) -> Iterator:
+def _loaded(
+    target: str, *, checkpoint: str | None, dtype: str | None, columns: str | None = None
+) -> Iterator:
     """The target, loaded; a checkpoint's loadable copy lives in a temporary directory for as
-    long as the command runs."""
+    long as the command runs. `columns` (--column-mapping) maps the rows of data files."""
+    from dataclasses import replace
+
     from tuneplex import console
     from tuneplex.inference.loading import DTYPES, load, pick_device
     from tuneplex.inference.target import resolve
@@ -56,11 +89,15 @@ def _loaded(target: str, *, checkpoint: str | None, dtype: str | None) -> Iterat
 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(Problem("--dtype", f"{dtype!r}: choose from {', '.join(DTYPES)}"))
+    mapping = _columns(columns)
     quiet_third_party_logs()
     with tempfile.TemporaryDirectory(prefix="tuneplex-weights-") as scratch:
         device = pick_device()
         with console.defects_as_one_line():
             resolved = resolve(target, checkpoint=checkpoint, device=device, scratch=Path(scratch))
+            if mapping is not None:
+                spec = replace(resolved.spec, column_mapping=mapping, format="column_mapped")
+                resolved = replace(resolved, spec=spec)
             yield load(resolved, device=device, dtype=dtype)
 
 
@@ -102,6 +139,7 @@ def generate_cmd(
         typer.Option("--file", help="Rows in any training format: each row's prompt is asked."),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="A system turn first.")] = None,
+    column_mapping: ColumnsOpt = None,
     checkpoint: CheckpointOpt = None,
     dtype: DtypeOpt = None,
     max_new_tokens: MaxNewOpt = 256,
@@ -121,7 +159,7 @@ def generate_cmd(
     if file is not None and system is not None:
         raise UsageError(Problem("--system", "rows of --file carry their own system turns"))
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
-    with _loaded(target, checkpoint=checkpoint, dtype=dtype) as loaded:
+    with _loaded(target, checkpoint=checkpoint, dtype=dtype, columns=column_mapping) as loaded:
         prompter, generator = _engine(loaded)
         asked = [prompter.from_text(p, system=system) for p in prompts or ()]
         if file is not None:
@@ -263,6 +301,7 @@ def eval_cmd(
     lm_eval_limit: Annotated[
         int | None, typer.Option("--lm-eval-limit", min=1, help="Rows per harness task.")
     ] = None,
+    column_mapping: ColumnsOpt = None,
     checkpoint: CheckpointOpt = None,
     dtype: DtypeOpt = None,
     max_new_tokens: MaxNewOpt = 256,
@@ -289,7 +328,7 @@ def eval_cmd(
         harness_limit=lm_eval_limit,
         dtype=dtype,
     )
-    with _loaded(target, checkpoint=checkpoint, dtype=dtype) as loaded:
+    with _loaded(target, checkpoint=checkpoint, dtype=dtype, columns=column_mapping) as loaded:
         result = report.evaluate_target(loaded, opts, baseline=baseline)
     saved = report.save(loaded.target, result, opts) if loaded.target.run is not None else None
     if as_json:

@@ -31,12 +31,17 @@ def detect(row: dict[str, Any], where: str, spec: DataSpec) -> str:
             return "prompt_completion"
     if spec.text_field in row:
         return "text"
+    settings = (
+        "--column-mapping"
+        if spec.train_key.startswith("--")  # a command's data file, not a job's
+        else "dataset.format / dataset.column_mapping"
+    )
     raise UsageError(
         Problem(
             where,
             f"cannot tell this row's format (columns: {cols(row)}); expected "
             f"'{spec.messages_field}', 'input'/'output', 'prompt'/'completion' or "
-            f"'{spec.text_field}' (or set dataset.format / dataset.column_mapping)",
+            f"'{spec.text_field}' (or set {settings})",
         )
     )
 

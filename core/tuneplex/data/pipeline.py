@@ -345,12 +345,13 @@ def report_problems(key: str, problems: list[Problem], rows: int) -> list[Proble
     lines = problems[:MAX_REPORTED]
     if len(problems) > MAX_REPORTED:
         lines.append(Problem("", f"... and {len(problems) - MAX_REPORTED:,} more rows"))
+    way_out = (
+        "map their prompt and answer columns with --column-mapping"
+        if key.startswith("--")  # a command's data file, not a job's
+        else "set dataset.skip_invalid_rows: true to leave them out (counted in the stats)"
+    )
     lines.append(
-        Problem(
-            key,
-            f"{len(problems):,} of {rows:,} rows cannot be used; fix them, or set "
-            "dataset.skip_invalid_rows: true to leave them out (counted in the stats)",
-        )
+        Problem(key, f"{len(problems):,} of {rows:,} rows cannot be used; fix them, or {way_out}")
     )
     return lines
 

@@ -47,6 +47,7 @@ class Prompter:
         self.tok = tokenizer
         self.spec = spec
         self.encoder = Encoder(tokenizer, spec)
+        self.encoder.calibrate([])  # what the template appends after a whole conversation
         self.stop = _stop_of(self.encoder, tokenizer)
 
     @property
@@ -54,8 +55,13 @@ class Prompter:
         """Whether prompts are chats (a template renders turns) rather than plain text."""
         return self.encoder.template is not None or self.encoder.mode == "passthrough"
 
-    def encode(self, fmt: str, example: dict[str, Any]) -> list[int]:
-        text, bos = self.encoder.prompt(fmt, example)
+    def encode(self, fmt: str, example: dict[str, Any], *, where: str = "prompt") -> list[int]:
+        try:
+            text, bos = self.encoder.prompt(fmt, example)
+        except UsageError:
+            raise
+        except Exception as exc:  # jinja's raise_exception and friends
+            raise UsageError(Problem(where, f"chat template error: {first_line(exc)}")) from None
         ids = self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
         return [self.encoder.bos_id, *ids] if bos else list(ids)
 
@@ -71,7 +77,8 @@ class Prompter:
         messages = [{"role": "user", "content": text}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        return Prompt(text=text, ids=self.encode("chat", {"messages": messages}))
+        where = "--system" if system is not None else "prompt"
+        return Prompt(text=text, ids=self.encode("chat", {"messages": messages}, where=where))
 
     def from_messages(self, messages: list[dict[str, Any]], tools=None) -> list[int]:
         """The ids of a whole conversation so far, ready for the next answer (`chat`)."""
@@ -125,10 +132,12 @@ class Prompter:
                 where=where,
             )
         if fmt == "text":
-            return Prompt(text=example["text"], ids=self.encode(fmt, example), where=where)
+            return Prompt(
+                text=example["text"], ids=self.encode(fmt, example, where=where), where=where
+            )
         return Prompt(
             text=example["prompt"],
-            ids=self.encode(fmt, example),
+            ids=self.encode(fmt, example, where=where),
             reference=example["completion"],
             where=where,
         )
@@ -139,11 +148,11 @@ def _stop_of(encoder: Encoder, tok: Any) -> Stop:
     that is one token stops on that token, a longer one on its text."""
     ids: list[int] = [tok.eos_token_id] if tok.eos_token_id is not None else []
     strings: list[str] = []
-    end = encoder.turn_end()
-    if end and end.strip():
-        end = end.strip()
+    end = (encoder.turn_end() or "").strip()
+    if end:
         found = tok.backend_tokenizer.encode(end, add_special_tokens=False).ids
-        if len(found) == 1:
+        added = set(getattr(tok, "added_tokens_decoder", {}))
+        if len(found) == 1 or found[0] in added:  # `<|end|>`, also when more follows it
             ids.append(found[0])
         else:
             strings.append(end)
