@@ -79,6 +79,11 @@ smoke_automodel() {
     --set schedule.max_steps=2 --set training.max_seq_length=128 --output "$WORK/run"
   [ -f "$WORK/run/final/adapter_config.json" ] || fail "no adapter in $WORK/run/final"
   [ -f "$WORK/run/curves.png" ] || fail "no curves.png (matplotlib comes with the extra)"
+  expect 0 "" tuneplex generate "$WORK/run" "Repeat: a b" --max-new-tokens 4
+  expect 0 '"loss"' tuneplex eval "$WORK/run" --data examples/data/val.jsonl --no-generate --json
+  absent math_verify lm_eval
+  expect 2 "pip install 'tuneplex[eval]'" \
+    tuneplex eval "$WORK/run" --data examples/data/val.jsonl --metrics math
   expect 2 "pip install 'tuneplex[unsloth]'" tuneplex validate examples/unsloth-qlora.yaml
 }
 

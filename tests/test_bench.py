@@ -92,3 +92,38 @@ def test_peers_tiny(tmp_path, capsys):
         assert max(first) - min(first) < 0.02 * min(first), first
     table = capsys.readouterr().out
     assert "speed÷Trainer" in table and table.count("tuneplex") == 2
+
+
+@pytest.mark.slow
+def test_generate_bench_tiny(tmp_path, capsys):
+    """bench/generate.py keeps working: the guide's loop and a tuneplex batch size each generate
+    for the same prompts, and a completion that differs is located and explained."""
+    import json
+
+    import generate
+    from tuneplex.inference.engine import Completion
+
+    out = tmp_path / "out.json"
+    args = ["--shape", "tiny", "--prompts", "8", "--max-new-tokens", "8", "--batch-sizes", "4"]
+    results = generate.main([*args, "--workdir", str(tmp_path), "--json", str(out)])
+    assert json.loads(out.read_text())["results"] == results
+    assert [(r["contender"], r["batch_size"]) for r in results] == [("guide", 1), ("tuneplex", 4)]
+    for r in results:
+        assert r["tokens_per_s"] > 0 and 0 < r["tokens"] <= 8 * 8
+        assert 0 <= r["identical"] <= 8 and r["prompts"] == 8
+    assert results[0]["speed_vs_guide"] == 1.0
+    table = capsys.readouterr().out
+    assert "max_new_tokens 8" in table and "speed÷guide" in table and "tuneplex      4" in table
+
+    # a completion changed at its third token is reported as diverging there, with the gap
+    model, tok, prompter = generate.load(tmp_path / "tiny")
+    ids = prompter.from_text("hello world").ids
+    stops = set(prompter.stop.token_ids)
+    (raw,) = generate.guide_loop(model, [ids], max_new_tokens=6, eos=list(stops), pad=0)
+    mine, _ = generate.cut(raw, stops)
+    assert len(mine) >= 3
+    other = Completion(ids=[*mine[:2], (mine[2] + 1) % len(tok), *mine[3:]], text="", stopped=False)
+    same, first = generate.compare(model, [ids], [raw], [other], stops)
+    assert same == 0 and first["prompt"] == 0 and first["position"] == 2
+    assert first["guide_token"] == mine[2] and first["tuneplex_token"] == other.ids[2]
+    assert first["top2_gap"] >= 0 and first["guide_margin_over_tuneplex"] >= first["top2_gap"]

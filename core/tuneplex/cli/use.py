@@ -242,12 +242,18 @@ def _interactive(talk, *, label: str) -> None:
             continue
         except EOFError:
             return
+        if not line.strip():
+            continue
         try:
             sys.stdout.write("model> ")
             talk.reply(line, on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
             sys.stdout.write("\n")
         except KeyboardInterrupt:  # stops this answer; the conversation goes on without it
             sys.stdout.write("\n")
+            talk.drop_last()
+        except UsageError as exc:  # the template refuses this conversation: say so, go on
+            sys.stdout.write("\n")
+            typer.echo(exc.lines()[0], err=True)
             talk.drop_last()
         sys.stdout.flush()
 
