@@ -82,15 +82,6 @@ def _loaded(ref, **kw):
     return load(resolve(str(ref), device="cpu", scratch=scratch, **kw), device="cpu")
 
 
-def _engine(loaded):
-    from tuneplex.inference.engine import Generator
-    from tuneplex.inference.prompts import Prompter
-
-    prompter = Prompter(loaded.tokenizer, loaded.target.spec)
-    gen = Generator(loaded.model, loaded.tokenizer, stop=prompter.stop, device=loaded.device)
-    return prompter, gen
-
-
 def _reference_generate(model, ids, *, stop, pad_id, max_new_tokens):
     """transformers' own greedy generate, one prompt at a time, no padding."""
     out = model.generate(
@@ -123,7 +114,7 @@ def test_greedy_generate_equals_transformers_token_for_token(runs, data, kind, t
     run = runs(kind)
     loaded = _loaded(run, scratch=tmp_path)
     assert loaded.target.adapter == (kind == "lora")
-    prompter, gen = _engine(loaded)
+    prompter, gen = loaded.engine()
     from tuneplex.inference.engine import Sampling
 
     prompts = [*prompter.from_file(data[1]), prompter.from_text("Reverse: river blue a")]
@@ -149,7 +140,7 @@ def test_generate_cli_json_matches_the_engine(runs, tmp_path, capsys):
     assert [set(r) for r in rows] == [{"prompt", "completion", "completion_tokens"}] * 2
     assert rows[0]["prompt"] == "Reverse: river blue a"
     loaded = _loaded(run, scratch=tmp_path)
-    prompter, gen = _engine(loaded)
+    prompter, gen = loaded.engine()
     from tuneplex.inference.engine import Sampling
 
     want = gen.generate(
@@ -494,7 +485,7 @@ output: {{save_method: {method}}}
     capsys.readouterr()
     loaded = _loaded(run, scratch=tmp_path / "s")
     assert loaded.target.adapter == (method == "lora")
-    prompter, gen = _engine(loaded)
+    prompter, gen = loaded.engine()
     from tuneplex.inference.engine import Sampling
 
     prompts = prompter.from_file(data[1])

@@ -113,21 +113,6 @@ def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int,
     )
 
 
-def _engine(loaded):
-    from tuneplex.inference.engine import Generator
-    from tuneplex.inference.prompts import Prompter
-
-    prompter = Prompter(loaded.tokenizer, loaded.target.spec)
-    generator = Generator(
-        loaded.model,
-        loaded.tokenizer,
-        stop=prompter.stop,
-        device=loaded.device,
-        autocast=loaded.autocast,
-    )
-    return prompter, generator
-
-
 @reported
 def generate_cmd(
     target: TargetArg,
@@ -160,7 +145,7 @@ def generate_cmd(
         raise UsageError(Problem("--system", "rows of --file carry their own system turns"))
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     with _loaded(target, checkpoint=checkpoint, dtype=dtype, columns=column_mapping) as loaded:
-        prompter, generator = _engine(loaded)
+        prompter, generator = loaded.engine()
         asked = [prompter.from_text(p, system=system) for p in prompts or ()]
         if file is not None:
             asked += prompter.from_file(file)
@@ -216,7 +201,7 @@ def chat_cmd(
 
     sampling = _sampling(max_new_tokens, temperature, top_p, top_k, seed)
     with _loaded(target, checkpoint=checkpoint, dtype=dtype) as loaded:
-        prompter, generator = _engine(loaded)
+        prompter, generator = loaded.engine()
         if not prompter.chat:
             raise UsageError(Problem(target, "chat needs a chat template; use generate instead"))
         talk = Conversation(prompter, generator, sampling=sampling, system=system)
@@ -234,15 +219,10 @@ def _interactive(talk, *, label: str) -> None:
         except (EOFError, KeyboardInterrupt):
             typer.echo("", err=True)
             return
-        try:
-            if talk.command(line):
-                continue
-        except UsageError as exc:
-            typer.echo(exc.lines()[0], err=True)
-            continue
-        except EOFError:
+        handled = _command(talk, line)
+        if handled == "exit":
             return
-        if not line.strip():
+        if handled or not line.strip():
             continue
         try:
             sys.stdout.write("model> ")
@@ -258,17 +238,26 @@ def _interactive(talk, *, label: str) -> None:
         sys.stdout.flush()
 
 
+def _command(talk, line: str) -> str | None:
+    """ "done" for a command done (an unknown one said in one line), "exit" for /exit, None
+    for a message to the model."""
+    try:
+        return "done" if talk.command(line) else None
+    except UsageError as exc:
+        typer.echo(exc.lines()[0], err=True)
+        return "done"
+    except EOFError:
+        return "exit"
+
+
 def _scripted(talk) -> None:
     for raw in sys.stdin:
         line = raw.rstrip("\n")
-        try:
-            if talk.command(line):
-                continue
-        except UsageError as exc:
-            typer.echo(exc.lines()[0], err=True)
-            continue
-        except EOFError:
+        handled = _command(talk, line)
+        if handled == "exit":
             return
+        if handled:
+            continue
         answer = talk.reply(line)
         typer.echo(answer.replace("\\", "\\\\").replace("\n", "\\n"))
 

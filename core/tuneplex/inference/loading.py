@@ -27,6 +27,22 @@ class Loaded:
     def dtype(self) -> Any:
         return next(self.model.parameters()).dtype
 
+    def engine(self):
+        """(a Prompter rendering as the target's training did, a Generator stopping where
+        that rendering ends a turn) for this model."""
+        from tuneplex.inference.engine import Generator
+        from tuneplex.inference.prompts import Prompter
+
+        prompter = Prompter(self.tokenizer, self.target.spec)
+        generator = Generator(
+            self.model,
+            self.tokenizer,
+            stop=prompter.stop,
+            device=self.device,
+            autocast=self.autocast,
+        )
+        return prompter, generator
+
 
 def pick_device() -> str:
     """CUDA when present, else the CPU."""

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tuneplex.inference.engine import Completion, Generator, Sampling
+from tuneplex.inference.engine import Completion, Sampling
 from tuneplex.inference.loading import Loaded
-from tuneplex.inference.prompts import Prompt, Prompter
+from tuneplex.inference.prompts import Prompt
 
 DATA_KEY = "--data"
 
@@ -89,15 +89,8 @@ def score(
     prompts: list[Prompt] = []
     completions: list[Completion] = []
     if metrics:
-        prompter = Prompter(loaded.tokenizer, loaded.target.spec)
+        prompter, generator = loaded.engine()
         prompts = [p for p in prompter.from_file(path) if p.reference is not None]
-        generator = Generator(
-            loaded.model,
-            loaded.tokenizer,
-            stop=prompter.stop,
-            device=loaded.device,
-            autocast=loaded.autocast,
-        )
         completions = generator.generate(
             [p.ids for p in prompts], sampling, batch_size=batch_size, progress=progress
         )
