@@ -557,3 +557,33 @@ def test_column_mapping_names_a_files_prompt_and_answer(runs, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "--column-mapping: 'gold': expected ROLE=COLUMN with ROLE one of context, question, answer"
     )
+
+
+def test_system_turns_tools_and_checkpoint_choices(runs, tokenizers, tmp_path):
+    from tuneplex.data.spec import DataSpec
+    from tuneplex.inference.prompts import Prompter
+    from tuneplex.inference.target import resolve
+
+    path, tok = tokenizers["chatml"]
+    prompter = Prompter(tok, DataSpec(train="", tokenizer=path, max_seq_length=512))
+    asked = prompter.from_text("Reverse: a b", system="Be brief.")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: a b"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert asked.ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    # a row's tools are rendered into its prompt, as training rendered them
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    write_rows(
+        tmp_path / "t.jsonl",
+        [{"messages": [*chat, {"role": "assistant", "content": "b a"}], "tools": tools}],
+    )
+    (row,) = prompter.from_file(tmp_path / "t.jsonl")
+    assert '"lookup"' in tok.decode(row.ids) and row.reference == "b a"
+    # --checkpoint best / latest name the steps the run's records say
+    run = runs("lora")
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    best = min((v for v in vals if v["split"] == "val"), key=lambda v: v["loss"])["step"]
+    kept = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").iterdir())
+    for choice, step in (("best", best), ("latest", kept[-1]), ("3", 3)):
+        target = resolve(str(run), checkpoint=choice, device="cpu", scratch=tmp_path / choice)
+        assert target.checkpoint == f"step_{step}" and target.adapter
+        assert (Path(target.path) / "adapter_config.json").is_file()
