@@ -84,6 +84,7 @@ smoke_automodel() {
   absent math_verify lm_eval
   expect 2 "pip install 'tuneplex[eval]'" \
     tuneplex eval "$WORK/run" --data examples/data/val.jsonl --metrics math
+  expect 2 "pip install 'tuneplex[eval]'" tuneplex eval "$WORK/run" --lm-eval hellaswag
   expect 2 "pip install 'tuneplex[unsloth]'" tuneplex validate examples/unsloth-qlora.yaml
 }
 
