@@ -109,7 +109,12 @@ def _last_val_loss(run: Path, step: int | None = None) -> float:
     return next(v["loss"] for v in vals if v["step"] == step)
 
 
-@pytest.mark.parametrize("kind", ["lora", pytest.param("merged", marks=pytest.mark.slow), "full"])
+SLOW = pytest.mark.slow  # each trains one more run
+
+
+@pytest.mark.parametrize(
+    "kind", ["lora", pytest.param("merged", marks=SLOW), pytest.param("full", marks=SLOW)]
+)
 def test_greedy_generate_equals_transformers_token_for_token(runs, data, kind, tmp_path):
     run = runs(kind)
     loaded = _loaded(run, scratch=tmp_path)
@@ -180,7 +185,7 @@ def test_sampling_is_seeded(runs, capsys):
     assert outs[0] != outs[2] or outs[0] == ""  # different seeds, different draws
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", pytest.param("full", marks=SLOW)])
 def test_checkpoint_target_reproduces_that_steps_validation_loss(runs, data, kind, capsys):
     run = runs(kind)
     code = main(
