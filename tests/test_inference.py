@@ -583,6 +583,7 @@ def test_system_turns_tools_and_checkpoint_choices(runs, tokenizers, tmp_path):
     )
     (row,) = prompter.from_file(tmp_path / "t.jsonl")
     assert '"lookup"' in tok.decode(row.ids) and row.reference == "b a"
+    assert row.row["tools"] == tools  # the row as read: what a reward function is given
     # --checkpoint best / latest name the steps the run's records say
     run = runs("lora")
     vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,8 @@ format gives what training put before its answer, and keeps the answer as the re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ class Prompt:
     """The row's own answer, when it has one."""
     where: str | None = None
     """`file:line` of a row."""
+    row: Mapping[str, Any] = field(default_factory=dict)
+    """A file row as read: its other columns are what a reward function is given."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class Prompter:
                 problems.append(row)
                 continue
             try:
-                prompts.append(self._row(where, row, spec))
+                prompts.append(replace(self._row(where, row, spec), row=row))
             except UsageError as exc:
                 problems.append(exc.problems[0])
         if problems:
