@@ -3,6 +3,8 @@ reference, the training pipeline as the judge of prompt rendering."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -66,8 +68,10 @@ def runs(tmp_path_factory, tiny_model, data):
     def get(kind: str) -> Path:
         if kind not in made:
             run = root / kind
-            code = main(["train", str(_job(root, tiny_model, data, FT[kind])), "-o", str(run)])
-            assert code == 0
+            said = io.StringIO()  # not into the output of the test that asked first
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                code = main(["train", str(_job(root, tiny_model, data, FT[kind])), "-o", str(run)])
+            assert code == 0, said.getvalue()
             made[kind] = run
         return made[kind]
 
@@ -219,8 +223,9 @@ def test_eval_reproduces_the_runs_validation_losses(runs, data, capsys):
     assert got["model"]["n"] == 6
     assert got["model"]["exact_match"] >= got["baseline"]["exact_match"]
     # kept in the run, shown by `runs show`
-    reports = sorted((run / "evals").glob("*.json"))
-    assert reports and json.loads(reports[-1].read_text())["model"] == got["model"]
+    from tuneplex.runs.listing import latest_eval
+
+    assert latest_eval(run)["model"] == got["model"]
     assert main(["runs", "show", str(run)]) == 0
     shown = capsys.readouterr().out
     assert f"eval       final on {data[1]}" in shown
@@ -531,7 +536,9 @@ def test_eval_runs_a_local_lm_eval_task_on_a_run(runs, tmp_path, capsys):
     assert main(["eval", str(run), "--lm-eval", str(task), "--baseline"]) == 0
     out = capsys.readouterr().out
     assert out.count("tiny_pick") == 2  # the tuned model's table and the base model's
-    report = json.loads(sorted((run / "evals").glob("*.json"))[-1].read_text())
+    from tuneplex.runs.listing import latest_eval
+
+    report = latest_eval(run)
     for side in ("model", "baseline"):
         acc = report["lm_eval"][side]["results"]["tiny_pick"]["acc,none"]
         assert 0.0 <= acc <= 1.0
@@ -593,3 +600,15 @@ def test_system_turns_tools_and_checkpoint_choices(runs, tokenizers, tmp_path):
         target = resolve(str(run), checkpoint=choice, device="cpu", scratch=tmp_path / choice)
         assert target.checkpoint == f"step_{step}" and target.adapter
         assert (Path(target.path) / "adapter_config.json").is_file()
+
+
+def test_the_latest_eval_report_is_the_last_written(tmp_path):
+    from tuneplex.runs.listing import latest_eval
+
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    for name, n in (("20261206-201219", 1), ("20261206-201220", 2), ("20261206-201220-2", 3)):
+        (evals / f"{name}.json").write_text(json.dumps({"model": {"n": n}}))
+    (evals / "20261206-201221-broken.json").write_text("{not json")
+    assert latest_eval(tmp_path)["model"] == {"n": 3}
+    assert latest_eval(tmp_path / "elsewhere") is None

@@ -305,8 +305,8 @@ def latest_eval(run_dir: Path) -> dict[str, Any] | None:
     """The newest report `tuneplex eval` kept in the run (its path under "path"); None when
     there is none that can be read."""
     folder = Path(run_dir) / EVALS_DIR
-    found = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    for path in reversed(found):  # names are UTC times: the last sorts last
+    found = sorted(folder.glob("*.json"), key=_eval_order) if folder.is_dir() else []
+    for path in reversed(found):
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -314,6 +314,14 @@ def latest_eval(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(report, dict):
             return {**report, "path": str(path.resolve())}
     return None
+
+
+def _eval_order(path: Path) -> tuple[str, int]:
+    """Reports are named by their UTC second, `-2`, `-3`... for more in the same second."""
+    stamp, _, n = path.stem.rpartition("-")
+    if stamp.count("-") == 1 and n.isdigit():
+        return stamp, int(n)
+    return path.stem, 1
 
 
 def best_checkpoint(info: RunInfo) -> dict[str, Any] | None:
