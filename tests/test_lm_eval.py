@@ -168,6 +168,7 @@ def test_missing_or_unreadable_task_files(tmp_path, tasks):
     assert "gone.jsonl" in line
 
 
+@pytest.mark.slow  # indexes the harness's ~15,000 built-in tasks (7-10 s)
 def test_unknown_or_taken_task_names(tmp_path, tasks):
     """One index build for both: a name the harness does not know, and two local files of one
     task name (the harness would run only the first)."""
