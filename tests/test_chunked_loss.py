@@ -142,3 +142,42 @@ def test_a_batch_without_counted_tokens_gives_zero_and_touches_every_parameter(t
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("ft", ["all_weights", "lora"])
+def test_token_log_probs_equal_the_full_logits_values_and_gradients(ft, tokenizers, monkeypatch):
+    """Per-token log-probabilities through the chunked head (a policy-gradient loss's input)
+    equal log_softmax of the model's own logits at the targets, 0 where nothing counts; a
+    weighted sum of them has the same gradient as through the full logits."""
+    from tuneplex_automodel.model import apply_lora
+
+    tok = tokenizers["chatml"][1]
+    model = build_family("Gemma2ForCausalLM", tok, final_logit_softcapping=2.0).train()
+    if ft == "lora":
+        model = apply_lora(model, rank=4, alpha=8, target_modules=None)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    batch = packed_and_padded_batch(len(tok))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", vocab * 3)
+    weights = torch.randn(batch["targets"].shape, generator=torch.Generator().manual_seed(1))
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        logps = fn(model, batch)
+        (logps * weights).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in trained if p.grad is not None}
+
+    want, want_grads = run(evaluation._token_log_probs_of_logits)
+    got, got_grads = run(evaluation.token_log_probs)
+    assert got.shape == batch["targets"].shape
+    assert (got[batch["targets"] == X] == 0).all() and (got[batch["targets"] != X] < 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    rows = evaluation.sequence_log_probs(model, batch).detach()
+    torch.testing.assert_close(rows, got.sum(-1), rtol=1e-6, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(trained)
+    for name, g in want_grads.items():
+        scale = g.abs().max().item()
+        assert (got_grads[name] - g).abs().max().item() <= 1e-5 * scale + 1e-12, name

@@ -68,6 +68,27 @@ def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
     return _through_head(model, batch, autocast, row_log_probs, fallback=_row_log_probs_of_logits)
 
 
+def token_log_probs(model, batch: dict[str, Any], *, autocast=None):
+    """Float32 log-probability of each counted target ([rows, positions], 0 elsewhere), without
+    full-vocabulary logits (`tuneplex.nn.linear_ce.token_log_probs`)."""
+    from tuneplex.nn.linear_ce import token_log_probs as of_hidden
+
+    return _through_head(model, batch, autocast, of_hidden, fallback=_token_log_probs_of_logits)
+
+
+def _token_log_probs_of_logits(model, batch: dict[str, Any], *, autocast=None):
+    """`token_log_probs` from the model's full logits (a forward without `logits_to_keep`)."""
+    import torch
+
+    from tuneplex.data.targets import IGNORE_INDEX
+
+    with autocast_context(batch["input_ids"].device, autocast):
+        logits = model(**_inputs(batch)).logits.float()
+    targets = batch["targets"]
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE_INDEX, picked - logits.logsumexp(-1), 0.0)
+
+
 def _through_head(model, batch: dict[str, Any], autocast, head_fn, *, fallback):
     """`head_fn(hidden, targets, head=, config=)` on the decoder's output of `batch`, or
     `fallback(model, batch, autocast=)` for a model whose forward takes no `logits_to_keep`."""

@@ -123,6 +123,18 @@ def row_log_probs(hidden, targets, *, head, config):
     return sums.index_add(0, keep // targets.shape[-1], logps)
 
 
+def token_log_probs(hidden, targets, *, head, config):
+    """Float32 log-probability of each counted target, in the targets' shape ([rows, positions];
+    0 where nothing counts): what a per-token policy-gradient loss takes, computed as
+    `row_log_probs` is (no full-vocabulary logits; chunks made again in backward)."""
+    import torch
+
+    states, wanted, keep, size = _counted(hidden, targets, head=head)
+    logps = _token_log_probs(states, wanted, head=head, config=config, size=size)
+    flat = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
+    return flat.index_add(0, keep, logps).reshape(targets.shape)
+
+
 def _token_log_probs(states, wanted, *, head, config, size: int):
     """Float32 log-probability of each wanted token, `head` called as a module over chunks, each
     chunk checkpointed (its logits made again in backward)."""
