@@ -23,10 +23,6 @@ class Loaded:
     autocast: Any | None
     """torch dtype the forward passes compute in under autocast, or None."""
 
-    @property
-    def dtype(self) -> Any:
-        return next(self.model.parameters()).dtype
-
     def engine(self):
         """(a Prompter rendering as the target's training did, a Generator stopping where
         that rendering ends a turn) for this model."""

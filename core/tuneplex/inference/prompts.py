@@ -88,12 +88,13 @@ class Prompter:
         return self.encode("chat", {"messages": messages, "tools": tools})
 
     def from_file(self, path: str | Path) -> list[Prompt]:
-        """Every row of a data file in a training format as a prompt with its reference; rows
-        that cannot be used are reported together, `file:line` each."""
-        spec = replace(self.spec, train=str(path), train_key=FILE_KEY)
-        rows = sources.read_rows(sources.resolve(str(path), key=FILE_KEY), key=FILE_KEY)
-        if not rows:
-            raise UsageError(Problem(FILE_KEY, f"{path}: no rows"))
+        """Every row of a data file in a training format as a prompt with its reference."""
+        return self.from_rows(path, read_file_rows(path, key=FILE_KEY), key=FILE_KEY)
+
+    def from_rows(self, path: str | Path, rows: list, *, key: str) -> list[Prompt]:
+        """`rows` of the file `path` (as `read_file_rows` gives them) as prompts; rows that
+        cannot be used are reported together, `file:line` each, under `key`."""
+        spec = replace(self.spec, train=str(path), train_key=key)
         prompts: list[Prompt] = []
         problems: list[Problem] = []
         for where, row in rows:
@@ -107,7 +108,7 @@ class Prompter:
         if problems:
             from tuneplex.data.pipeline import report_problems
 
-            raise UsageError(report_problems(FILE_KEY, problems, len(rows)))
+            raise UsageError(report_problems(key, problems, len(rows)))
         return prompts
 
     def _row(self, where: str, row: dict[str, Any], spec: DataSpec) -> Prompt:
@@ -160,3 +161,12 @@ def _stop_of(encoder: Encoder, tok: Any) -> Stop:
         else:
             strings.append(end)
     return Stop(token_ids=tuple(dict.fromkeys(ids)), strings=tuple(strings))
+
+
+def read_file_rows(path: str | Path, *, key: str) -> list:
+    """A command's data file as the pipeline reads it: `[(file:line, row or Problem)]`, read
+    once for everything a command does with it; an empty file is refused under `key`."""
+    rows = sources.read_rows(sources.resolve(str(path), key=key), key=key)
+    if not rows:
+        raise UsageError(Problem(key, f"{path}: no rows"))
+    return rows

@@ -96,7 +96,13 @@ def harness_tasks(given: str | None):
 def evaluate_target(loaded: Loaded, opts: EvalOptions, *, baseline: bool) -> EvalResult:
     """The target, then (with `baseline`) its base model, loaded once the target is done."""
     base_target = loaded.target.baseline() if baseline else None  # refused before any work
-    model, rows = _side(loaded, opts)
+    data = None
+    if opts.data is not None:  # read once, for the model and its base
+        from tuneplex.inference.prompts import read_file_rows
+        from tuneplex.inference.scoring import DATA_KEY
+
+        data = read_file_rows(opts.data, key=DATA_KEY)
+    model, rows = _side(loaded, opts, data)
     base = None
     if base_target is not None:
         from tuneplex.inference.loading import load
@@ -104,11 +110,13 @@ def evaluate_target(loaded: Loaded, opts: EvalOptions, *, baseline: bool) -> Eva
         device, tokenizer = str(loaded.device), loaded.tokenizer
         del loaded  # the tuned weights go before the base's come
         base_loaded = load(base_target, device=device, dtype=opts.dtype, tokenizer=tokenizer)
-        base, _ = _side(base_loaded, opts)
+        base, _ = _side(base_loaded, opts, data)
     return EvalResult(model=model, baseline=base, rows=rows)
 
 
-def _side(loaded: Loaded, opts: EvalOptions) -> tuple[Side, list[tuple[str, str | None]]]:
+def _side(
+    loaded: Loaded, opts: EvalOptions, data: list | None
+) -> tuple[Side, list[tuple[str, str | None]]]:
     from tuneplex.inference.engine import Sampling
     from tuneplex.inference.scoring import score
 
@@ -118,6 +126,7 @@ def _side(loaded: Loaded, opts: EvalOptions) -> tuple[Side, list[tuple[str, str 
         scores = score(
             loaded,
             opts.data,
+            data,
             metrics=opts.metrics,
             sampling=Sampling(max_new_tokens=opts.max_new_tokens),
             batch_size=opts.batch_size,
@@ -141,17 +150,10 @@ def _side(loaded: Loaded, opts: EvalOptions) -> tuple[Side, list[tuple[str, str 
 
 def save(target: Target, result: EvalResult, opts: EvalOptions) -> Path:
     """The report as `evals/<UTC time>.json` in the run (tuneplex's own entry of the run)."""
-    from tuneplex.runs.records import EVALS_DIR, write_json_atomic
+    from tuneplex.runs.records import new_eval_path, write_json_atomic
 
     assert target.run is not None
-    folder = target.run / EVALS_DIR
-    folder.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = folder / f"{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = folder / f"{stamp}-{n}.json"
+    path = new_eval_path(target.run)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target.label,

@@ -30,13 +30,11 @@ class Scores:
     completions: list[Completion]
 
 
-def data_loss(loaded: Loaded, path: str | Path, *, batch_size: int) -> tuple[float, int]:
-    """(mean loss over every trained token of the file's rows, rows kept): the training
+def data_loss(loaded: Loaded, path: str | Path, rows: list, *, batch_size: int):
+    """(mean loss over every trained token of the file's `rows`, rows kept): the training
     pipeline's tokens and masks (the run's template, format and max_seq_length), unpacked."""
     from tuneplex.data.collate import RowTable
     from tuneplex.data.pipeline import build
-    from tuneplex.data.sources import read_rows, resolve
-    from tuneplex.errors import Problem, UsageError
     from tuneplex.nn.evaluation import evaluate, pad_id_of
 
     target = loaded.target
@@ -51,9 +49,6 @@ def data_loss(loaded: Loaded, path: str | Path, *, batch_size: int) -> tuple[flo
     if target.run is None:  # a model's own limit, not a run's
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or 1 << 20
         spec = replace(spec, max_seq_length=int(limit))
-    rows = read_rows(resolve(str(path), key=DATA_KEY), key=DATA_KEY)
-    if not rows:
-        raise UsageError(Problem(DATA_KEY, f"{path}: no rows"))
     split = build(rows, spec, loaded.tokenizer, key=DATA_KEY)
     table = RowTable(split.examples)
     loss = evaluate(
@@ -70,17 +65,18 @@ def data_loss(loaded: Loaded, path: str | Path, *, batch_size: int) -> tuple[flo
 def score(
     loaded: Loaded,
     path: str | Path,
+    rows: list,
     *,
     metrics: tuple[str, ...],
     sampling: Sampling,
     batch_size: int,
     progress=None,
 ) -> Scores:
-    """Loss and perplexity on the file, and (with `metrics`) the greedy answers to its rows'
-    prompts scored against their references."""
+    """Loss and perplexity on the file's `rows` (`prompts.read_file_rows`), and (with
+    `metrics`) the greedy answers to their prompts scored against their references."""
     from tuneplex.inference.metrics import score_all
 
-    loss, n = data_loss(loaded, path, batch_size=batch_size)
+    loss, n = data_loss(loaded, path, rows, batch_size=batch_size)
     figures: dict[str, float | int | None] = {
         "loss": loss,
         "perplexity": _perplexity(loss),
@@ -90,7 +86,8 @@ def score(
     completions: list[Completion] = []
     if metrics:
         prompter, generator = loaded.engine()
-        prompts = [p for p in prompter.from_file(path) if p.reference is not None]
+        prompts = prompter.from_rows(path, rows, key=DATA_KEY)
+        prompts = [p for p in prompts if p.reference is not None]
         completions = generator.generate(
             [p.ids for p in prompts], sampling, batch_size=batch_size, progress=progress
         )

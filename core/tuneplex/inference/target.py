@@ -4,11 +4,9 @@ Hugging Face id. Every refusal is one line naming the path."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
@@ -108,7 +106,9 @@ def _directory(path: Path, *, label: str) -> Target:
     """A model directory (config.json + safetensors) or a peft adapter directory."""
     adapter_config = path / "adapter_config.json"
     if adapter_config.is_file():
-        base = _read_object(adapter_config).get("base_model_name_or_path")
+        from tuneplex.runs.listing import read_json
+
+        base = read_json(adapter_config).get("base_model_name_or_path")
         if not isinstance(base, str) or not base:
             raise UsageError(
                 Problem(str(adapter_config), "names no base model (base_model_name_or_path)")
@@ -132,16 +132,6 @@ def _directory(path: Path, *, label: str) -> Target:
 
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-
-
-def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(Problem(str(path), f"cannot read it ({type(exc).__name__})")) from None
-    if not isinstance(data, dict):
-        raise UsageError(Problem(str(path), "not a JSON object"))
-    return data
 
 
 def run_backend_and_job(run_dir: Path):

@@ -19,7 +19,7 @@ from tuneplex.backend import Backend, JobSettings
 from tuneplex.errors import Problem, UsageError, first_line
 from tuneplex.runs.checkpoints import complete_checkpoints
 from tuneplex.runs.directory import JOB_FILE, LOCK, MARKER, WORKER_LOCK, is_run
-from tuneplex.runs.records import EVALS_DIR, FINAL_DIR, METRICS_FILE, SUMMARY_FILE
+from tuneplex.runs.records import EVALS_DIR, FINAL_DIR, METRICS_FILE, SUMMARY_FILE, eval_order
 
 CURVES_FILE = "curves.png"
 """The picture every run draws of itself when it ends (see `plots.plot_run`)."""
@@ -305,7 +305,7 @@ def latest_eval(run_dir: Path) -> dict[str, Any] | None:
     """The newest report `tuneplex eval` kept in the run (its path under "path"); None when
     there is none that can be read."""
     folder = Path(run_dir) / EVALS_DIR
-    found = sorted(folder.glob("*.json"), key=_eval_order) if folder.is_dir() else []
+    found = sorted(folder.glob("*.json"), key=eval_order) if folder.is_dir() else []
     for path in reversed(found):
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
@@ -314,14 +314,6 @@ def latest_eval(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(report, dict):
             return {**report, "path": str(path.resolve())}
     return None
-
-
-def _eval_order(path: Path) -> tuple[str, int]:
-    """Reports are named by their UTC second, `-2`, `-3`... for more in the same second."""
-    stamp, _, n = path.stem.rpartition("-")
-    if stamp.count("-") == 1 and n.isdigit():
-        return stamp, int(n)
-    return path.stem, 1
 
 
 def best_checkpoint(info: RunInfo) -> dict[str, Any] | None:

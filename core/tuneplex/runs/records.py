@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,27 @@ SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
 EVALS_DIR = "evals"
 """A run's eval reports, one JSON file each (`<UTC time>.json`), written by `tuneplex eval`."""
+
+
+def new_eval_path(run_dir: Path) -> Path:
+    """Where the next eval report goes: `evals/<UTC second>.json`, `-2`, `-3`... for more in
+    the same second (`eval_order` sorts them as written)."""
+    folder = Path(run_dir) / EVALS_DIR
+    folder.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path, n = folder / f"{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stamp}-{n}.json"
+    return path
+
+
+def eval_order(path: Path) -> tuple[str, int]:
+    """The order `new_eval_path` wrote reports in, from their names."""
+    stamp, _, n = path.stem.rpartition("-")
+    if stamp.count("-") == 1 and n.isdigit():
+        return stamp, int(n)
+    return path.stem, 1
 
 
 @dataclass(frozen=True, kw_only=True)
