@@ -274,6 +274,10 @@ _MESSAGES = {
 
 YAML_BOOLS = {"True": "true", "False": "false"}
 
+TAGGED_UNION = "tagged_union"
+"""The error type of a union chosen by one key (`custom_error_context`: that key and its
+choices): reported on that key, as an unknown choice or a missing key."""
+
 
 def format_validation_error(exc, model: type | None = None) -> list[Problem]:
     """Turn a pydantic ValidationError into one Problem per error, in input order.
@@ -300,6 +304,22 @@ def format_validation_error(exc, model: type | None = None) -> list[Problem]:
             continue
         if kind == "missing":
             problems.append(Problem(path, "required key is missing"))
+            continue
+        if kind == TAGGED_UNION:
+            choices, got = list(ctx["choices"]), err.get("input")
+            if not isinstance(got, dict):
+                msg = f"expected a mapping with {ctx['key']}: {' | '.join(choices)}"
+                problems.append(Problem(path, f"{msg} (got {_show(got, loc)})"))
+                continue
+            at = _join((*loc, ctx["key"]))
+            if ctx["key"] not in got:
+                problems.append(
+                    Problem(at, f"required key is missing (one of: {', '.join(choices)})")
+                )
+                continue
+            name = got[ctx["key"]]
+            msg = f"must be one of: {', '.join(choices)} (got {_show(name, loc)})"
+            problems.append(Problem(at, msg + did_you_mean(name, choices)))
             continue
         if kind in ("literal_error", "enum"):
             expected = ctx.get("expected", "")

@@ -139,3 +139,70 @@ def cols(row: dict[str, Any], most: int = 12) -> str:
 
 def kind(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"
+
+
+# -- prompts (rows a model is asked to answer: evaluation, reinforcement learning) -------------
+def prompt_format(row: dict[str, Any], where: str, spec: DataSpec) -> str:
+    """`detect` for a row that may hold a prompt alone: a lone `prompt` (or `input`) column is a
+    prompt_completion row without its completion."""
+    if spec.format != "auto" or spec.messages_field in row or spec.column_mapping is not None:
+        return detect(row, where, spec)
+    if any(prompt_key in row for prompt_key, _ in DEFAULT_PAIRS):
+        return "prompt_completion"
+    return detect(row, where, spec)
+
+
+def prompt_of(
+    row: dict[str, Any], where: str, spec: DataSpec
+) -> tuple[str, dict[str, Any], str | None]:
+    """(format, example, answer): what a model is given to answer — a chat without its final
+    assistant turn (which is the answer), a prompt (its completion the answer, if the row has
+    one), a column-mapped question, or a text row — and the row's own answer, or None."""
+    fmt = prompt_format(row, where, spec)
+    if fmt == "chat":
+        example = _chat(row, where, spec)
+        messages_ = example["messages"]
+        answer = None
+        if messages_[-1]["role"] == "assistant":
+            answer, messages_ = messages_[-1].get("content"), messages_[:-1]
+            if not messages_:
+                raise UsageError(
+                    Problem(where, "the only message is the answer; no prompt before it")
+                )
+        return fmt, {"messages": messages_, "tools": example["tools"]}, answer
+    if fmt == "prompt_completion":
+        for prompt_key, completion_key in DEFAULT_PAIRS:
+            if prompt_key in row:
+                answer = (
+                    _string(row, completion_key, where, None) if completion_key in row else None
+                )
+                return fmt, {"prompt": _string(row, prompt_key, where, None)}, answer
+    fmt, example = normalise(row, where, spec)
+    return fmt, {k: v for k, v in example.items() if k != "completion"}, example.get("completion")
+
+
+def reference_text(value: Any) -> str | None:
+    """A reference answer as text: a string that is not blank, or a JSON number (`42` is as good
+    as "42"); anything else (a bool, null, a list) is no answer."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return str(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def reference_of(row: dict[str, Any], *, column: str, where: str, what: str) -> str:
+    """The row's reference answer in `column`, refused when missing or unusable (`what` says
+    whose reference it is): a row without one could never earn the reward, so it is bad data."""
+    if column not in row:
+        raise UsageError(
+            Problem(where, f"column {show(column)} ({what}) missing; row has: {cols(row)}")
+        )
+    text = reference_text(row[column])
+    if text is None:
+        value = row[column]
+        got = "blank" if isinstance(value, str) else f"a {kind(value)}"
+        raise UsageError(
+            Problem(where, f"column {show(column)} ({what}) is {got}; expected the answer as text")
+        )
+    return text

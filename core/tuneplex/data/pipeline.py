@@ -22,7 +22,7 @@ from tuneplex.data import formats, preference, sources
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
 from tuneplex.data.targets import IGNORE_INDEX
-from tuneplex.data.templates import Encoder
+from tuneplex.data.templates import Encoder, prompt_text
 from tuneplex.data.turns import TurnNotFound
 from tuneplex.errors import Problem, UsageError, first_line
 
@@ -195,6 +195,8 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
     together (or left out and counted, under `spec.skip_invalid_rows`)."""
     if spec.preference:
         return _build_pairs(rows, spec, tok, key=key)
+    if spec.prompts:
+        return _build_prompts(rows, spec, tok, key=key)
     stats = DataStats(rows=len(rows))
     problems, normalised, row_of = _normalise_all(rows, spec, stats, formats.normalise)
     encoder = Encoder(tok, spec)
@@ -292,6 +294,91 @@ def _build_pairs(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str)
             )
         )
     return Split(examples=_dataset(columns), packed=None, stats=stats)
+
+
+PROMPT_COLUMNS = ("input_ids", "prompt", "reference", "columns")
+"""A prompt split's columns: the rendered prompt's ids; what the user wrote; the reference
+answer (null when the row has none); the row's other columns as one JSON object (what a reward
+function is given, as TRL gives a dataset's columns)."""
+
+
+def _build_prompts(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Split:
+    """Rows -> prompts rendered as training renders what comes before an answer, with the
+    generation prompt. A row with no prompt (a text row), with a prompt longer than
+    max_seq_length, or without the reference the reward needs is a bad row."""
+    stats = DataStats(rows=len(rows), prompts=0)
+    problems, normalised, row_of = _normalise_all(rows, spec, stats, _prompt_example)
+    encoder = Encoder(tok, spec)
+    encoder.calibrate([])
+    limit = spec.max_seq_length
+    columns: dict[str, list] = {name: [] for name in PROMPT_COLUMNS}
+    for index, (where, fmt, (example, reference, others)) in zip(row_of, normalised, strict=True):
+        try:
+            ids = encoder.prompt_ids(fmt, example)
+        except UsageError:
+            raise
+        except Exception as exc:  # jinja raise_exception and friends
+            ids = Problem(where, f"chat template error: {first_line(exc)}")
+        if not isinstance(ids, Problem) and len(ids) >= limit:
+            ids = Problem(
+                where,
+                f"the prompt has {len(ids):,} tokens, max_seq_length is {limit:,}; shorten it "
+                "or raise max_seq_length",
+            )
+        if isinstance(ids, Problem):
+            problems.append((index, ids))
+            stats.formats[fmt] -= 1
+            continue
+        stats.tokens += len(ids)
+        columns["input_ids"].append(ids)
+        columns["prompt"].append(prompt_text(fmt, example))
+        columns["reference"].append(reference)
+        columns["columns"].append(json.dumps(others, ensure_ascii=False, default=str))
+    _settle(problems, spec, stats, key)
+    stats.prompts = stats.examples = len(columns["input_ids"])
+    if not stats.prompts:
+        raise UsageError(
+            Problem(
+                key, f"no usable prompt ({stats.rows} rows, {stats.skipped_invalid_rows} left out)"
+            )
+        )
+    texts = {name: columns.pop(name) for name in ("prompt", "reference", "columns")}
+    return Split(examples=_dataset(columns, texts=texts), packed=None, stats=stats)
+
+
+def _prompt_example(row: dict, where: str, spec: DataSpec):
+    """(format, (example, reference, other columns)) of a prompt row."""
+    fmt, example, answer = formats.prompt_of(row, where, spec)
+    if fmt == "text":
+        raise UsageError(
+            Problem(
+                where,
+                f"a text row ({formats.cols(row)}) holds no prompt; expected chat messages "
+                "ending with a user turn, a 'prompt' (or 'input') column, or "
+                "dataset.column_mapping",
+            )
+        )
+    column = spec.reference_column
+    if column is not None:
+        answer = (
+            formats.reference_of(row, column=column, where=where, what="the reward's reference")
+            if spec.reference_required
+            else formats.reference_text(row.get(column))
+        )
+    elif spec.reference_required and formats.reference_text(answer) is None:
+        raise UsageError(
+            Problem(
+                where,
+                "no reference answer for the reward (the row's answer: a completion / output, "
+                "the column_mapping answer or a final assistant message); or name its column "
+                "in the environment's reference_column",
+            )
+        )
+    used = {spec.messages_field, spec.tools_field, "prompt", "input"}
+    if spec.column_mapping:
+        used |= {c for role, c in spec.column_mapping.items() if c and role != "answer"}
+    others = {k: v for k, v in row.items() if k not in used}
+    return fmt, (example, answer, others)
 
 
 def _normalise_all(
@@ -429,8 +516,9 @@ def _encode_all(encoder: Encoder, items: list):
         yield from result
 
 
-def _dataset(columns: dict[str, list]):
-    """A datasets.Dataset built straight from int32 arrays (no per-element Python work)."""
+def _dataset(columns: dict[str, list], *, texts: dict[str, list] | None = None):
+    """A datasets.Dataset built straight from int32 arrays (no per-element Python work), with
+    `texts` as string columns (None allowed)."""
     import datasets
     import numpy as np
     import pyarrow as pa
@@ -445,6 +533,8 @@ def _dataset(columns: dict[str, list]):
             arrays[name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
         else:
             arrays[name] = pa.LargeListArray.from_arrays(pa.array(offsets), flat)
+    for name, values in (texts or {}).items():
+        arrays[name] = pa.array(values, type=pa.large_string())
     return datasets.Dataset(pa.table(arrays))
 
 

@@ -35,6 +35,14 @@ class DataSpec:
     preference: bool = False
     """Rows are preference pairs (prompt, chosen, rejected; see `tuneplex.data.preference`):
     the examples are their sides, interleaved (2i chosen, 2i+1 rejected), never packed."""
+    prompts: bool = False
+    """Rows are prompts to generate for (reinforcement learning): each example is the rendered
+    prompt with the generation prompt (no answer, nothing trained), its row's answer as the
+    reference and its other columns kept for the reward (see `pipeline.PROMPT_COLUMNS`)."""
+    reference_column: str | None = None
+    """With `prompts`: the column holding each row's reference answer (None: the row's own)."""
+    reference_required: bool = False
+    """With `prompts`: a row without a reference is bad data (the reward compares with it)."""
     trust_remote_code: bool = False
     skip_invalid_rows: bool = False
     """Leave out (and count) rows that cannot be read, rendered or masked, instead of failing."""
@@ -75,13 +83,19 @@ class DataStats:
     """Preference data: trained tokens of all chosen sides (`rejected_tokens`: rejected sides);
     their difference over `pairs` says how much longer the chosen answers are."""
     rejected_tokens: int | None = None
+    prompts: int | None = None
+    """Prompt data only (None otherwise): prompts kept (= examples)."""
 
     def as_dict(self) -> dict:
         data = asdict(self)
         if self.pairs is None:  # other data's stats read as they always have
             for name in PREFERENCE_STATS:
                 data.pop(name)
+        if self.prompts is None:
+            for name in PROMPT_STATS:
+                data.pop(name)
         return data
 
 
 PREFERENCE_STATS = ("pairs", "chosen_tokens", "rejected_tokens")
+PROMPT_STATS = ("prompts",)

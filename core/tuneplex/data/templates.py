@@ -167,6 +167,12 @@ class Encoder:
             return self._render_chat(user, None, generation=True), False
         return example["prompt"], self.bos_id is not None
 
+    def prompt_ids(self, fmt: str, example: dict[str, Any]) -> list[int]:
+        """`prompt`'s text as token ids (BOS first where training put one)."""
+        text, bos = self.prompt(fmt, example)
+        ids = self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else list(ids)
+
     def turn_end(self) -> str | None:
         """The text training put after an answer and trained (`<|im_end|>`, `<|eot_id|>`): what
         a model emits when its turn is done. None when an end-of-sequence token is appended
@@ -283,3 +289,12 @@ def _leading_specials(text: str, tok: Any) -> int:
                 moved = True
                 break
     return pos
+
+
+def prompt_text(fmt: str, example: dict[str, Any]) -> str:
+    """What the user wrote of a prompt example: a chat's last user message, else its prompt
+    (or text)."""
+    if fmt == "chat":
+        users = [m.get("content") or "" for m in example["messages"] if m["role"] == "user"]
+        return users[-1] if users else ""
+    return example.get("prompt", example.get("text", ""))

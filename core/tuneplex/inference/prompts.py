@@ -14,7 +14,7 @@ from typing import Any
 
 from tuneplex.data import formats, sources
 from tuneplex.data.spec import DataSpec
-from tuneplex.data.templates import Encoder
+from tuneplex.data.templates import Encoder, prompt_text
 from tuneplex.errors import Problem, UsageError, first_line
 
 FILE_KEY = "--file"
@@ -51,7 +51,7 @@ class Prompter:
         self.spec = spec
         self.encoder = Encoder(tokenizer, spec)
         self.encoder.calibrate([])  # what the template appends after a whole conversation
-        self.stop = _stop_of(self.encoder, tokenizer)
+        self.stop = stop_of(self.encoder, tokenizer)
 
     @property
     def chat(self) -> bool:
@@ -60,13 +60,11 @@ class Prompter:
 
     def encode(self, fmt: str, example: dict[str, Any], *, where: str = "prompt") -> list[int]:
         try:
-            text, bos = self.encoder.prompt(fmt, example)
+            return self.encoder.prompt_ids(fmt, example)
         except UsageError:
             raise
         except Exception as exc:  # jinja's raise_exception and friends
             raise UsageError(Problem(where, f"chat template error: {first_line(exc)}")) from None
-        ids = self.tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.encoder.bos_id, *ids] if bos else list(ids)
 
     def from_text(self, text: str, *, system: str | None = None) -> Prompt:
         """A prompt typed by the user: one user turn (after a system turn), or the text itself
@@ -112,42 +110,16 @@ class Prompter:
         return prompts
 
     def _row(self, where: str, row: dict[str, Any], spec: DataSpec) -> Prompt:
-        fmt, example = formats.normalise(row, where, spec)
-        if fmt == "chat":
-            messages = example["messages"]
-            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-            cut = answers[-1] if answers else len(messages)
-            reference = messages[cut].get("content") if answers else None
-            before = messages[:cut]
-            users = [m.get("content") or "" for m in before if m["role"] == "user"]
-            example = {"messages": before, "tools": example.get("tools")}
-            try:
-                ids = self.encode(fmt, example)
-            except UsageError:
-                raise
-            except Exception as exc:  # jinja raise_exception and friends
-                raise UsageError(
-                    Problem(where, f"chat template error: {first_line(exc)}")
-                ) from None
-            return Prompt(
-                text=users[-1] if users else "",
-                ids=ids,
-                reference=reference,
-                where=where,
-            )
-        if fmt == "text":
-            return Prompt(
-                text=example["text"], ids=self.encode(fmt, example, where=where), where=where
-            )
+        fmt, example, answer = formats.prompt_of(row, where, spec)
         return Prompt(
-            text=example["prompt"],
+            text=prompt_text(fmt, example),
             ids=self.encode(fmt, example, where=where),
-            reference=example["completion"],
+            reference=answer,
             where=where,
         )
 
 
-def _stop_of(encoder: Encoder, tok: Any) -> Stop:
+def stop_of(encoder: Encoder, tok: Any) -> Stop:
     """The end-of-sequence token, and the end-of-turn token(s) training taught: a turn's end
     that is one token stops on that token, a longer one on its text."""
     ids: list[int] = [tok.eos_token_id] if tok.eos_token_id is not None else []

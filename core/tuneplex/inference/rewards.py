@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuneplex.data.formats import cols, kind
+from tuneplex.data.formats import reference_of, reference_text
 from tuneplex.errors import (
     Problem,
     TrainingStopped,
@@ -66,39 +66,10 @@ class Scored:
 # --- math --------------------------------------------------------------------------------------
 
 
-def _reference_text(value: Any) -> str | None:
-    # a JSON number (`42`) is as good a reference as the string; a bool is not an answer
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        return str(value)
-    return value if isinstance(value, str) and value.strip() else None
-
-
 def check_reference(*, row: Mapping[str, Any], column: str, where: str) -> str:
-    """The row's reference answer as text, refused when missing or blank. Called where the
-    rows are read (`where` is the row's `file:line`): a row without a reference could never
-    earn the math reward, so it is bad data, not a zero."""
-    if column not in row:
-        raise UsageError(
-            Problem(
-                where,
-                f"column {show(column)} (the math reward's reference) missing; "
-                f"row has: {cols(row)}",
-            )
-        )
-    text = _reference_text(row[column])
-    if text is None:
-        value = row[column]
-        got = "blank" if isinstance(value, str) else f"a {kind(value)}"
-        raise UsageError(
-            Problem(
-                where,
-                f"column {show(column)} (the math reward's reference) is {got}; "
-                "expected the answer as text",
-            )
-        )
-    return text
+    """The row's reference answer as text, refused when missing or blank (`where` is the row's
+    `file:line`): a row without a reference could never earn the math reward."""
+    return reference_of(dict(row), column=column, where=where, what="the math reward's reference")
 
 
 @dataclass(frozen=True)
@@ -117,7 +88,7 @@ class MathReward:
             raise KeyError(f"no reference column {self.reference_column!r} among the columns")
         out = []
         for completion, value in zip(completions, columns[self.reference_column], strict=True):
-            reference = _reference_text(value)
+            reference = reference_text(value)
             out.append(math_equal(prediction=completion, reference=reference) if reference else 0.0)
         return out
 

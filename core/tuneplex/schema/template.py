@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Any
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -54,6 +54,9 @@ def _render(model: type[BaseModel], lines: list[str], *, indent: int, prefix: st
         lines.extend(_comment(desc, indent, prefix))
         if sub is None:
             value = None if required else field.get_default(call_default_factory=True)
+            choices = getattr(field.annotation, "__args__", ())
+            if required and get_origin(field.annotation) is Literal and len(choices) == 1:
+                value = choices[0]  # the one value a union member's tag can take
             lines.append(f"{prefix}{pad}{name}: {_scalar(value)}")
             continue
         default = None if required else field.get_default(call_default_factory=True)

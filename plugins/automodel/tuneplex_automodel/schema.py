@@ -20,6 +20,7 @@ from tuneplex.schema.common import (
     settle_dpo,
     skip_invalid_rows_field,
 )
+from tuneplex.schema.grpo import GrpoConfig, grpo_batch_problems, settle_grpo
 
 from tuneplex_automodel.parallel.dims import ParallelDims
 
@@ -83,10 +84,11 @@ class AutomodelLora(StrictModel):
 
 
 class AutomodelTraining(StrictModel):
-    training_type: Literal["sft", "distillation", "dpo"] = Field(
+    training_type: Literal["sft", "distillation", "dpo", "grpo"] = Field(
         default="sft",
         description="Training method: sft, distillation (from a teacher model), dpo "
-        "(preference tuning on chosen/rejected pairs).",
+        "(preference tuning on chosen/rejected pairs), grpo (reinforcement learning from "
+        "rewards on prompts).",
     )
     finetuning_type: Literal["lora", "lora_merged", "all_weights"] = Field(
         default="lora",
@@ -126,6 +128,13 @@ class AutomodelTraining(StrictModel):
         description="Preference-tuning settings; filled with defaults when training_type is "
         "dpo, refused otherwise. The reference model is the starting model: its log-"
         "probabilities of every pair are computed once, before the first step.",
+    )
+    grpo: GrpoConfig | None = Field(
+        default=None,
+        description="GRPO settings; required when training_type is grpo (its environment, the "
+        "reward), refused otherwise. The reference of the KL penalty is the starting model: "
+        "with LoRA the base with the adapter off; with full weights a frozen copy (only when "
+        "ref_policy_kl_penalty > 0).",
     )
     teacher_model: str | None = Field(
         default=None,
@@ -189,6 +198,11 @@ class AutomodelTraining(StrictModel):
                 if getattr(self, key) != type(self).model_fields[key].default:
                     problems.append((key, "only used when training_type is distillation"))
         settle_dpo(self, problems)
+        settle_grpo(self, problems)
+        if self.training_type == "grpo" and self.compile is True:
+            problems.append(
+                ("compile", "true: grpo generates with the trained layers eagerly; leave it auto")
+            )
         if problems:
             raise CrossFieldError(problems)
         return self
@@ -323,8 +337,20 @@ class AutomodelJobInput(JobSchema):
 
     @model_validator(mode="after")
     def _rules(self) -> AutomodelJobInput:
+        grpo = self.training.grpo
+        problems: list[tuple[str, str]] = []
+        if grpo is not None:
+            given = "global_batch_size" in self.batch.model_fields_set
+            problems += grpo_batch_problems(
+                grpo,
+                global_batch=self.batch.global_batch_size,
+                given=given,
+                key="batch.global_batch_size",
+            )
+            if not given:  # samples per step are prompts × generations
+                object.__setattr__(self.batch, "global_batch_size", grpo.samples_per_step)
         dims = self.parallel_dims()
-        problems = dims.problems()
+        problems += dims.problems() if not problems else []
         beyond = [
             (f"parallelism.{key}", size)
             for key, size in (
@@ -341,11 +367,29 @@ class AutomodelJobInput(JobSchema):
         elif self.training.training_type == "dpo":
             what, allowed = "dpo runs", "data and tensor parallelism"
             beyond = [(k, n) for k, n in beyond if not k.endswith(".tensor_parallel_size")]
+        elif self.training.training_type == "grpo":
+            what = "grpo runs"
         elif self.training.compile is True:
             what = "training.compile: true is proven"
         for key, size in beyond if what else ():
             problems.append(
                 (key, f"{size}: {what} with {allowed} only in this version; set it to 1")
+            )
+        if grpo is not None and not beyond and grpo.num_prompts_per_step % dims.dp:
+            problems.append(
+                (
+                    "training.grpo.num_prompts_per_step",
+                    f"{grpo.num_prompts_per_step} prompts cannot be shared evenly by "
+                    f"{dims.dp} data-parallel ranks (each generates for its share); use a "
+                    f"multiple of {dims.dp}",
+                )
+            )
+        if grpo is not None and self.batch.sequence_packing:
+            problems.append(
+                (
+                    "batch.sequence_packing",
+                    "true: grpo trains on the completions it generates, unpacked; set it to false",
+                )
             )
         if self.training.training_type == "dpo" and self.batch.sequence_packing:
             problems.append(
