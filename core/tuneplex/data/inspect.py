@@ -15,6 +15,8 @@ def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
     split = prepared.train
     if _paired(split):
         examples = _pairs(split, n)
+    elif _prompts(split):
+        examples = _prompt_rows(split, n)
     else:
         head = split.examples.select(range(min(n, len(split.examples))))
         examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head]
@@ -26,6 +28,23 @@ def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
 
 def _paired(split) -> bool:
     return split.stats.pairs is not None
+
+
+def _prompts(split) -> bool:
+    return split.stats.prompts is not None
+
+
+def _prompt_rows(split, n: int) -> list[dict[str, Any]]:
+    """The first `n` prompts: their ids, reference and the columns a reward is given."""
+    head = split.examples.select(range(min(n, len(split.examples))))
+    return [
+        {
+            "input_ids": r["input_ids"],
+            "reference": r["reference"],
+            "columns": json.loads(r["columns"]),
+        }
+        for r in head
+    ]
 
 
 def _pairs(split, n: int) -> list[dict[str, Any]]:
@@ -76,6 +95,16 @@ def render(prepared: Prepared, n: int, *, color: bool) -> str:
         for i, pair in enumerate(_pairs(split, n)):
             show(f"── pair {i}, chosen", pair["chosen"])
             show(f"── pair {i}, rejected", pair["rejected"])
+    elif _prompts(split):
+        for i, row in enumerate(_prompt_rows(split, n)):
+            head = f"── prompt {i}: {len(row['input_ids'])} tokens (the model generates after it)"
+            lines.append(f"[bold]{escape(head)}[/bold]" if color else head)
+            text = tok.decode(row["input_ids"], skip_special_tokens=False)
+            lines.append(f"[dim]{escape(text)}[/dim]" if color else text)
+            reference = row["reference"]
+            lines.append(f"reference: {reference if reference is not None else '(none)'}")
+            others = ", ".join(sorted(row["columns"])) or "(none)"
+            lines.extend([f"columns given to the reward: {others}", ""])
     else:
         for i, row in enumerate(split.examples.select(range(min(n, len(split.examples))))):
             show(f"── example {i}", row)
@@ -88,7 +117,12 @@ def render(prepared: Prepared, n: int, *, color: bool) -> str:
 def _stats_block(name: str, stats: dict[str, Any]) -> str:
     eff = stats.get("packing_efficiency")
     pairs = stats.get("pairs")
-    if pairs is None:
+    if stats.get("prompts") is not None:
+        parts = [
+            f"{name}: {stats['rows']} rows -> {stats['prompts']} prompts",
+            f"prompt tokens {stats['tokens']}",
+        ]
+    elif pairs is None:
         parts = [
             f"{name}: {stats['rows']} rows -> {stats['examples']} examples",
             f"tokens {stats['tokens']}",

@@ -50,7 +50,12 @@ class Reward(Protocol):
     def name(self) -> str: ...
 
     def __call__(
-        self, *, prompts: list[str], completions: list[str], columns: Mapping[str, list]
+        self,
+        *,
+        prompts: list[str],
+        completions: list[str],
+        columns: Mapping[str, list],
+        references: Sequence[str | None] | None = None,
     ) -> Sequence[float]: ...
 
 
@@ -76,24 +81,36 @@ def check_reference(*, row: Mapping[str, Any], column: str, where: str) -> str:
 class MathReward:
     """1.0 when a completion's final answer equals the row's reference mathematically."""
 
-    reference_column: str
+    reference_column: str | None
+    """The column holding the reference; None: the rows' own answers (`references`)."""
     name: str = "math"
 
     def __call__(
-        self, *, prompts: list[str], completions: list[str], columns: Mapping[str, list]
+        self,
+        *,
+        prompts: list[str],
+        completions: list[str],
+        columns: Mapping[str, list],
+        references: Sequence[str | None] | None = None,
     ) -> list[float]:
         from tuneplex.inference.metrics import math_equal
 
-        if self.reference_column not in columns:
+        if self.reference_column is None:
+            if references is None:
+                raise KeyError("no reference answers given")
+            values = references
+        elif self.reference_column not in columns:
             raise KeyError(f"no reference column {self.reference_column!r} among the columns")
+        else:
+            values = columns[self.reference_column]
         out = []
-        for completion, value in zip(completions, columns[self.reference_column], strict=True):
+        for completion, value in zip(completions, values, strict=True):
             reference = reference_text(value)
             out.append(math_equal(prediction=completion, reference=reference) if reference else 0.0)
         return out
 
 
-def math_reward(*, reference_column: str) -> MathReward:
+def math_reward(*, reference_column: str | None = None) -> MathReward:
     """The `math` reward; refused before training when the verifier (math-verify) is missing."""
     if importlib.util.find_spec("math_verify") is None:
         raise needs_package("math_verify")
@@ -113,7 +130,12 @@ class PythonReward:
     file: Path | None
 
     def __call__(
-        self, *, prompts: list[str], completions: list[str], columns: Mapping[str, list]
+        self,
+        *,
+        prompts: list[str],
+        completions: list[str],
+        columns: Mapping[str, list],
+        references: Sequence[str | None] | None = None,
     ) -> Any:
         return self.function(prompts=prompts, completions=completions, **columns)
 
@@ -267,6 +289,7 @@ def score(
     prompts: list[str],
     completions: list[str],
     columns: Mapping[str, list],
+    references: Sequence[str | None] | None = None,
 ) -> Scored:
     """Every reward called on the batch and its values checked: exactly one finite number per
     completion (a list, tuple, 1-D numpy array or torch tensor, of numbers, numpy scalars or
@@ -281,7 +304,14 @@ def score(
     multi = reward if isinstance(reward, MultiReward) else multi_reward(rewards=[reward])
     parts: dict[str, list[float]] = {}
     for each, name in zip(multi.rewards, multi.names, strict=True):
-        parts[name] = _call(each, name, prompts=prompts, completions=completions, columns=columns)
+        parts[name] = _call(
+            each,
+            name,
+            prompts=prompts,
+            completions=completions,
+            columns=columns,
+            references=references,
+        )
     total = [
         math.fsum(w * values[i] for w, values in zip(multi.weights, parts.values(), strict=True))
         for i in range(len(completions))
@@ -296,10 +326,13 @@ def _call(
     prompts: list[str],
     completions: list[str],
     columns: Mapping[str, list],
+    references: Sequence[str | None] | None,
 ) -> list[float]:
     file: Path | None = getattr(reward, "file", None)
     try:
-        result = reward(prompts=prompts, completions=completions, columns=columns)
+        result = reward(
+            prompts=prompts, completions=completions, columns=columns, references=references
+        )
     except Exception as exc:
         at = _raised_at(exc, file) or _defined_at(reward) or (str(file) if file else "")
         message = (
@@ -342,3 +375,29 @@ def _values(result: Any, count: int) -> list[float] | str:
             return f"value [{i}] is {number}"
         values.append(number)
     return values
+
+
+# --- from a job's environment ------------------------------------------------------------------
+
+
+def build_reward(environment: Any, *, base_dir: Path, key: str) -> Reward | MultiReward:
+    """The reward a job's `training.grpo.environment` names (`tuneplex.schema.grpo`), built
+    (a python reward imported) once per training process; `key` is the setting's job key."""
+    from tuneplex.schema.grpo import MathEnvironment, MultiEnvironment, PythonEnvironment
+
+    if isinstance(environment, MathEnvironment):
+        return math_reward(reference_column=environment.reference_column)
+    if isinstance(environment, PythonEnvironment):
+        return load_python_reward(environment.function, base_dir=base_dir, key=f"{key}.function")
+    if isinstance(environment, MultiEnvironment):
+        rewards = [
+            build_reward(each, base_dir=base_dir, key=f"{key}.rewards[{i}]")
+            for i, each in enumerate(environment.rewards)
+        ]
+        return multi_reward(rewards=rewards, weights=environment.weights)
+    raise TypeError(f"not an environment: {environment!r}")
+
+
+def reward_names(reward: Reward | MultiReward) -> tuple[str, ...]:
+    """The names the parts of `reward` are logged under (`reward/<name>`)."""
+    return reward.names if isinstance(reward, MultiReward) else (reward.name,)

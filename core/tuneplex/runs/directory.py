@@ -34,6 +34,7 @@ from tuneplex.runs.records import (
     EVALS_DIR,
     FINAL_DIR,
     METRICS_FILE,
+    ROLLOUTS_FILE,
     SUMMARY_FILE,
     write_json_atomic,
 )
@@ -57,6 +58,7 @@ OWNED = (
     "wandb",
     "tensorboard",
     EVALS_DIR,
+    ROLLOUTS_FILE,
 )
 """Entries of a run directory that tuneplex writes (and `--overwrite` replaces); checkpoints/
 is emptied of checkpoints only. Anything else in the directory is the user's and stays."""

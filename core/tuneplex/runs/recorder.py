@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from tuneplex.errors import Interrupted, TrainingStopped
-from tuneplex.runs.records import FINAL_DIR, MetricsLog, RunHeader, run_summary, write_summary
+from tuneplex.runs.records import (
+    FINAL_DIR,
+    ROLLOUTS_FILE,
+    MetricsLog,
+    RunHeader,
+    run_summary,
+    write_summary,
+)
 
 STATE_KEYS = ("tokens_seen", "elapsed_s", "train_loss", "val_loss", "best_val_loss")
 """What a checkpoint must carry for a resumed run to go on with the same numbers."""
@@ -51,6 +58,7 @@ class RunRecorder:
         self._t0 = time.perf_counter()
         self._last_report = self._t0
         self._metrics: MetricsLog | None = None
+        self._rollouts: MetricsLog | None = None
         self._progress = None
         self._trackers = None
         self._warn = warn
@@ -208,6 +216,18 @@ class RunRecorder:
         self.checkpoint_saved(target, step=step)
         prune_checkpoints(self.run_dir, keep)
 
+    def rollouts(self, *, step: int, records: list[dict[str, Any]]) -> None:
+        """Samples of what the model generated at `step` (prompt, completion, reward, ...), one
+        line each in rollouts.jsonl (a resumed run drops the lines after its checkpoint)."""
+        if not self.main:
+            return
+        if self._rollouts is None:
+            self._rollouts = MetricsLog(
+                self.run_dir, resume_step=self.resumed_from, name=ROLLOUTS_FILE
+            )
+        for record in records:
+            self._rollouts.write(step=step, **record)
+
     def _record(self, event: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.write(**event)
@@ -301,9 +321,10 @@ class RunRecorder:
     def close(self) -> None:
         """Release files and displays without an ending (a failure handled elsewhere)."""
         self._close_progress()
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        for log in (self._metrics, self._rollouts):
+            if log is not None:
+                log.close()
+        self._metrics = self._rollouts = None
 
 
 def _finite(summary: dict[str, Any]) -> dict[str, Any]:

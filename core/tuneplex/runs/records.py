@@ -12,6 +12,9 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FINAL_DIR = "final"
+ROLLOUTS_FILE = "rollouts.jsonl"
+"""Reinforcement learning's samples: every few steps some prompts, their completions and
+rewards, one JSON object per completion (`RunRecorder.rollouts`)."""
 EVALS_DIR = "evals"
 """A run's eval reports, one JSON file each (`<UTC time>.json`), written by `tuneplex eval`."""
 
@@ -77,8 +80,8 @@ class MetricsLog:
     file always tells the story of one run without duplicated or orphaned steps.
     """
 
-    def __init__(self, run_dir: Path, *, resume_step: int | None = None):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, *, resume_step: int | None = None, name: str = METRICS_FILE):
+        self.path = run_dir / name
         if resume_step is not None and self.path.is_file():
             kept = [
                 line

@@ -348,3 +348,12 @@ def grpo_batch_problems(
             )
         ]
     return []
+
+
+def reference_setting(grpo: GrpoConfig | None) -> tuple[str | None, bool]:
+    """(the reference column the data is checked for, whether every prompt needs one): a math
+    reward compares with a reference; the first one's column (null: the row's own answer)."""
+    env = grpo.environment if grpo is not None else None
+    found = env.rewards if isinstance(env, MultiEnvironment) else [env] if env else []
+    maths = [e for e in found if isinstance(e, MathEnvironment)]
+    return (maths[0].reference_column, True) if maths else (None, False)

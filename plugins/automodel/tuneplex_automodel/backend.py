@@ -14,6 +14,7 @@ from tuneplex.backend import (
 )
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
+from tuneplex.schema.grpo import reference_setting
 
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -45,6 +46,7 @@ class AutomodelBackend:
 
     def data_spec(self, job: AutomodelJobInput) -> DataSpec:
         d = job.dataset
+        reference = reference_setting(job.training.grpo)
         return DataSpec(
             train=d.training,
             validation=d.validation,
@@ -57,6 +59,9 @@ class AutomodelBackend:
             chat_template=d.prompt_template or d.chat_template,
             packing=job.batch.sequence_packing,
             preference=job.training.training_type == "dpo",
+            prompts=job.training.training_type == "grpo",
+            reference_column=reference[0],
+            reference_required=reference[1],
             trust_remote_code=job.training.trust_remote_code,
             train_key="dataset.training",
             validation_key="dataset.validation",
