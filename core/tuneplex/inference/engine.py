@@ -4,12 +4,16 @@ learning's rollouts call.
 Prompts (token ids, already rendered) are sorted by length and run `batch_size` at a time,
 left-padded, through transformers' own `generate` (its KV cache, its samplers); the answers come
 back in the input order, cut at the first stop token (not kept) or stop string.
+
+With `row_seeds` every prompt samples from a generator of its own (`RowSampler`): a row's
+tokens then depend on its seed and its own logits only, not on which rows share its batch, so
+data-parallel ranks that split prompts differently sample what one process samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuneplex.inference.prompts import Stop
@@ -38,6 +42,12 @@ class Completion:
     text: str
     stopped: bool
     """It ended on a stop token or string (else it ran out of `max_new_tokens`)."""
+    end: list[int] = field(default_factory=list)
+    """The generated ids that ended it (the stop token, or a stop string's tokens): what a
+    model trained on its own completions learns to end with."""
+    log_probs: list[float] | None = None
+    """With `log_probs`: the sampler's log-probability of each of `ids + end` (temperature
+    applied, before any top-k / top-p cut)."""
 
 
 class Generator:
@@ -56,19 +66,27 @@ class Generator:
         *,
         batch_size: int = 8,
         progress: Callable[[int], None] | None = None,
+        row_seeds: Sequence[int] | None = None,
+        log_probs: bool = False,
     ) -> list[Completion]:
         """One completion per prompt, in the prompts' order; `progress(n)` after each batch of
-        n prompts."""
+        n prompts. `row_seeds`: one seed per prompt, each sampled on its own (`RowSampler`);
+        `log_probs`: each completion's tokens' log-probabilities (needs `row_seeds`)."""
         if not prompts:
             return []
+        if log_probs and row_seeds is None:
+            raise ValueError("log_probs needs row_seeds")
         _seed(sampling)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         out: list[Completion | None] = [None] * len(prompts)
         for at in range(0, len(order), batch_size):
             chunk = order[at : at + batch_size]
-            rows = self._run([prompts[i] for i in chunk], sampling)
-            for i, ids in zip(chunk, rows, strict=True):
-                out[i] = self._finish(ids)
+            sampler = None
+            if row_seeds is not None:
+                sampler = RowSampler([row_seeds[i] for i in chunk], sampling, log_probs=log_probs)
+            rows = self._run([prompts[i] for i in chunk], sampling, sampler=sampler)
+            for k, (i, ids) in enumerate(zip(chunk, rows, strict=True)):
+                out[i] = self._finish(ids, sampler.row_log_probs(k) if log_probs else None)
             if progress is not None:
                 progress(len(chunk))
         return [c for c in out if c is not None]
@@ -85,7 +103,9 @@ class Generator:
         return done
 
     # -- internals ---------------------------------------------------------------------
-    def _run(self, prompts: list[Sequence[int]], sampling: Sampling, *, streamer=None):
+    def _run(
+        self, prompts: list[Sequence[int]], sampling: Sampling, *, streamer=None, sampler=None
+    ):
         import torch
 
         from tuneplex.nn.evaluation import autocast_context
@@ -98,19 +118,25 @@ class Generator:
                 input_ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
                 mask[i, longest - len(p) :] = 1
         with torch.inference_mode(), autocast_context(self.device, self.autocast):
+            extra = {}
+            if sampler is not None:  # it samples; transformers takes its one allowed token
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList([sampler])
             sequences = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
-                generation_config=self._config(sampling),
+                generation_config=self._config(sampling, greedy=sampler is not None),
                 streamer=streamer,
+                **extra,
                 **({"tokenizer": self.tok} if self.stop.strings else {}),
             )
         return [row[longest:].tolist() for row in sequences.cpu()]
 
-    def _config(self, sampling: Sampling):
+    def _config(self, sampling: Sampling, *, greedy: bool = False):
         from transformers import GenerationConfig
 
-        sample = not sampling.greedy
+        sample = not (sampling.greedy or greedy)
         return GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=sample,
@@ -124,21 +150,25 @@ class Generator:
             use_cache=True,
         )
 
-    def _finish(self, ids: list[int]) -> Completion:
+    def _finish(self, ids: list[int], log_probs: list[float] | None = None) -> Completion:
         """Cut at the first stop token (not kept) or stop string (not kept)."""
         stops = set(self.stop.token_ids)
-        stopped = False
+        stopped, end = False, []
         for k, t in enumerate(ids):
             if t in stops:
-                ids, stopped = ids[:k], True
+                ids, end, stopped = ids[:k], [t], True
                 break
         text = self.tok.decode(ids, skip_special_tokens=False)
         for s in self.stop.strings:
             at = text.find(s)
             if at >= 0:
+                through = _ids_within(self.tok, ids, text[: at + len(s)])
                 text, stopped = text[:at], True
                 ids = _ids_within(self.tok, ids, text)
-        return Completion(ids=list(ids), text=text, stopped=stopped)
+                end = through[len(ids) :]
+        if log_probs is not None:
+            log_probs = log_probs[: len(ids) + len(end)]
+        return Completion(ids=list(ids), text=text, stopped=stopped, end=end, log_probs=log_probs)
 
 
 def _ids_within(tok, ids: list[int], text: str) -> list[int]:
@@ -147,6 +177,54 @@ def _ids_within(tok, ids: list[int], text: str) -> list[int]:
         if len(tok.decode(ids[:k], skip_special_tokens=False)) >= len(text):
             return ids[:k]
     return ids
+
+
+class RowSampler:
+    """A transformers logits processor that samples each row from its own generator (seeded
+    per row) with the sampling's temperature, top-k and top-p, and hands back a mask that
+    leaves only the sampled token: greedy decoding then takes it. Optionally keeps each
+    sampled token's log-probability under the temperature-scaled distribution."""
+
+    def __init__(self, seeds: Sequence[int], sampling: Sampling, *, log_probs: bool = False):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
+        self.sampling = sampling
+        self.keep = log_probs
+        self.picked: list[list[float]] = [[] for _ in seeds]
+
+    def row_log_probs(self, row: int) -> list[float]:
+        return self.picked[row]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        s = self.sampling
+        scores = scores.float() / max(s.temperature, 1e-6)
+        filtered = scores
+        if s.top_k:
+            kth = torch.topk(filtered, min(s.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        if s.top_p < 1.0:
+            ordered, index = torch.sort(filtered, descending=True, dim=-1)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative - ordered.softmax(-1) >= s.top_p  # keep the token that crosses
+            filtered = filtered.masked_fill(
+                torch.zeros_like(drop).scatter(-1, index, drop), float("-inf")
+            )
+        probs = filtered.softmax(-1).cpu()
+        chosen = torch.stack(
+            [
+                torch.multinomial(p, 1, generator=g)
+                for p, g in zip(probs, self.generators, strict=True)
+            ]
+        ).to(scores.device)
+        if self.keep:
+            logps = scores.log_softmax(-1).gather(-1, chosen).squeeze(-1).tolist()
+            for row, value in enumerate(logps):
+                self.picked[row].append(value)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen, 0.0)
 
 
 def _seed(sampling: Sampling) -> None:

@@ -68,22 +68,36 @@ def sequence_log_probs(model, batch: dict[str, Any], *, autocast=None):
     return _through_head(model, batch, autocast, row_log_probs, fallback=_row_log_probs_of_logits)
 
 
-def token_log_probs(model, batch: dict[str, Any], *, autocast=None):
+def token_log_probs(
+    model,
+    batch: dict[str, Any],
+    *,
+    autocast=None,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+):
     """Float32 log-probability of each counted target ([rows, positions], 0 elsewhere), without
-    full-vocabulary logits (`tuneplex.nn.linear_ce.token_log_probs`)."""
+    full-vocabulary logits (`tuneplex.nn.linear_ce.token_log_probs`); the logits divided by
+    `temperature`, `chunk` positions through the head at a time."""
     from tuneplex.nn.linear_ce import token_log_probs as of_hidden
 
-    return _through_head(model, batch, autocast, of_hidden, fallback=_token_log_probs_of_logits)
+    return _through_head(
+        model,
+        batch,
+        autocast,
+        functools.partial(of_hidden, temperature=temperature, chunk=chunk),
+        fallback=functools.partial(_token_log_probs_of_logits, temperature=temperature),
+    )
 
 
-def _token_log_probs_of_logits(model, batch: dict[str, Any], *, autocast=None):
+def _token_log_probs_of_logits(model, batch: dict[str, Any], *, autocast=None, temperature=1.0):
     """`token_log_probs` from the model's full logits (a forward without `logits_to_keep`)."""
     import torch
 
     from tuneplex.data.targets import IGNORE_INDEX
 
     with autocast_context(batch["input_ids"].device, autocast):
-        logits = model(**_inputs(batch)).logits.float()
+        logits = model(**_inputs(batch)).logits.float() / temperature
     targets = batch["targets"]
     picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(targets != IGNORE_INDEX, picked - logits.logsumexp(-1), 0.0)

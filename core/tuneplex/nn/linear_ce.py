@@ -123,19 +123,25 @@ def row_log_probs(hidden, targets, *, head, config):
     return sums.index_add(0, keep // targets.shape[-1], logps)
 
 
-def token_log_probs(hidden, targets, *, head, config):
+def token_log_probs(
+    hidden, targets, *, head, config, temperature: float = 1.0, chunk: int | None = None
+):
     """Float32 log-probability of each counted target, in the targets' shape ([rows, positions];
     0 where nothing counts): what a per-token policy-gradient loss takes, computed as
-    `row_log_probs` is (no full-vocabulary logits; chunks made again in backward)."""
+    `row_log_probs` is (no full-vocabulary logits; chunks made again in backward). The logits
+    are divided by `temperature` (a sampler's distribution); `chunk`: positions per chunk of
+    the head (default: 2^24 logits a chunk)."""
     import torch
 
     states, wanted, keep, size = _counted(hidden, targets, head=head)
-    logps = _token_log_probs(states, wanted, head=head, config=config, size=size)
+    logps = _token_log_probs(
+        states, wanted, head=head, config=config, size=chunk or size, temperature=temperature
+    )
     flat = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
     return flat.index_add(0, keep, logps).reshape(targets.shape)
 
 
-def _token_log_probs(states, wanted, *, head, config, size: int):
+def _token_log_probs(states, wanted, *, head, config, size: int, temperature: float = 1.0):
     """Float32 log-probability of each wanted token, `head` called as a module over chunks, each
     chunk checkpointed (its logits made again in backward)."""
     import torch
@@ -148,6 +154,7 @@ def _token_log_probs(states, wanted, *, head, config, size: int):
             states[start : start + size],
             wanted[start : start + size],
             config,
+            temperature,
             use_reentrant=False,
         )
         for start in range(0, wanted.numel(), size)
@@ -157,7 +164,8 @@ def _token_log_probs(states, wanted, *, head, config, size: int):
     return torch.cat(parts)
 
 
-def _chunk_log_probs(head, states, wanted, config):
-
+def _chunk_log_probs(head, states, wanted, config, temperature: float = 1.0):
     logits = finish_logits(config, head(states).float())
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)

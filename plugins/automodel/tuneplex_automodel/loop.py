@@ -155,17 +155,21 @@ class Loop:
         )
         for group in p.optimizer.param_groups:
             group["lr"] = lr
-        loss_value, *figures, norm_value = self._gradients(micro_batches, step_rows)
         step = self.step + 1
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        for update in range(p.objective.updates_per_step):
+            loss_value, *figures, norm_value = self._gradients(
+                micro_batches, step_rows, update=update
+            )
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                p.optimizer.zero_grad(set_to_none=True)
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                value = loss_value if what == "loss" else norm_value
+                raise p.recorder.diverged(step=step, what=what, value=value)
+            p.optimizer.step()
             p.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            value = loss_value if what == "loss" else norm_value
-            raise p.recorder.diverged(step=step, what=what, value=value)
-        p.optimizer.step()
-        p.optimizer.zero_grad(set_to_none=True)
         self.step = step
         extra = p.objective.figures(figures)
+        tokens = extra.pop("tokens", tokens)
         compiling = compile_seconds() - compiling
         if compiling > 0:  # part of this step's seconds, said apart from steady-state speed
             extra["compile_s"] = round(compiling, 3)
@@ -183,14 +187,16 @@ class Loop:
         if p.plan.checkpoint_after(step):
             self._checkpoint()
 
-    def _gradients(self, micro_batches, step_rows: list[int]) -> list[float]:
+    def _gradients(self, micro_batches, step_rows: list[int], *, update: int) -> list[float]:
         """Forward and backward of the step (the objective's), gradients finished and clipped;
         the step's loss, the objective's figures and the gradient norm, the same on every
         rank, in one host sync."""
         import torch
 
         p = self.parts
-        total, figures = p.objective.gradients(p, micro_batches=micro_batches, step_rows=step_rows)
+        total, figures = p.objective.gradients(
+            p, micro_batches=micro_batches, step_rows=step_rows, update=update, step=self.step
+        )
         p.layout.finish_grads()
         grad_norm = clip_grad_norm(
             self.params,

@@ -225,7 +225,7 @@ def _train(
     )
     loaded.model.train()
     optimizer = setup_optimizer(job, model=loaded.model, runtime=runtime)
-    plan = setup_plan(job, n_rows=len(data.train_rows), seed=seed, dist=dist)
+    plan = setup_plan(job, n_rows=len(data.train_rows), seed=seed, dist=dist, objective=objective)
     pipe = setup_pipeline(job, stage=loaded.stage, dist=dist, data=data)
     counts = count_parameters(loaded.model, dist=dist)
     recorder = RunRecorder(
@@ -341,7 +341,8 @@ def setup_model(
     checkpoint_activations(model, mode=job.training.activation_checkpointing)
     runtime.compiled = compile_layers(
         model,
-        setting=job.training.compile,
+        # grpo generates with the layers: eager (their shapes change every decoding step)
+        setting=job.training.compile if job.training.training_type != "grpo" else False,
         device=runtime.device,
         data_parallel_only=dims.tp == dims.pp == dims.cp == dims.ep == 1,
     )
@@ -405,11 +406,19 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
-def setup_plan(job: AutomodelJobInput, *, n_rows: int, seed: int, dist: Dist) -> TrainPlan:
+def setup_plan(
+    job: AutomodelJobInput, *, n_rows: int, seed: int, dist: Dist, objective: Objective
+) -> TrainPlan:
+    """The plan over the objective's items: the job's batch sizes, or the objective's own
+    (`plan_sizes`: GRPO's prompts per step, each rank's share at once)."""
+    sizes = getattr(objective, "plan_sizes", None)
+    global_batch, micro_batch = (
+        sizes(dist.dims) if sizes else (job.batch.global_batch_size, job.batch.micro_batch_size)
+    )
     return TrainPlan(
         n_rows=n_rows,
-        global_batch=job.batch.global_batch_size,
-        micro_batch=job.batch.micro_batch_size,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
         epochs=job.schedule.epochs,
         max_steps=job.schedule.max_steps,
         seed=seed,
@@ -478,15 +487,20 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
     trainable, total = counts
     val_rows = parts.val_rows
     unit = parts.objective.unit
+    batch_text = getattr(parts.objective, "batch_text", None)
+    batch = (
+        batch_text(dims)
+        if batch_text
+        else f"global batch {plan.global_batch} = micro {plan.micro_batch} × accumulation "
+        f"{dims.grad_accum_steps}" + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
+    )
     return [
         f"automodel: {job.model} ({model_class}, {total:,} parameters, "
         f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on "
         + placement(parts.dist, parts.runtime),
         f"data: {len(parts.train_rows):,} training {unit}"
         + (f", {len(val_rows):,} validation {unit}" if val_rows is not None else "")
-        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), global batch "
-        f"{plan.global_batch} = micro {plan.micro_batch} × accumulation {dims.grad_accum_steps}"
-        + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
+        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {batch}"
         + (f"; {plan.unreached_cap()}" if plan.unreached_cap() else ""),
         f"run directory: {parts.run_dir}",
     ]

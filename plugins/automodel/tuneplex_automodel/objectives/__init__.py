@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from tuneplex_automodel.objectives.distill import Distillation
 from tuneplex_automodel.objectives.dpo import Dpo
+from tuneplex_automodel.objectives.grpo import Grpo
 from tuneplex_automodel.objectives.sft import Sft
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class Objective(Protocol):
 
     unit: str
     """What one item of its tables is called in the opening line ("rows", "pairs")."""
+    updates_per_step: int
+    """Optimizer updates per step of the plan (GRPO's μ: several on one batch of rollouts; 1
+    for the others): `gradients` is called once per update, `update` counting them."""
     separate_head: bool
     """Whether it calls the output head apart from the decoder: the parallel layer then keeps
     the head an FSDP unit of its own (`parallelize(separate_head=...)`)."""
@@ -69,17 +73,25 @@ class Objective(Protocol):
         ...
 
     def gradients(
-        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+        self,
+        parts: Components,
+        *,
+        micro_batches: list[list[int]],
+        step_rows: list[int],
+        update: int,
+        step: int,
     ) -> tuple[Any, Any | None]:
         """Forward and backward of this rank's `micro_batches` of the step whose items (every
-        rank's) are `step_rows`: this rank's share of the step's loss (a scalar tensor) and of
-        its figures (a float32 vector, or None), which the loop sums over ranks.
-        `loop.backward_micro_batches` does the gradient sync and scaling for a loss per
-        micro-batch."""
+        rank's) are `step_rows` (0-based plan step `step`, its update `update`): this rank's
+        share of the step's loss (a scalar tensor) and of its figures (a float32 vector, or
+        None), which the loop sums over ranks. `loop.backward_micro_batches` does the gradient
+        sync and scaling for a loss per micro-batch."""
         ...
 
     def figures(self, sums: list[float]) -> dict[str, float]:
-        """The step's metrics (names as metrics.jsonl keeps them) from its summed figures."""
+        """The step's metrics (names as metrics.jsonl keeps them) from its summed figures; a
+        `tokens` entry replaces the step's tokens (items' lengths) where the objective
+        processes others (generated completions)."""
         ...
 
     def validate(self, parts: Components) -> tuple[float, dict[str, float]]:
@@ -95,10 +107,15 @@ class Objective(Protocol):
         ...
 
 
+# Optional members: `plan_sizes(dims) -> (items per step, items per rank and micro-batch)`
+# where a step's items are not the job's batch sizes (GRPO's prompts), and
+# `batch_text(dims) -> str` to say the step's make-up in the opening line.
+
 OBJECTIVES: dict[str, Callable[[AutomodelJobInput], Objective]] = {
     "sft": Sft,
     "distillation": Distillation,
     "dpo": Dpo,
+    "grpo": Grpo,
 }
 """`training.training_type` -> a factory of its objective, given the job."""
 

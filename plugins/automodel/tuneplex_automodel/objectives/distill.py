@@ -158,6 +158,7 @@ class Distillation:
     """The objective of a distillation job: rows as for SFT, the teacher loaded with the
     student, a loss of two parts reported as `ce_loss` and `kd_loss`."""
 
+    updates_per_step = 1
     unit = "rows"
     separate_head = True
 
@@ -192,7 +193,7 @@ class Distillation:
         """Nothing before the first step."""
 
     def gradients(
-        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int], **_: Any
     ) -> tuple[Any, Any]:
         """The step's loss, and its CE and KD parts as figures."""
         import torch

@@ -60,6 +60,7 @@ class PairTable:
 class Dpo:
     """The objective of a dpo job and the reference log-probabilities it compares with."""
 
+    updates_per_step = 1
     unit = "pairs"
     separate_head = False
     models: tuple[tuple[str, str], ...] = ()  # the reference is the starting model
@@ -91,7 +92,7 @@ class Dpo:
             )
 
     def gradients(
-        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int], **_: Any
     ) -> tuple[Any, Any]:
         """The step's loss; its SFT part and reward sums as figures."""
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class Sft:
     """Rows in, cross-entropy out; nothing to set up, nothing to keep."""
 
+    updates_per_step = 1
     unit = "rows"
     separate_head = False
     models: tuple[tuple[str, str], ...] = ()
@@ -42,7 +43,7 @@ class Sft:
         """Nothing before the first step."""
 
     def gradients(
-        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int]
+        self, parts: Components, *, micro_batches: list[list[int]], step_rows: list[int], **_: Any
     ) -> tuple[Any, None]:
         n_targets = max(int(parts.train_rows.target_counts[step_rows].sum()), 1)
         if parts.pipe is not None:

@@ -3,6 +3,7 @@ ranks. On CUDA parameters are gathered in bf16 and gradients reduced in fp32."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -34,3 +35,39 @@ def apply_fsdp(
     for module in separate:
         fully_shard(module, **kw)
     fully_shard(root, **kw)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Every FSDP2 unit of `model` unsharded once, and kept so through any number of forward
+    passes (generation: each rank then runs as many as its own completions need, with no
+    collective); resharded, with each unit's own after-forward setting, on leaving. A model
+    without FSDP2 units is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    # the root's first forward settles which units reshard after forward (the root does not):
+    # settled now, so that what is saved below is what training uses
+    units[0]._get_fsdp_state()._lazy_init()
+    # the after-forward resharding of each parameter group (the public setter can only set
+    # one value for all)
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups]
+        saved.append((state, state._auto_reshard_after_forward, groups))
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
