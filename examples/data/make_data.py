@@ -2,7 +2,8 @@
 
 Small rule-following chats (repeat, reverse, first word, count) over a closed vocabulary, so a
 tiny model trained for a minute on a CPU visibly lowers its validation loss; and preference
-pairs over the same tasks (pairs.jsonl, val-pairs.jsonl) for dpo. Deterministic.
+pairs over the same tasks (pairs.jsonl, val-pairs.jsonl) for dpo; arithmetic prompts with their
+answers (arithmetic.jsonl, val-arithmetic.jsonl) for grpo's math reward. Deterministic.
 """
 
 from __future__ import annotations
@@ -53,6 +54,18 @@ def pair(rng: random.Random) -> dict:
     }
 
 
+def arithmetic(rng: random.Random) -> dict:
+    """A prompt for reinforcement learning (grpo): a small sum, its answer GSM8K-style."""
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    return {
+        "messages": [
+            {"role": "system", "content": "Answer with the number only."},
+            {"role": "user", "content": f"What is {a} + {b}?"},
+        ],
+        "answer": f"#### {a + b}",
+    }
+
+
 def main() -> None:
     here = Path(__file__).parent
     rng = random.Random(7)
@@ -65,6 +78,11 @@ def main() -> None:
         with (here / name).open("w") as fh:
             for _ in range(count):
                 fh.write(json.dumps(pair(rng)) + "\n")
+    rng = random.Random(13)
+    for name, count in (("arithmetic.jsonl", 400), ("val-arithmetic.jsonl", 40)):
+        with (here / name).open("w") as fh:
+            for _ in range(count):
+                fh.write(json.dumps(arithmetic(rng)) + "\n")
 
 
 if __name__ == "__main__":
