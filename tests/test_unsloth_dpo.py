@@ -39,7 +39,7 @@ def test_dpo_settings_are_filled_for_dpo_and_refused_otherwise():
     assert problems(sft) == ["training.dpo: only used when training_type is dpo"]
     assert validate_job(UnslothJobInput, {**MINIMAL, "training": {"dpo": {}}}).training.dpo is None
     assert problems(job({"training_type": "ppo"}))[0].startswith(
-        "training.training_type: must be one of: sft, dpo (got 'ppo')"
+        "training.training_type: must be one of: sft, dpo, grpo (got 'ppo')"
     )
 
 

@@ -120,7 +120,7 @@ def test_seven_module_set():
         ),
         (
             job(training={"training_type": "distillation"}),
-            "training.training_type: must be one of: sft, dpo (got 'distillation')",
+            "training.training_type: must be one of: sft, dpo, grpo (got 'distillation')",
         ),
         (
             job(training={"finetuning_type": "lora_merged"}),

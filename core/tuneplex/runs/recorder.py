@@ -1,10 +1,10 @@
 """RunRecorder: everything about a run that is not training, the same for every backend.
 
 A backend reports what happens (`begin`, `train_step`, `validated`, `checkpoint_saved`, and one
-ending: `completed`, `stopped`, `diverged`); the recorder writes metrics.jsonl and summary.json,
-prints the progress, keeps the losses, the tokens and the elapsed time, feeds the experiment
-trackers and draws the run's curves. In a multi-process run every rank keeps the numbers (a
-checkpoint carries them), and only the main one writes, prints or logs anything.
+ending: `completed`, `stopped`, `diverged`, `failed`); the recorder writes metrics.jsonl and
+summary.json, prints the progress, keeps the losses, the tokens and the elapsed time, feeds the
+experiment trackers and draws the run's curves. In a multi-process run every rank keeps the
+numbers (a checkpoint carries them), and only the main one writes, prints or logs anything.
 """
 
 from __future__ import annotations
@@ -283,6 +283,12 @@ class RunRecorder:
             f"(last good checkpoint: {self.last_checkpoint or 'none yet'}); lower "
             "optimizer.learning_rate or check the data"
         )
+
+    def failed(self, error: TrainingStopped) -> TrainingStopped:
+        """Training stopped by the job's own code (a reward that raised, say): recorded as
+        failed at the step in progress, with the error's line; the error is passed on."""
+        self._end("failed", failed_step=self.step + 1, error=str(error))
+        return error
 
     def _end(self, status: str, **extra: Any) -> dict[str, Any] | None:
         self._close_progress()

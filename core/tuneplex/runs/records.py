@@ -151,7 +151,8 @@ def run_summary(
     last_checkpoint: str | None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """summary.json, the same keys for every backend (status: completed, interrupted, diverged)."""
+    """summary.json, the same keys for every backend (status: completed, interrupted, diverged,
+    failed)."""
     return {
         "status": status,
         "backend": backend,

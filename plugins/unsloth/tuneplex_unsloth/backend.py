@@ -13,6 +13,7 @@ from tuneplex.backend import (
 )
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
+from tuneplex.schema.grpo import reference_setting
 
 from tuneplex_unsloth import env
 from tuneplex_unsloth.schema import UnslothJobInput
@@ -22,7 +23,7 @@ class UnslothBackend:
     name = "unsloth"
     description = (
         "Memory-constrained single-GPU LoRA and full fine-tuning with unsloth "
-        "(4-bit/8-bit loading through bitsandbytes, TRL's SFT and DPO trainers)."
+        "(4-bit/8-bit loading through bitsandbytes, TRL's SFT, DPO and GRPO trainers)."
     )
     job_schema = UnslothJobInput
 
@@ -39,6 +40,7 @@ class UnslothBackend:
 
     def data_spec(self, job: UnslothJobInput) -> DataSpec:
         d = job.dataset
+        reference_column, reference_required = reference_setting(job.training.grpo)
         return DataSpec(
             train=d.path,
             validation=d.validation_path,
@@ -51,6 +53,9 @@ class UnslothBackend:
             chat_template="tokenizer" if d.apply_chat_template else "none",
             packing=d.packing,
             preference=job.training.training_type == "dpo",
+            prompts=job.training.training_type == "grpo",
+            reference_column=reference_column,
+            reference_required=reference_required,
             trust_remote_code=job.model.trust_remote_code,
             train_key="dataset.path",
             validation_key="dataset.validation_path",

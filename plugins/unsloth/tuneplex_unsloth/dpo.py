@@ -125,10 +125,7 @@ def dpo_trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             model = self.model
-            if hasattr(model, "peft_config") and "ref" in model.peft_config:
-                # TRL copies the new adapter as a "ref" adapter; a fresh adapter is zero, so
-                # the reference is the base model: TRL disables the adapter when "ref" is absent
-                model.delete_adapter("ref")
+            base_model_as_reference(model)
             if self.args.device.type != "cuda":
                 base = model.get_base_model() if hasattr(model, "get_base_model") else model
                 for m in (base, self.ref_model):
@@ -167,6 +164,14 @@ def dpo_trainer_class():
             return sums["loss"] / n, tokens, figures
 
     return TuneplexDPOTrainer
+
+
+def base_model_as_reference(model) -> None:
+    """TRL copies a new LoRA adapter as a "ref" adapter (DPO, and GRPO with a KL penalty); a
+    fresh adapter is zero, so the reference is the base model, which TRL uses (the adapter
+    disabled) when "ref" is absent: the copy is dropped, its memory with it."""
+    if hasattr(model, "peft_config") and "ref" in model.peft_config:
+        model.delete_adapter("ref")
 
 
 def plain_lm_head(model) -> None:

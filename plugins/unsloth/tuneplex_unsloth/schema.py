@@ -20,6 +20,7 @@ from tuneplex.schema.common import (
     settle_dpo,
     skip_invalid_rows_field,
 )
+from tuneplex.schema.grpo import GrpoConfig, settle_grpo
 
 UNSLOTH_TARGET_MODULES = (
     "q_proj",
@@ -143,10 +144,11 @@ GradientCheckpointing = Annotated[
 
 
 class UnslothTraining(StrictModel):
-    training_type: Literal["sft", "dpo"] = Field(
+    training_type: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
         description="Training method: sft, dpo (preference tuning on chosen/rejected pairs, "
-        "with TRL's DPOTrainer).",
+        "with TRL's DPOTrainer), grpo (reinforcement learning from rewards, with TRL's "
+        "GRPOTrainer).",
     )
     finetuning_type: Literal["lora", "all_weights"] = Field(
         default="lora",
@@ -169,6 +171,18 @@ class UnslothTraining(StrictModel):
         "losses: preference_average_log_probs must be true for ipo and false for hinge and "
         "label_smoothing, and sft_average_log_probs false.",
     )
+    grpo: GrpoConfig | None = Field(
+        default=None,
+        description="GRPO settings; required when training_type is grpo (its environment, the "
+        "reward), refused otherwise. TRL's GRPOTrainer computes the loss; the advantages "
+        "(use_rloo, normalize_rewards) are tuneplex's. TRL has no equal of "
+        "use_importance_sampling_correction, of use_on_policy_kl_approximation with a KL "
+        "penalty, of a ratio_clip_c at or below 1 + ratio_clip_max, nor of overlong_filtering "
+        "with token_level_loss false: those are refused. Samples per step "
+        "(num_prompts_per_step × num_generations_per_prompt) are "
+        "batch.per_device_train_batch_size × batch.gradient_accumulation_steps, the latter "
+        "derived when not given.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> UnslothTraining:
@@ -181,14 +195,17 @@ class UnslothTraining(StrictModel):
             object.__setattr__(self, "lora", None)  # a block of pure defaults: harmless
         if settle_dpo(self, problems) is not None:
             problems += trl_dpo_problems(self.dpo)
-            if self.lora is not None and "lm_head" in self.lora.target_modules:
-                problems.append(
-                    (
-                        "lora.target_modules",
-                        "lm_head: TRL's DPO scores with lm_head's weight directly, so an adapter "
-                        "there would never train; remove it",
-                    )
+        if settle_grpo(self, problems) is not None:
+            problems += trl_grpo_problems(self.grpo)
+        scores_with_head = {"dpo": "DPO", "grpo": "GRPO"}.get(self.training_type)
+        if scores_with_head and self.lora is not None and "lm_head" in self.lora.target_modules:
+            problems.append(
+                (
+                    "lora.target_modules",
+                    f"lm_head: TRL's {scores_with_head} scores with lm_head's weight directly, so "
+                    "an adapter there would never train; remove it",
                 )
+            )
         if problems:
             raise CrossFieldError(problems)
         return self
@@ -238,6 +255,54 @@ def trl_dpo_problems(dpo: DpoConfig) -> list[tuple[str, str]]:
             )
         )
     return problems
+
+
+def trl_grpo_problems(grpo: GrpoConfig) -> list[tuple[str, str]]:
+    """What TRL's GRPOTrainer cannot compute, one line each (keys under `training`)."""
+    problems = []
+    automodel = " (or train with --backend automodel)"
+    if grpo.use_importance_sampling_correction:
+        problems.append(
+            (
+                "grpo.use_importance_sampling_correction",
+                "true: TRL generates with the trained model itself and keeps no generator "
+                f"log-probabilities (its correction is for vLLM); set it to false{automodel}",
+            )
+        )
+    if grpo.use_on_policy_kl_approximation and grpo.ref_policy_kl_penalty:
+        problems.append(
+            (
+                "grpo.use_on_policy_kl_approximation",
+                "true: TRL weights the KL by the importance ratio with its gradient "
+                "(use_bias_correction_kl), not by the detached ratio this setting means; set it "
+                f"to false{automodel}",
+            )
+        )
+    c, high = grpo.ratio_clip_c, 1 + grpo.ratio_clip_max
+    if c is not None and c <= high:
+        problems.append(
+            (
+                "grpo.ratio_clip_c",
+                f"{c}: TRL's dual clip (delta) equals this one only above 1 + ratio_clip_max "
+                f"= {high:g}; raise it (typically 3) or set it to null{automodel}",
+            )
+        )
+    if grpo.overlong_filtering and not grpo.token_level_loss:
+        problems.append(
+            (
+                "grpo.overlong_filtering",
+                "true with token_level_loss false: TRL's mean over completions (loss_type grpo) "
+                "counts the filtered ones as zeros; set token_level_loss: true or "
+                f"overlong_filtering: false{automodel}",
+            )
+        )
+    return problems
+
+
+def trl_grpo_loss_type(grpo: GrpoConfig) -> str:
+    """TRL's name for the job's loss mean: dapo divides by every completion token of the step
+    (token_level_loss), grpo averages the completions' own token means."""
+    return "dapo" if grpo.token_level_loss else "grpo"
 
 
 class UnslothSchedule(StrictModel):
@@ -411,6 +476,8 @@ class UnslothJobInput(JobSchema):
                     "false",
                 )
             )
+        if self.training.grpo is not None:
+            problems += self._grpo_problems()
         if self.schedule.eval_steps is not None and self.dataset.validation_path is None:
             problems.append(
                 ("schedule.eval_steps", "needs dataset.validation_path (no validation data)")
@@ -418,3 +485,62 @@ class UnslothJobInput(JobSchema):
         if problems:
             raise CrossFieldError(problems)
         return self
+
+    def _grpo_problems(self) -> list[tuple[str, str]]:
+        """Samples per step from the batch settings (gradient accumulation derived when not
+        given), and what grpo cannot use."""
+        grpo, b, problems = self.training.grpo, self.batch, []
+        samples, per = grpo.samples_per_step, b.per_device_train_batch_size
+        product = (
+            f"num_prompts_per_step × num_generations_per_prompt = {grpo.num_prompts_per_step} "
+            f"× {grpo.num_generations_per_prompt} = {samples}"
+        )
+        if "gradient_accumulation_steps" in b.model_fields_set:
+            ga = b.gradient_accumulation_steps
+            if per * ga != samples:
+                fix = (
+                    f"leave it out (derived) or set it to {samples // per}"
+                    if samples % per == 0
+                    else f"set batch.per_device_train_batch_size to a divisor of {samples}"
+                )
+                problems.append(
+                    (
+                        "batch.gradient_accumulation_steps",
+                        f"{ga}: per_device_train_batch_size × gradient_accumulation_steps = "
+                        f"{per} × {ga} = {per * ga} contradicts training.grpo: {product}; {fix}",
+                    )
+                )
+        elif samples % per:
+            problems.append(
+                (
+                    "batch.per_device_train_batch_size",
+                    f"{per} does not divide training.grpo's samples per step ({product}); use "
+                    f"a divisor of {samples}",
+                )
+            )
+        else:
+            object.__setattr__(b, "gradient_accumulation_steps", samples // per)
+        if self.dataset.packing:
+            problems.append(
+                (
+                    "dataset.packing",
+                    "true: grpo trains on the completions it generates, unpacked; set it to false",
+                )
+            )
+        if self.dataset.validation_path is not None:
+            problems.append(
+                (
+                    "dataset.validation_path",
+                    "grpo on the unsloth backend has no validation in this version; remove it",
+                )
+            )
+        if grpo.max_completion_length >= self.model.max_seq_length:
+            problems.append(
+                (
+                    "training.grpo.max_completion_length",
+                    f"{grpo.max_completion_length}: a prompt and its completion must fit in "
+                    f"model.max_seq_length ({self.model.max_seq_length}); lower it or raise "
+                    "model.max_seq_length",
+                )
+            )
+        return problems

@@ -1,5 +1,5 @@
-"""The unsloth backend's training: the core data pipeline, TRL's SFTTrainer or DPOTrainer (dpo.py),
-our run directory.
+"""The unsloth backend's training: the core data pipeline, TRL's SFTTrainer, DPOTrainer (dpo.py) or
+GRPOTrainer (grpo.py), our run directory.
 
 Order matters: CUDA_VISIBLE_DEVICES is set first, then unsloth is imported (through the
 loader) before transformers, peft and trl, all in the process that trains.
@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tuneplex.console import note
 from tuneplex.data.collate import RowTable, collate_for_hf
 from tuneplex.data.pipeline import prepare
-from tuneplex.errors import Problem, UsageError
+from tuneplex.errors import Problem, TrainingStopped, UsageError
 from tuneplex.nn.evaluation import evaluate, pad_id_of
 from tuneplex.nn.models import parameter_counts
 from tuneplex.progress import quiet_third_party_logs
@@ -249,13 +249,19 @@ def trainer_class():
     return CpuSafeSFTTrainer
 
 
+class Tally(Protocol):
+    total: int
+    """Tokens trained so far."""
+
+
 @dataclass(frozen=True)
 class Method:
     """What a training method gives the shared loop: TRL's trainer, the token counter of its
-    collator, its validation, and the figures of its log lines that go to metrics.jsonl."""
+    collator (or of its batches), its validation, and the figures of its log lines that go to
+    metrics.jsonl."""
 
     trainer: Any
-    counter: TokenCounter
+    counter: Tally
     validate: Validate | None
     log_keys: dict[str, str]
 
@@ -304,6 +310,40 @@ def dpo_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: b
     return Method(trainer, counter, validate, TRL_REWARD_KEYS)
 
 
+def grpo_method(
+    job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: bool, reward, rec
+) -> Method:
+    """TRL's GRPOTrainer on the prompt split, scored by the job's reward (built before the
+    model loaded); generated samples go to rollouts.jsonl through `rec`."""
+    from tuneplex_unsloth.grpo import (
+        Scorer,
+        TokenTally,
+        advantage_rule,
+        figure_keys,
+        grpo_config,
+        grpo_trainer_class,
+    )
+
+    g = job.training.grpo
+    scorer = Scorer(
+        reward, group=g.num_generations_per_prompt, every=g.rollout_log_steps, record=rec.rollouts
+    )
+    tally = TokenTally()
+    trainer = grpo_trainer_class()(
+        model=model,
+        args=grpo_config(
+            job, common=training_args(job, run_dir, cuda=cuda), weights=scorer.weights
+        ),
+        train_dataset=prepared.train.dataset,
+        processing_class=tokenizer,
+        scorer=scorer,
+        advantages=advantage_rule(g),
+        generation_batch=g.generation_batch_size,
+        tally=tally,
+    )
+    return Method(trainer, tally, None, figure_keys(scorer.names))
+
+
 def train(job: UnslothJobInput, run_dir: Path, *, resume: bool, data_spec) -> dict[str, Any]:
     with StopSignals(say=note) as stop:
         try:
@@ -318,6 +358,13 @@ def _train(
     quiet_third_party_logs()
     select_gpus(job)
     loader = LOADER()  # imports unsloth first on the real path
+    reward = None
+    if job.training.grpo is not None:  # the user's reward file runs once, before the model loads
+        from tuneplex.inference.rewards import build_reward
+
+        reward = build_reward(
+            job.training.grpo.environment, base_dir=Path.cwd(), key="training.grpo.environment"
+        )
     import torch
 
     cuda = torch.cuda.is_available()
@@ -362,13 +409,19 @@ def _train(
     )
     if found:
         rec.restore({}, step=found[0], checkpoint=str(found[1]))
-    dpo = job.training.training_type == "dpo"
-    items = len(prepared.train.dataset) // 2 if dpo else len(prepared.train.dataset)
+    kind = job.training.training_type
+    items = len(prepared.train.dataset) // (2 if kind == "dpo" else 1)
+    unit = {"dpo": "pairs", "grpo": "prompts"}.get(kind, "rows")
     rec.say(
         f"unsloth: {job.model.name} via {loader.name} ({total:,} parameters, {trainable:,} "
-        f"trained) on {device}; {items:,} training {'pairs' if dpo else 'rows'}"
+        f"trained) on {device}; {items:,} training {unit}"
     )
-    method = (dpo_method if dpo else sft_method)(
+    build = {
+        "sft": sft_method,
+        "dpo": dpo_method,
+        "grpo": partial(grpo_method, reward=reward, rec=rec),
+    }[kind]
+    method = build(
         job, run_dir, model=model, tokenizer=tokenizer, prepared=prepared, pad_id=pad_id, cuda=cuda
     )
     trainer = method.trainer
@@ -389,6 +442,9 @@ def _train(
         trainer.train(resume_from_checkpoint=str(found[1]) if found else None)
     except KeyboardInterrupt:  # raised in a step, not by a signal handler of ours
         raise rec.stopped(None) from None
+    except TrainingStopped as exc:  # a reward that raised: its file:line
+        rec.failed(exc)
+        raise
     finally:
         rec.close()
     if stop.signum:
