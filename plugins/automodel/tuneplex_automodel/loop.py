@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, collate
-from tuneplex.errors import Interrupted, Problem, UsageError
+from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
 
 from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
@@ -137,6 +137,15 @@ class Loop:
             self._checkpoint()
         raise self.stopped(signum)
 
+    def _failed(self, error: TrainingStopped) -> TrainingStopped:
+        """The step in progress is dropped; the last completed one is saved (if it was not), so
+        that the run resumes once the cause is fixed; recorded as failed."""
+        p = self.parts
+        p.optimizer.zero_grad(set_to_none=True)
+        if self.step and p.recorder.last_checkpoint != str(checkpoint_path(p.run_dir, self.step)):
+            self._checkpoint()
+        return p.recorder.failed(error)
+
     def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
         """Record the stop (rank 0); the error that says how to resume."""
         return self.parts.recorder.stopped(signum, during=during)
@@ -157,9 +166,12 @@ class Loop:
             group["lr"] = lr
         step = self.step + 1
         for update in range(p.objective.updates_per_step):
-            loss_value, *figures, norm_value = self._gradients(
-                micro_batches, step_rows, update=update
-            )
+            try:
+                loss_value, *figures, norm_value = self._gradients(
+                    micro_batches, step_rows, update=update
+                )
+            except TrainingStopped as exc:  # the job's own code failed (a reward): every rank
+                raise self._failed(exc) from exc
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 p.optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"

@@ -276,7 +276,7 @@ class Grpo:
             )
         t1 = time.perf_counter()
         each = [row for row in rows for _ in range(g)]
-        scored = _score(self.reward, each, completions)
+        scored = _agreed(p.dist, lambda: _score(self.reward, each, completions))
         t2 = time.perf_counter()
         self.times = {"generation_s": t1 - t0, "scoring_s": t2 - t1}
         rewards = torch.tensor(scored.total, dtype=torch.float64).reshape(len(rows), g)
@@ -525,6 +525,28 @@ def _score(reward, rows: list[dict[str, Any]], completions):
         columns={k: [row["columns"].get(k) for row in rows] for k in names},
         references=[row["reference"] for row in rows],
     )
+
+
+def _agreed(dist, work):
+    """`work()`, whose failure (`TrainingStopped`: the job's reward) on any rank stops every
+    rank, each with the failing rank's message (no rank is left waiting in a collective)."""
+    from tuneplex.errors import TrainingStopped
+
+    failure = None
+    try:
+        result = work()
+    except TrainingStopped as exc:
+        failure = exc
+    if dist.world_size > 1 and dist.max_over_ranks(int(failure is not None)):
+        import torch.distributed
+
+        said: list[str | None] = [None] * dist.world_size
+        torch.distributed.all_gather_object(said, str(failure) if failure else None)
+        if failure is None:
+            raise TrainingStopped(next(s for s in said if s))
+    if failure is not None:
+        raise failure
+    return result
 
 
 def _placed(values: list[Any] | None, mine: slice, like, mask):
