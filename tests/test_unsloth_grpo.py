@@ -341,7 +341,12 @@ def echoes(prompts, completions, answer, **columns):
     return [float(a in c) for a, c in zip(answer, completions)]
 
 def broken(prompts, completions, **columns):
-    raise ValueError("no score for " + completions[0][:10])
+    calls.append(len(completions))
+    if len(calls) > 1:  # the second step
+        raise ValueError("no score for " + completions[0][:10])
+    return [0.0] * len(completions)
+
+calls = []
 """
 
 JOB = """\
@@ -498,15 +503,32 @@ def test_trl_generates_from_the_pipelines_prompts_and_trains_on_the_core_advanta
 def test_a_reward_that_raises_stops_the_run_with_its_line(
     cpu_seam, plain_log_probs, capsys, tmp_path, tiny_model, monkeypatch
 ):
+    """One line with the reward's own file:line, exit 1, summary.json `failed` at the step in
+    progress, and the last completed step saved as a checkpoint to resume from."""
+    from helpers import train
+    from tuneplex.runs.checkpoints import checkpoint_path, complete_checkpoints
+
     monkeypatch.chdir(tmp_path)
     env = "{name: python, function: rewards.py:broken}"
-    out, code, _, err = grpo_run(capsys, tmp_path, tiny_model, environment=env, steps=2)
+    out, code, _, err = grpo_run(capsys, tmp_path, tiny_model, environment=env, steps=3)
     assert code == 1
-    line = f"{tmp_path / 'rewards.py'}:8: reward 'broken' raised ValueError: no score for "
+    at = REWARDS.splitlines().index(
+        '        raise ValueError("no score for " + completions[0][:10])'
+    )
+    line = f"{tmp_path / 'rewards.py'}:{at + 1}: reward 'broken' raised ValueError: no score for "
     assert line in err, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["failed_step"] == 1
+    assert (summary["status"], summary["failed_step"], summary["steps"]) == ("failed", 2, 1)
     assert summary["error"].startswith(line)
+    assert summary["last_checkpoint"] == str(checkpoint_path(out, 1))
+    assert [s for s, _ in complete_checkpoints(out)] == [1]
+    (tmp_path / "rewards.py").write_text(REWARDS.replace("len(calls) > 1", "False"))  # fixed
+    code, _, err = train(
+        capsys, tmp_path / "job.yaml", "--backend", "unsloth", "-o", out, "--resume"
+    )
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["steps"]) == ("completed", 3)
 
 
 def test_a_missing_reward_function_is_refused_before_training(

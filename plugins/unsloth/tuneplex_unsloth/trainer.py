@@ -29,6 +29,7 @@ from tuneplex.runs import (
     FINAL_DIR,
     RunHeader,
     RunRecorder,
+    checkpoint_path,
     resume_checkpoint,
     stopped_early,
 )
@@ -443,6 +444,7 @@ def _train(
     except KeyboardInterrupt:  # raised in a step, not by a signal handler of ours
         raise rec.stopped(None) from None
     except TrainingStopped as exc:  # a reward that raised: its file:line
+        save_last_step(trainer, rec, job)
         rec.failed(exc)
         raise
     finally:
@@ -462,6 +464,18 @@ def _train(
         raise rec.stopped(exc.signum, during="writing final/") from None
     stop.defer()  # the run is complete: a signal from here on changes nothing
     return rec.completed(final=what)
+
+
+def save_last_step(trainer, rec: RunRecorder, job: UnslothJobInput) -> None:
+    """The last completed step as a checkpoint, if it is not one already, so that a run that
+    failed in its own code (a reward) resumes once the cause is fixed. A reward runs as a step
+    begins (TRL generates then), before any of its gradients: nothing of it is kept."""
+    step = trainer.state.global_step
+    if not step or rec.last_checkpoint == str(checkpoint_path(rec.run_dir, step)):
+        return
+    trainer._save_checkpoint(trainer.model, trial=None)
+    written = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    rec.adopt_checkpoint(written, step=step, keep=job.output.keep_checkpoints)
 
 
 def _float(x):
