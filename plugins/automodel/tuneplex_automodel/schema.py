@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -241,12 +242,19 @@ class AutomodelSchedule(StrictModel):
     )
 
 
+GRPO_MICRO = 8
+"""A grpo job's completions per forward and backward when micro_batch_size is not given."""
+
+
 class AutomodelBatch(StrictModel):
     global_batch_size: int = Field(
         default=8, ge=1, description="Samples per optimizer step, across all data-parallel ranks."
     )
     micro_batch_size: int = Field(
-        default=1, ge=1, description="Samples per forward/backward pass on each device."
+        default=1,
+        ge=1,
+        description="Samples per forward/backward pass on each device (grpo, when not given: "
+        "8 completions, or the largest number that divides each rank's share).",
     )
     sequence_packing: bool = Field(
         default=False,
@@ -349,6 +357,12 @@ class AutomodelJobInput(JobSchema):
             )
             if not given:  # samples per step are prompts × generations
                 object.__setattr__(self.batch, "global_batch_size", grpo.samples_per_step)
+            if "micro_batch_size" not in self.batch.model_fields_set:
+                # completions per forward: TRL's 8, or what divides each rank's share
+                p = self.parallelism
+                ranks = p.num_nodes * p.num_gpus_per_node
+                per_rank = max(grpo.samples_per_step // max(ranks, 1), 1)
+                object.__setattr__(self.batch, "micro_batch_size", math.gcd(GRPO_MICRO, per_rank))
         dims = self.parallel_dims()
         problems += dims.problems() if not problems else []
         beyond = [
