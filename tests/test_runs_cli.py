@@ -464,6 +464,26 @@ def test_plot_run_writes_curves_png_for_hard_metrics(tmp_path):
     assert both.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_plot_of_a_reinforcement_learning_run_has_a_reward_panel(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from tuneplex.runs import plots
+    from tuneplex.runs.listing import read_run
+
+    events = [
+        {"step": s, "split": "train", "loss": 0.1, "lr": 1e-3, "reward": 0.1 * s}
+        for s in range(1, 6)
+    ] + [{"step": 5, "split": "val", "loss": -0.4, "reward": 0.4}]
+    run = _fake_run(tmp_path / "grpo", events, {"status": "completed", "steps": 5})
+    drawn, real = [], plots._small_panel
+    monkeypatch.setattr(
+        plots, "_small_panel", lambda ax, key, *a: (drawn.append(key), real(ax, key, *a))
+    )
+    assert plots.plot_run(run).read_bytes()[:8] == PNG_MAGIC
+    assert drawn == ["lr", "grad_norm", "tokens_per_s", "reward"]
+    curves = plots._Curves.of(read_run(run), "grpo")
+    assert curves.panels["val_reward"] == ([5.0], [0.4])
+
+
 def test_plot_of_a_run_without_metrics_yet(tp, tmp_path):
     run = _fake_run(tmp_path / "new", [])
     code, out, err = tp("plot", run)

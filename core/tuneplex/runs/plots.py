@@ -28,6 +28,8 @@ PANELS = (
     ("tokens_per_s", "throughput (tokens/s)"),
 )
 """The small panels under the loss: the train-event key each draws, and its title."""
+REWARD_PANEL = ("reward", "reward (validation: dots)")
+"""Drawn besides them when a run has rewards (reinforcement learning)."""
 RAW_ALPHA = 0.28
 DPI = 110
 FEW_POINTS = 30
@@ -127,7 +129,8 @@ class _Curves:
             name=name,
             loss=_points(train, "loss"),
             val=_points(sorted(run.val_events, key=lambda e: e["step"]), "loss"),
-            panels={key: _points(train, key) for key, _ in PANELS},
+            panels={key: _points(train, key) for key, _ in (*PANELS, REWARD_PANEL)}
+            | {"val_reward": _points(sorted(run.val_events, key=lambda e: e["step"]), "reward")},
             epoch_per_step=ratios[-1] if ratios else None,
             not_finite=[float(e["step"]) for e in train if _not_finite(e.get("loss"))],
         )
@@ -173,13 +176,16 @@ def _draw(curves: list[_Curves], runs: list[RunInfo]):
 
     palette = colormaps["tab10"].colors
     colors = [palette[i % len(palette)] for i in range(len(curves))]
-    fig = Figure(figsize=(12, 7.6), layout="constrained")
-    grid = fig.add_gridspec(2, len(PANELS), height_ratios=(1.7, 1))
+    panels = [*PANELS]
+    if any(c.panels["reward"][0] for c in curves):
+        panels.append(REWARD_PANEL)
+    fig = Figure(figsize=(12 + 3 * (len(panels) - len(PANELS)), 7.6), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(1.7, 1))
     loss_ax = fig.add_subplot(grid[0, :])
-    axes = [fig.add_subplot(grid[1, i], sharex=loss_ax) for i in range(len(PANELS))]
+    axes = [fig.add_subplot(grid[1, i], sharex=loss_ax) for i in range(len(panels))]
     styles = _loss_panel(loss_ax, curves, colors)
     _step_axis(loss_ax, curves)
-    for ax, (key, title) in zip(axes, PANELS, strict=True):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         _small_panel(ax, key, title, curves, colors)
     runs_key = [
         (c.name, Line2D([], [], color=color, lw=3)) for c, color in zip(curves, colors, strict=True)
@@ -345,6 +351,8 @@ def _small_panel(ax, key: str, title: str, curves: list[_Curves], colors) -> Non
         if smoothed != ys:
             ax.plot(xs, ys, color=color, alpha=RAW_ALPHA, lw=0.7)
         _line(ax, xs, smoothed, color=color, lw=1.6)
+        if key == "reward" and c.panels["val_reward"][0]:
+            ax.plot(*c.panels["val_reward"], "o", color=color, ms=5)
     if not drawn:
         _nothing(ax, "not recorded")
         return
@@ -355,7 +363,7 @@ def _small_panel(ax, key: str, title: str, curves: list[_Curves], colors) -> Non
         positive = [y for y in drawn if y > 0]
         if positive and max(positive) / min(positive) > 50:
             ax.set_yscale("log")
-    else:  # throughput: a step timed over a few milliseconds must not flatten the rest
+    elif key == "tokens_per_s":  # a step timed over a few milliseconds must not flatten the rest
         ordered = sorted(drawn)
         top = ordered[int(0.97 * (len(ordered) - 1))] if len(ordered) > FEW_POINTS else ordered[-1]
         ax.set_ylim(0, max(top * 1.15, 1e-9))
