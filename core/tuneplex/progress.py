@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 def format_train(step: int, total: int, event: dict[str, Any]) -> str:
     parts = [f"step {step}/{total}", f"epoch {event['epoch']:.2f}", f"loss {event['loss']:.4f}"]
+    if event.get("reward") is not None:  # reinforcement learning: what it is after
+        parts.append(f"reward {event['reward']:.4f}")
     if "lr" in event:
         parts.append(f"lr {event['lr']:.3g}")
     if event.get("grad_norm") is not None:
@@ -61,6 +63,8 @@ class Progress:
                 self.line(format_train(step, self.total, event))
             return
         info = f"loss {event['loss']:.4f}  lr {event.get('lr', 0):.3g}"
+        if event.get("reward") is not None:
+            info += f"  reward {event['reward']:.4f}"
         if event.get("tokens_per_s") is not None:
             info += f"  {event['tokens_per_s']:,.0f} tok/s"
         self._bar.update(self._task, completed=step, info=info)
