@@ -163,9 +163,9 @@ JOB_CASES = {
         + "..."
         + "k" * 28
         + "': unknown key (allowed: training_type, finetuning_type, "
-        "lora, max_seq_length, precision, activation_checkpointing, compile, dpo, teacher_model, "
-        "teacher_precision, distillation_ratio, distillation_temperature, offload_teacher, "
-        "trust_remote_code)",
+        "lora, max_seq_length, precision, activation_checkpointing, compile, dpo, grpo, "
+        "teacher_model, teacher_precision, distillation_ratio, distillation_temperature, "
+        "offload_teacher, trust_remote_code)",
     ),
     "newline-key-set.yaml": (
         JOB,
@@ -176,7 +176,7 @@ JOB_CASES = {
     "newline-value.yaml": (
         JOB + 'training: {training_type: "s\\nf\\rt"}\n',
         [],
-        "training.training_type: must be one of: sft, distillation, dpo (got 's\\nf\\rt'); "
+        "training.training_type: must be one of: sft, distillation, dpo, grpo (got 's\\nf\\rt'); "
         "did you mean 'sft'?",
     ),
     "too-big.yaml": (

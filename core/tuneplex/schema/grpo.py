@@ -121,7 +121,7 @@ class GrpoConfig(StrictModel):
         default=1,
         ge=1,
         description="Prompts per optimizer step; samples per step = num_prompts_per_step × "
-        "num_generations_per_prompt (batch.global_batch_size, if given, must equal it).",
+        "num_generations_per_prompt (the job's batch settings, if given, must agree).",
     )
     num_generations_per_prompt: int = Field(
         default=8,

@@ -14,7 +14,6 @@ from tuneplex.backend import (
 )
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
-from tuneplex.schema.grpo import reference_setting
 
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -45,27 +44,7 @@ class AutomodelBackend:
         return job.parallel_dims().as_dict()
 
     def data_spec(self, job: AutomodelJobInput) -> DataSpec:
-        d = job.dataset
-        reference = reference_setting(job.training.grpo)
-        return DataSpec(
-            train=d.training,
-            validation=d.validation,
-            tokenizer=job.model,
-            max_seq_length=job.training.max_seq_length,
-            format=d.format,
-            column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
-            text_field=d.text_field,
-            skip_invalid_rows=d.skip_invalid_rows,
-            chat_template=d.prompt_template or d.chat_template,
-            packing=job.batch.sequence_packing,
-            preference=job.training.training_type == "dpo",
-            prompts=job.training.training_type == "grpo",
-            reference_column=reference[0],
-            reference_required=reference[1],
-            trust_remote_code=job.training.trust_remote_code,
-            train_key="dataset.training",
-            validation_key="dataset.validation",
-        )
+        return job.data_spec()
 
     def check_launch(self, launch: LaunchOptions) -> None:
         """Every launch option applies (multi-node through torchrun's rendezvous); the

@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 from pydantic import Field, model_validator
+from tuneplex.data.spec import DataSpec
 from tuneplex.errors import CrossFieldError
 from tuneplex.schema import IntegrationsConfig, JobSchema, StrictModel
 from tuneplex.schema.common import (
@@ -21,7 +22,12 @@ from tuneplex.schema.common import (
     settle_dpo,
     skip_invalid_rows_field,
 )
-from tuneplex.schema.grpo import GrpoConfig, grpo_batch_problems, settle_grpo
+from tuneplex.schema.grpo import (
+    GrpoConfig,
+    grpo_batch_problems,
+    reference_setting,
+    settle_grpo,
+)
 
 from tuneplex_automodel.parallel.dims import ParallelDims
 
@@ -420,6 +426,30 @@ class AutomodelJobInput(JobSchema):
         if problems:
             raise CrossFieldError(problems)
         return self
+
+    def data_spec(self) -> DataSpec:
+        """What the data pipeline is asked to do for this job (the backend's `data_spec`)."""
+        d = self.dataset
+        reference = reference_setting(self.training.grpo)
+        return DataSpec(
+            train=d.training,
+            validation=d.validation,
+            tokenizer=self.model,
+            max_seq_length=self.training.max_seq_length,
+            format=d.format,
+            column_mapping=d.column_mapping.model_dump() if d.column_mapping else None,
+            text_field=d.text_field,
+            skip_invalid_rows=d.skip_invalid_rows,
+            chat_template=d.prompt_template or d.chat_template,
+            packing=self.batch.sequence_packing,
+            preference=self.training.training_type == "dpo",
+            prompts=self.training.training_type == "grpo",
+            reference_column=reference[0],
+            reference_required=reference[1],
+            trust_remote_code=self.training.trust_remote_code,
+            train_key="dataset.training",
+            validation_key="dataset.validation",
+        )
 
     def parallel_dims(self) -> ParallelDims:
         p = self.parallelism

@@ -205,11 +205,9 @@ class Grpo:
         from tuneplex.data.templates import Encoder
         from tuneplex.inference.prompts import stop_of
 
-        from tuneplex_automodel.backend import AutomodelBackend
-
         if self.config.ref_policy_kl_penalty > 0 and self.job.training.lora is None:
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        encoder = Encoder(tokenizer, AutomodelBackend().data_spec(self.job))
+        encoder = Encoder(tokenizer, self.job.data_spec())
         encoder.calibrate([])
         self.tokenizer, self.stop = tokenizer, stop_of(encoder, tokenizer)
 
