@@ -23,8 +23,9 @@ def format_train(step: int, total: int, event: dict[str, Any]) -> str:
     return "[train] " + " | ".join(parts)
 
 
-def format_val(step: int, epoch: float, loss: float) -> str:
-    return f"[val] step {step} | epoch {epoch:.2f} | loss {loss:.4f}"
+def format_val(step: int, epoch: float, loss: float, reward: float | None = None) -> str:
+    line = f"[val] step {step} | epoch {epoch:.2f} | loss {loss:.4f}"
+    return line + (f" | reward {reward:.4f}" if reward is not None else "")
 
 
 class Progress:
@@ -69,8 +70,8 @@ class Progress:
             info += f"  {event['tokens_per_s']:,.0f} tok/s"
         self._bar.update(self._task, completed=step, info=info)
 
-    def val(self, step: int, epoch: float, loss: float) -> None:
-        self.line(format_val(step, epoch, loss))
+    def val(self, step: int, epoch: float, loss: float, reward: float | None = None) -> None:
+        self.line(format_val(step, epoch, loss, reward))
 
     def line(self, text: str) -> None:
         if self._bar is not None:

@@ -191,7 +191,7 @@ class RunRecorder:
         }
         self._record(event)
         if self._progress is not None:
-            self._progress.val(step, epoch, loss)
+            self._progress.val(step, epoch, loss, extra.get("reward"))
         self._last_report = time.perf_counter()  # validation time is not training throughput
 
     def checkpoint_saved(self, path: Path | str, *, step: int) -> None:

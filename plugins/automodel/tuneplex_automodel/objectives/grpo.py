@@ -485,7 +485,7 @@ class Grpo:
         out = {"reward": reward}
         if len(self.names) > 1:
             out |= {f"reward/{name}": v / n for name, v in zip(self.names, sums[1:], strict=True)}
-        return -reward, out
+        return 0.0 - reward, out  # 0.0 - 0.0 is 0.0, where -0.0 would print as "-0.0000"
 
     def state(self) -> dict[str, Any]:
         return {ROLLOUT_SEED_KEY: self.seed}
