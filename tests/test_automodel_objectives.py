@@ -36,6 +36,7 @@ class HalfSft:
     unit = "rows"
     separate_head = False
     models: tuple[tuple[str, str], ...] = ()
+    updates_per_step = 1
 
     def __init__(self, job):
         self.steps = 0
@@ -51,7 +52,7 @@ class HalfSft:
     def begin(self, parts) -> None:
         pass
 
-    def gradients(self, parts, *, micro_batches, step_rows):
+    def gradients(self, parts, *, micro_batches, step_rows, update, step):
         n = max(int(parts.train_rows.target_counts[step_rows].sum()), 1)
 
         def loss_of(indices):
@@ -151,8 +152,11 @@ def test_the_registry_holds_one_objective_per_training_type():
     from tuneplex_automodel.schema import AutomodelJobInput, AutomodelTraining
 
     types = get_args(AutomodelTraining.model_fields["training_type"].annotation)
-    assert set(objectives.OBJECTIVES) == set(types) == {"sft", "distillation", "dpo"}
-    extra = {"distillation": {"teacher_model": "/t", "finetuning_type": "all_weights"}}
+    assert set(objectives.OBJECTIVES) == set(types) == {"sft", "distillation", "dpo", "grpo"}
+    extra = {
+        "distillation": {"teacher_model": "/t", "finetuning_type": "all_weights"},
+        "grpo": {"grpo": {"environment": {"name": "math"}}},
+    }
     for kind in types:
         job = AutomodelJobInput.model_validate(
             {
@@ -163,12 +167,25 @@ def test_the_registry_holds_one_objective_per_training_type():
         )
         made = objectives.objective_for(job)
         assert isinstance(made, objectives.Objective), kind
-        assert made.unit == ("pairs" if kind == "dpo" else "rows")
+        assert made.unit == {"dpo": "pairs", "grpo": "prompts"}.get(kind, "rows")
         assert made.separate_head == (kind == "distillation")
-        assert made.models == ((("training.teacher_model", "/t"),) if extra.get(kind) else ())
+        teacher = (("training.teacher_model", "/t"),) if kind == "distillation" else ()
+        assert made.models == teacher
+        assert made.updates_per_step == 1
 
 
-NAMES = ("dpo", "preference", "teacher", "distill", "sft", "kd_loss", "ce_loss", "reward")
+NAMES = (
+    "dpo",
+    "preference",
+    "teacher",
+    "distill",
+    "sft",
+    "kd_loss",
+    "ce_loss",
+    "reward",
+    "grpo",
+    "rollout",
+)
 """What only an objective may say."""
 
 

@@ -145,8 +145,8 @@ def test_bounds_and_types(data, line):
     "value,choices",
     [
         (
-            {"training_type": "grpo"},
-            "training.training_type: must be one of: sft, distillation, dpo (got 'grpo')",
+            {"training_type": "rlhf"},
+            "training.training_type: must be one of: sft, distillation, dpo, grpo (got 'rlhf')",
         ),
         (
             {"finetuning_type": "lora_merge"},

@@ -64,7 +64,7 @@ def test_grpo_bench_tiny(tmp_path, capsys):
 
     out = tmp_path / "out.json"
     args = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--setup", "both"]
-    args += ["--contenders", "trl,loop,tuneplex"]
+    args += ["--contenders", "trl,loop,tuneplex", "--threads", "1"]
     results = grpo.main([*args, "--workdir", str(tmp_path), "--json", str(out)])
     assert json.loads(out.read_text())["results"] == results
     assert [(r["setup"], r["contender"]) for r in results] == [

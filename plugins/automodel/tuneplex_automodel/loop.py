@@ -170,7 +170,7 @@ class Loop:
                 loss_value, *figures, norm_value = self._gradients(
                     micro_batches, step_rows, update=update
                 )
-            except TrainingStopped as exc:  # the job's own code failed (a reward): every rank
+            except TrainingStopped as exc:  # the job's own code failed: on every rank
                 raise self._failed(exc) from exc
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 p.optimizer.zero_grad(set_to_none=True)

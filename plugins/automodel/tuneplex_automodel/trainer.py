@@ -341,8 +341,8 @@ def setup_model(
     checkpoint_activations(model, mode=job.training.activation_checkpointing)
     runtime.compiled = compile_layers(
         model,
-        # grpo generates with the layers: eager (their shapes change every decoding step)
-        setting=job.training.compile if job.training.training_type != "grpo" else False,
+        # an objective that generates keeps the layers eager (shapes change every token)
+        setting=False if getattr(objective, "generates", False) else job.training.compile,
         device=runtime.device,
         data_parallel_only=dims.tp == dims.pp == dims.cp == dims.ep == 1,
     )
@@ -410,7 +410,7 @@ def setup_plan(
     job: AutomodelJobInput, *, n_rows: int, seed: int, dist: Dist, objective: Objective
 ) -> TrainPlan:
     """The plan over the objective's items: the job's batch sizes, or the objective's own
-    (`plan_sizes`: GRPO's prompts per step, each rank's share at once)."""
+    (`plan_sizes`: prompts per step, each rank's share at once, for an objective of prompts)."""
     sizes = getattr(objective, "plan_sizes", None)
     global_batch, micro_batch = (
         sizes(dist.dims) if sizes else (job.batch.global_batch_size, job.batch.micro_batch_size)

@@ -108,8 +108,9 @@ class Objective(Protocol):
 
 
 # Optional members: `plan_sizes(dims) -> (items per step, items per rank and micro-batch)`
-# where a step's items are not the job's batch sizes (GRPO's prompts), and
-# `batch_text(dims) -> str` to say the step's make-up in the opening line.
+# where a step's items are not the job's batch sizes (GRPO's prompts); `batch_text(dims) ->
+# str` to say the step's make-up in the opening line; `generates = True` for an objective that
+# generates with the trained layers (they are then never compiled).
 
 OBJECTIVES: dict[str, Callable[[AutomodelJobInput], Objective]] = {
     "sft": Sft,

@@ -133,6 +133,7 @@ class Grpo:
 
     unit = "prompts"
     separate_head = False
+    generates = True  # the recipe keeps the layers eager (no torch.compile)
     models: tuple[tuple[str, str], ...] = ()  # the reference is the starting model
 
     def __init__(self, job: AutomodelJobInput):
