@@ -5,9 +5,9 @@ Prompts (token ids, already rendered) are sorted by length and run `batch_size` 
 left-padded, through transformers' own `generate` (its KV cache, its samplers); the answers come
 back in the input order, cut at the first stop token (not kept) or stop string.
 
-With `row_seeds` every prompt samples from a generator of its own (`RowSampler`): a row's
-tokens then depend on its seed and its own logits only, not on which rows share its batch, so
-data-parallel ranks that split prompts differently sample what one process samples.
+With `row_seeds` every prompt samples on its own (`RowSampler`): a row's tokens then depend on
+its seed and its own logits only, not on which rows share its batch, so data-parallel ranks
+that split prompts differently sample what one process samples.
 """
 
 from __future__ import annotations
@@ -180,18 +180,20 @@ def _ids_within(tok, ids: list[int], text: str) -> list[int]:
 
 
 class RowSampler:
-    """A transformers logits processor that samples each row from its own generator (seeded
-    per row) with the sampling's temperature, top-k and top-p, and hands back a mask that
-    leaves only the sampled token: greedy decoding then takes it. Optionally keeps each
-    sampled token's log-probability under the temperature-scaled distribution."""
+    """A transformers logits processor that samples each row on its own: the row's n-th token
+    is drawn with the uniform number `counter_uniform(seed, n)` by inverse transform over the
+    row's distribution (the sampling's temperature, top-k and top-p), so what a row samples
+    depends on its seed and its own logits only — and the whole batch is drawn with one
+    cumulative sum, no per-row loop. It hands back a mask that leaves only the drawn token:
+    greedy decoding then takes it. Optionally keeps each drawn token's log-probability under
+    the temperature-scaled distribution (before any top-k / top-p cut)."""
 
     def __init__(self, seeds: Sequence[int], sampling: Sampling, *, log_probs: bool = False):
-        import torch
-
-        self.generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
+        self.seeds = [int(s) for s in seeds]
         self.sampling = sampling
         self.keep = log_probs
         self.picked: list[list[float]] = [[] for _ in seeds]
+        self.drawn = 0
 
     def row_log_probs(self, row: int) -> list[float]:
         return self.picked[row]
@@ -212,19 +214,37 @@ class RowSampler:
             filtered = filtered.masked_fill(
                 torch.zeros_like(drop).scatter(-1, index, drop), float("-inf")
             )
-        probs = filtered.softmax(-1).cpu()
-        chosen = torch.stack(
-            [
-                torch.multinomial(p, 1, generator=g)
-                for p, g in zip(probs, self.generators, strict=True)
-            ]
-        ).to(scores.device)
+        cdf = filtered.softmax(-1).double().cumsum(-1)
+        u = torch.tensor(
+            [counter_uniform(seed, self.drawn) for seed in self.seeds],
+            dtype=torch.float64,
+            device=scores.device,
+        )
+        self.drawn += 1
+        # the first token whose cumulative probability exceeds u (zero-probability tokens
+        # have empty intervals and are never drawn)
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+        chosen = chosen.clamp(max=scores.shape[-1] - 1)
         if self.keep:
             logps = scores.log_softmax(-1).gather(-1, chosen).squeeze(-1).tolist()
             for row, value in enumerate(logps):
                 self.picked[row].append(value)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, chosen, 0.0)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def counter_uniform(seed: int, n: int) -> float:
+    """A uniform number in [0, 1) that is a fixed function of (seed, n): splitmix64 of the
+    seed advanced n + 1 times (Steele, Lea & Flood 2014), so any draw of any row is made
+    without the draws before it."""
+    z = (seed + (n + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) / float(1 << 53)
 
 
 def _seed(sampling: Sampling) -> None:

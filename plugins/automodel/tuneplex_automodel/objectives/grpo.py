@@ -6,9 +6,10 @@ data-parallel rank its share. Per step, each rank:
 1. generates `num_generations_per_prompt` completions of each of its prompts with the model
    being trained (`tuneplex.inference.engine.Generator`: KV cache, batches of
    `generation_batch_size`, the job's temperature / top-p / top-k, stopping at the template's end
-   of turn). Every completion samples from a generator of its own, seeded by (seed, step, prompt,
-   generation): what a completion is depends on neither the number of ranks nor a resumed
-   start, so there is no sampling state to carry in a checkpoint. Under FSDP2 the weights are
+   of turn). Every completion draws its tokens with random numbers of its own, a function of
+   (seed, step, prompt, generation) and the token's position (`engine.RowSampler`): what a
+   completion is depends on neither the number of ranks nor a resumed start, so there is no
+   sampling state to carry in a checkpoint. Under FSDP2 the weights are
    gathered once for the whole generation (`gathered`), so ranks generate independently;
 2. scores them with the job's reward (`tuneplex.inference.rewards`) and turns the rewards into
    advantages per prompt group (`tuneplex.nn.grpo.advantages`: the group's or the others' mean,
