@@ -130,12 +130,17 @@ def token_log_probs(
     0 where nothing counts): what a per-token policy-gradient loss takes, computed as
     `row_log_probs` is (no full-vocabulary logits; chunks made again in backward). The logits
     are divided by `temperature` (a sampler's distribution); `chunk`: positions per chunk of
-    the head (default: 2^24 logits a chunk)."""
+    the head at most (and never more than 2^24 logits a chunk)."""
     import torch
 
     states, wanted, keep, size = _counted(hidden, targets, head=head)
     logps = _token_log_probs(
-        states, wanted, head=head, config=config, size=chunk or size, temperature=temperature
+        states,
+        wanted,
+        head=head,
+        config=config,
+        size=min(chunk, size) if chunk else size,
+        temperature=temperature,
     )
     flat = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
     return flat.index_add(0, keep, logps).reshape(targets.shape)

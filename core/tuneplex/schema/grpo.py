@@ -188,8 +188,9 @@ class GrpoConfig(StrictModel):
     logprob_chunk_size: int = Field(
         default=1024,
         ge=1,
-        description="Positions per chunk of the output head when log-probabilities are "
-        "computed (no full-vocabulary logits are held).",
+        description="Positions per chunk of the output head at most when log-probabilities "
+        "are computed (and never more than 2^24 logits a chunk: no full-vocabulary logits "
+        "are held).",
     )
     generation_batch_size: int = Field(
         default=32, ge=1, description="Completions generated together in one batch."
