@@ -164,7 +164,15 @@ def _run(path: Path, *, checkpoint: str | None, device: str, scratch: Path) -> T
         adapter=adapter,
         base=trained.base,
         tokenizer=tokenizer,
-        spec=replace(spec, tokenizer=tokenizer, packing=False, preference=False),
+        spec=replace(
+            spec,
+            tokenizer=tokenizer,
+            packing=False,
+            preference=False,
+            prompts=False,  # rendering as training did; what the rows are is the command's
+            reference_column=None,
+            reference_required=False,
+        ),
         run=path,
         checkpoint=picked,
         dtype=trained.dtype,
