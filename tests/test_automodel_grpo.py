@@ -6,8 +6,11 @@ reward that fails stops the run with its own file:line, the math reward and vali
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 from tuneplex.errors import UsageError
@@ -292,6 +295,16 @@ def test_full_weights_learn_a_python_reward(full):
         assert key in event, key
     assert event["completion_length"] <= 8
     assert event["tokens"] > 32 * 8  # prompts and completions of 32 samples
+    assert (full / "curves.png").is_file()
+    generated = subprocess.run(
+        [sys.executable, "-m", "tuneplex", "generate", str(full), "Say something 3",
+         "--max-new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
     samples = [json.loads(x) for x in (full / "rollouts.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 5, 10, 15, 20, 25, 30}
     assert all({"prompt", "completion", "reward", "advantage"} <= set(s) for s in samples)

@@ -62,30 +62,31 @@ ROLLOUT_PROMPTS = 2
 
 
 class PromptTable:
-    """The prepared prompts as the plan's items (`pipeline.PROMPT_COLUMNS`)."""
+    """The prepared prompts as the plan's items (`pipeline.PROMPT_COLUMNS`), read into Python
+    once (a step takes a few of them, every step)."""
 
     def __init__(self, dataset):
         import numpy as np
 
-        self.dataset = dataset
-        ids = dataset.data.column("input_ids")
-        self.lengths = np.asarray(ids.combine_chunks().value_lengths(), dtype=np.int64)
-        self.target_counts = np.zeros(len(self.lengths), dtype=np.int64)
+        columns = dataset.to_dict()
+        self.rows = [
+            {"input_ids": list(ids), "prompt": prompt, "reference": reference, "columns": extra}
+            for ids, prompt, reference, extra in zip(
+                columns["input_ids"],
+                columns["prompt"],
+                columns["reference"],
+                map(json.loads, columns["columns"]),
+                strict=True,
+            )
+        ]
+        self.lengths = np.array([len(r["input_ids"]) for r in self.rows], dtype=np.int64)
+        self.target_counts = np.zeros(len(self.rows), dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.rows)
 
     def take(self, indices) -> list[dict[str, Any]]:
-        rows = self.dataset.select([int(i) for i in indices])
-        return [
-            {
-                "input_ids": list(r["input_ids"]),
-                "prompt": r["prompt"],
-                "reference": r["reference"],
-                "columns": json.loads(r["columns"]),
-            }
-            for r in rows
-        ]
+        return [self.rows[int(i)] for i in indices]
 
 
 @dataclass
