@@ -143,7 +143,7 @@ def run_contender(work: Path, setup: str, contender: str, args) -> dict:
         cmd = [sys.executable, __file__, "--worker", contender, "--job", str(job)]
         cmd += ["--warmup", str(args.warmup), "--out", str(out.with_suffix(".json"))]
     row = {"setup": setup, "contender": contender, "precision": precision}
-    load = os.getloadavg()[0]
+    before = cpu_times()
     try:
         wall, rss = peers.run_child(cmd, log)
     except SystemExit as exc:  # the contender failed: its row says why, the others still run
@@ -155,8 +155,26 @@ def run_contender(work: Path, setup: str, contender: str, args) -> dict:
         row["precision"] = precision if used == precision else f"{precision} ({used})"
     else:
         r = json.loads(out.with_suffix(".json").read_text())
-    row["load"] = max(load, os.getloadavg()[0])  # other work on the machine skews the speed
+    row["others_cpu"] = others_share(before, cpu_times())  # others' work skews the speed
     return {**row, **r, "wall_s": round(wall, 1), "peak_rss_gib": round(rss, 3), "log": str(log)}
+
+
+def cpu_times() -> tuple[float, float, float]:
+    """(the machine's CPU seconds, of them busy, of them this process's waited-for children)."""
+    with open("/proc/stat") as fh:
+        ticks = [int(x) for x in fh.readline().split()[1:9]]
+    hz, t = os.sysconf("SC_CLK_TCK"), os.times()
+    return (
+        sum(ticks) / hz,
+        (sum(ticks) - ticks[3] - ticks[4]) / hz,
+        t.children_user + t.children_system,
+    )
+
+
+def others_share(before: tuple, after: tuple) -> float:
+    """The share of the machine's CPU time that other processes took between two cpu_times()."""
+    total, busy, mine = (b - a for a, b in zip(before, after, strict=True))
+    return max(busy - mine, 0.0) / total if total > 0 else 0.0
 
 
 def tuneplex_result(run: Path, warmup: int) -> dict:
@@ -191,18 +209,19 @@ def tuneplex_result(run: Path, warmup: int) -> dict:
 
 def print_table(results: list[dict], args) -> None:
     s = tt.SHAPES[args.shape]
+    threads = f"{args.threads or torch_threads()} CPU threads of {os.cpu_count()}"
     print(
         f"shape {args.shape} (hidden {s['hidden']}, {s['layers']} layers, vocab "
         f"{args.vocab:,}, {args.parameters / 1e6:.1f}M parameters); {args.prompts} prompts × "
         f"{args.generations} generations × at most {args.completion_tokens} tokens per step, "
         f"training micro-batch {args.micro_batch}; {args.warmup + args.steps} steps, speed over "
-        f"steps {args.warmup + 1}-{args.warmup + args.steps}; {args.threads} CPU threads; "
-        "peak memory: process max RSS\n"
+        f"steps {args.warmup + 1}-{args.warmup + args.steps}; {threads}; "
+        f"peak memory: process max RSS; tuneplex {tuneplex_version()}\n"
     )
     head = (
         "| setup | contender | precision | steps/s | s/step | generation s | reward+adv s | "
         "update s | other s | peak RSS GiB | speed ÷ TRL | memory ÷ TRL | tokens/completion "
-        "| zero-adv | reward first → last | load |"
+        "| zero-adv | reward first → last | others' CPU |"
     )
     print(head)
     print("|" + "---|" * head.count(" | ") + "---|")
@@ -231,7 +250,7 @@ def print_table(results: list[dict], args) -> None:
             number(r.get("completion_tokens"), ".1f"),
             f"{r['zero_advantage']:.2f}",
             f"{r['rewards'][0]:.3f} → {r['rewards'][-1]:.3f}",
-            f"{r['load']:.1f}",
+            f"{100 * r['others_cpu']:.0f}%",
         ]
         print("| " + " | ".join(cells) + " |")
     notes = [
@@ -245,8 +264,8 @@ def print_table(results: list[dict], args) -> None:
         "zero-adv: share of completions with advantage 0 (a group of equal rewards; TRL and "
         "the loop: of groups); tuneplex leaves them out of forward and backward at β = 0 "
         "(their gradient is 0), TRL and the loop train on them",
-        f"load: the 1-minute load average before and after each contender, the higher one "
-        f"(the machine has {os.cpu_count()} cores; above that, others' work slowed it)",
+        f"others' CPU: the share of the machine's CPU time ({os.cpu_count()} cores) that other "
+        "processes took while the contender ran; above a few % its speed is not its own",
     ]
     for r in results:
         if "prompts_match" in r and not r["prompts_match"]:
@@ -254,6 +273,29 @@ def print_table(results: list[dict], args) -> None:
         if "error" in r:
             notes.append(f"{r['contender']} {r['setup']}: log in {r['log']}")
     print("\n" + "\n".join(f"- {n}" for n in notes))
+
+
+def run_all(work: Path, setups: list[str], contenders: list[str], args) -> list[dict]:
+    """Every contender on every setup, `--repeats` times interleaved (a busy spell of the
+    machine slows them all); the fastest run of each."""
+    runs: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in setups for c in contenders}
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the contenders' processes read it
+    try:
+        for setup in setups:
+            for repeat in range(args.repeats):
+                for contender in contenders:
+                    t0 = time.perf_counter()
+                    runs[setup, contender].append(run_contender(work, setup, contender, args))
+                    took = time.perf_counter() - t0
+                    print(f"[{setup} {contender} #{repeat + 1}: {took:.0f} s]", file=sys.stderr)
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    return [best(each) for each in runs.values()]
 
 
 def best(runs: list[dict]) -> dict:
@@ -282,6 +324,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--micro-batch", type=int, default=None, help="default: a step's samples")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each; the fastest is shown")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tuneplex-bench-grpo"))
     ap.add_argument("--json", type=Path, default=None)
@@ -308,16 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (work / "reward.py").write_text(REWARD)
     describe_model(work / "model", args)
     setups = ["lora", "full"] if args.setup == "both" else [args.setup]
-    contenders = args.contenders.split(",")
-    runs: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in setups for c in contenders}
-    for setup in setups:
-        for repeat in range(args.repeats):  # interleaved: a busy spell slows every contender
-            for contender in contenders:
-                t0 = time.perf_counter()
-                runs[setup, contender].append(run_contender(work, setup, contender, args))
-                took = time.perf_counter() - t0
-                print(f"[{setup} {contender} #{repeat + 1}: {took:.0f} s]", file=sys.stderr)
-    results = [best(each) for each in runs.values()]
+    results = run_all(work, setups, args.contenders.split(","), args)
     print_table(results, args)
     print("\n    " + " ".join(["python", "bench/grpo.py", *(argv or sys.argv[1:])]))
     if args.json:
@@ -326,14 +360,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-def describe_model(model_dir: Path, args) -> None:
+def tuneplex_version() -> str:
+    """Where tuneplex is imported from, and its checkout's commit (the code moves)."""
+    import importlib.util
+    import subprocess
+
+    where = Path(importlib.util.find_spec("tuneplex").origin).parent
+    git = ["git", "-C", str(where), "describe", "--always", "--dirty", "--exclude", "*"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+    return f"from {where}" + (f" at {commit}" if commit else "")
+
+
+def torch_threads() -> int:
     import torch
+
+    return torch.get_num_threads()
+
+
+def describe_model(model_dir: Path, args) -> None:
     from safetensors import safe_open
 
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         args.parameters = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
         args.vocab = f.get_slice("lm_head.weight").get_shape()[0]
-    args.threads = torch.get_num_threads()
 
 
 # -- the peers, each in its own process ---------------------------------------------------------
