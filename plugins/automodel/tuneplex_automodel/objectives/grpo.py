@@ -159,6 +159,8 @@ class Grpo:
         self.generator = None
         self.tokenizer = self.stop = None
         self.reference_model = None
+        self.modules: list[Any] = []
+        self.units: list[Any] = []
         self.batch: Rollouts | None = None
         self.times: dict[str, float] = {}
 
@@ -217,6 +219,11 @@ class Grpo:
     def begin(self, parts: Components) -> None:
         from tuneplex.inference.engine import Generator
 
+        from tuneplex_automodel.parallel.fsdp import fsdp_units
+
+        # found once: walking a LoRA model's modules costs milliseconds, every step
+        self.modules = list(parts.model.modules())
+        self.units = fsdp_units(parts.model)
         self.generator = Generator(
             parts.model,
             self.tokenizer,
@@ -262,7 +269,7 @@ class Grpo:
         seeds = [_seed(self.seed, step, int(i), k) for i in prompts for k in range(g)]
         t0 = time.perf_counter()
         need_generated = c.use_importance_sampling_correction or c.use_on_policy_kl_approximation
-        with _generating(p.model):
+        with self._generating(p.model):
             completions = self.generator.generate(
                 [row["input_ids"] for row in rows for _ in range(g)],
                 Sampling(
@@ -471,7 +478,7 @@ class Grpo:
         p, table = parts, parts.val_rows
         mine = list(range(p.dist.dp_rank, len(table), p.dist.dp_size))
         rows = table.take(mine)
-        with _generating(p.model):
+        with self._generating(p.model):
             completions = self.generator.generate(
                 [row["input_ids"] for row in rows],
                 Sampling(max_new_tokens=self.config.max_completion_length),
@@ -489,6 +496,24 @@ class Grpo:
         if len(self.names) > 1:
             out |= {f"reward/{name}": v / n for name, v in zip(self.names, sums[1:], strict=True)}
         return 0.0 - reward, out  # 0.0 - 0.0 is 0.0, where -0.0 would print as "-0.0000"
+
+    @contextlib.contextmanager
+    def _generating(self, model):
+        """The model in eval mode (each module's flag set directly: `eval()` walks the module
+        tree, twice a step) with its FSDP2 weights gathered once for the whole generation
+        (each rank then generates on its own, however long its completions run); put back
+        after."""
+        from tuneplex_automodel.parallel.fsdp import gathered
+
+        modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.training = False
+        try:
+            with gathered(model, self.units):
+                yield
+        finally:
+            for m, mode in zip(self.modules, modes, strict=True):
+                m.training = mode
 
     def state(self) -> dict[str, Any]:
         return {ROLLOUT_SEED_KEY: self.seed}
@@ -567,18 +592,3 @@ def _seed(seed: int, step: int, prompt: int, generation: int) -> int:
 
     digest = hashlib.blake2b(f"{seed}/{step}/{prompt}/{generation}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") >> 1
-
-
-@contextlib.contextmanager
-def _generating(model):
-    """The model in eval mode with its FSDP2 weights gathered once for the whole generation
-    (each rank then generates on its own, however long its completions run), put back after."""
-    was_training = model.training
-    model.eval()
-    from tuneplex_automodel.parallel.fsdp import gathered
-
-    try:
-        with gathered(model):
-            yield
-    finally:
-        model.train(was_training)

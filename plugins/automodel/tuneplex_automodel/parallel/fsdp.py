@@ -37,15 +37,20 @@ def apply_fsdp(
     fully_shard(root, **kw)
 
 
-@contextlib.contextmanager
-def gathered(model):
-    """Every FSDP2 unit of `model` unsharded once, and kept so through any number of forward
-    passes (generation: each rank then runs as many as its own completions need, with no
-    collective); resharded, with each unit's own after-forward setting, on leaving. A model
-    without FSDP2 units is left as it is."""
+def fsdp_units(model) -> list[Any]:
+    """The FSDP2 units of `model`, root first (none where it is not sharded)."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model, units: list[Any] | None = None):
+    """Every FSDP2 unit of `model` (`units`, when already known) unsharded once, and kept so
+    through any number of forward passes (generation: each rank then runs as many as its own
+    completions need, with no collective); resharded, with each unit's own after-forward
+    setting, on leaving. A model without FSDP2 units is left as it is."""
+    units = fsdp_units(model) if units is None else units
     if not units:
         yield
         return
