@@ -212,9 +212,9 @@ def _import_module(name: str, attr: str, *, base_dir: Path, key: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
             raise UsageError(Problem(key, _import_failure(exc, None))) from exc
-        beside = base_dir / (name.replace(".", "/") + ".py")
-        hint = f"; did you mean '{name.replace('.', '/')}.py:{attr}'?" if beside.is_file() else ""
-        raise UsageError(Problem(key, f"no module named {show(name)}{hint}")) from exc
+        from tuneplex.schema.grpo import no_module
+
+        raise UsageError(Problem(key, no_module(name, attr, base_dir=base_dir))) from exc
     except Exception as exc:
         raise UsageError(Problem(key, _import_failure(exc, None))) from exc
 
@@ -396,6 +396,13 @@ def build_reward(environment: Any, *, base_dir: Path, key: str) -> Reward | Mult
         ]
         return multi_reward(rewards=rewards, weights=environment.weights)
     raise TypeError(f"not an environment: {environment!r}")
+
+
+def row_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """Rows' other columns as a reward takes them: one list per column name (in the order first
+    seen), None where a row lacks it."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def reward_names(reward: Reward | MultiReward) -> tuple[str, ...]:

@@ -273,13 +273,8 @@ def python_reward_problem(spec: str, *, base_dir: Path) -> str | None:
             found = importlib.util.find_spec(where)
         except (ImportError, ValueError):
             found = None
-        if found is None:
-            beside = base_dir / (where.replace(".", "/") + ".py")
-            hint = (
-                f"; did you mean '{where.replace('.', '/')}.py:{attr}'?" if beside.is_file() else ""
-            )
-            return f"no module named {show(where)}{hint}"
-        return None  # a module's names are known once it runs (in the training process)
+        # a module's names are known once it runs (in the training process)
+        return no_module(where, attr, base_dir=base_dir) if found is None else None
     path = (base_dir / Path(where).expanduser()).resolve()
     if not path.is_file():
         return f"{path}: no such file"
@@ -295,6 +290,14 @@ def python_reward_problem(spec: str, *, base_dir: Path) -> str | None:
     functions = sorted(n for n, is_def in names.items() if is_def and not n.startswith("_"))
     listing = f"it defines {', '.join(functions)}" if functions else "it defines no functions"
     return f"{path}: no function {show(attr)}; {listing}{did_you_mean(attr, functions)}"
+
+
+def no_module(name: str, attr: str, *, base_dir: Path) -> str:
+    """The refusal of a reward module that cannot be found, pointing at a file of that name
+    beside the job (`rewards.py:f` written as `rewards:f`)."""
+    beside = base_dir / (name.replace(".", "/") + ".py")
+    hint = f"; did you mean '{name.replace('.', '/')}.py:{attr}'?" if beside.is_file() else ""
+    return f"no module named {show(name)}{hint}"
 
 
 def _top_level_names(tree: ast.Module) -> dict[str, bool]:

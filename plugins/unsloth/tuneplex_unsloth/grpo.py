@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from tuneplex.inference.rewards import MultiReward, Scored, reward_names, score
+from tuneplex.inference.rewards import MultiReward, Scored, reward_names, row_columns, score
 from tuneplex.schema.grpo import GrpoConfig
 
 from tuneplex_unsloth.schema import UnslothJobInput, trl_grpo_loss_type
@@ -79,14 +79,6 @@ def grpo_config(job: UnslothJobInput, *, common: dict[str, Any], weights: Sequen
     )
 
 
-def row_columns(rows: Sequence[str]) -> dict[str, list]:
-    """The pipeline's `columns` (one JSON object per row) as the reward's columns: one list per
-    column name, None where a row lacks it."""
-    decoded = [json.loads(r) for r in rows]
-    names = list(dict.fromkeys(k for row in decoded for k in row))
-    return {name: [row.get(name) for row in decoded] for name in names}
-
-
 @dataclass
 class TokenTally:
     """Tokens (prompt and completion) of the micro-batches trained so far."""
@@ -127,7 +119,7 @@ class Scorer:
             reward=self.reward,
             prompts=prompts,
             completions=completions,
-            columns=row_columns(kw["columns"]),
+            columns=row_columns([json.loads(r) for r in kw["columns"]]),
             references=references,
         )
         state = kw.get("trainer_state")

@@ -541,14 +541,13 @@ class Grpo:
 
 def _score(reward, rows: list[dict[str, Any]], completions):
     """`reward` on each row's completion, with the rows' other columns and references."""
-    from tuneplex.inference.rewards import score
+    from tuneplex.inference.rewards import row_columns, score
 
-    names = sorted({k for row in rows for k in row["columns"]})
     return score(
         reward=reward,
         prompts=[row["prompt"] for row in rows],
         completions=[done.text for done in completions],
-        columns={k: [row["columns"].get(k) for row in rows] for k in names},
+        columns=row_columns([row["columns"] for row in rows]),
         references=[row["reference"] for row in rows],
     )
 
