@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tuneplex.data.formats import reference_of
 from tuneplex.errors import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -19,7 +20,6 @@ from tuneplex.errors import (
 from tuneplex.inference.rewards import (
     REWARD_NAMES,
     Scored,
-    check_reference,
     load_python_reward,
     math_reward,
     multi_reward,
@@ -88,6 +88,10 @@ def test_math_reward_refused_before_training_without_math_verify(monkeypatch):
     assert one_line_error(exc) == (
         "the math metric needs the package 'math_verify': pip install 'tuneplex[eval]'"
     )
+
+
+def check_reference(*, row, column, where):
+    return reference_of(row, column=column, where=where, what="the math reward's reference")
 
 
 def test_check_reference_refuses_rows_without_one():

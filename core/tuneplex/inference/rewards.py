@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuneplex.data.formats import reference_of, reference_text
+from tuneplex.data.formats import reference_text
 from tuneplex.errors import (
     Problem,
     TrainingStopped,
@@ -69,12 +69,6 @@ class Scored:
 
 
 # --- math --------------------------------------------------------------------------------------
-
-
-def check_reference(*, row: Mapping[str, Any], column: str, where: str) -> str:
-    """The row's reference answer as text, refused when missing or blank (`where` is the row's
-    `file:line`): a row without a reference could never earn the math reward."""
-    return reference_of(dict(row), column=column, where=where, what="the math reward's reference")
 
 
 @dataclass(frozen=True)
