@@ -120,12 +120,20 @@ def test_merged_16bit_is_16_bit_and_equals_base_plus_adapter(
     summary = json.loads((out / "summary.json").read_text())
     # bf16 weights: the merged model reproduces the run's validation loss to bf16 precision
     assert abs(reference_val_loss(merged, out, "unsloth") - summary["val_loss"]) < 0.05
+    from peft import PeftModel
+
     plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     ids = torch.randint(0, merged.config.vocab_size, (1, 16))
     with torch.no_grad():
-        assert not torch.allclose(
-            plain(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-2
-        )
+        base_logits = plain(input_ids=ids).logits
+        assert not torch.allclose(base_logits, merged(input_ids=ids).logits, atol=1e-2)
+        # the adapter it was made from is kept beside it; base + adapter = the merged model
+        # within the bf16 rounding of the merged weights
+        adapted = PeftModel.from_pretrained(plain, final / "adapter").eval()
+        want, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert set(weight_dtypes(final / "adapter")) == {"F32"}
+    assert (got - want).abs().max() < 0.02 * want.abs().max(), (got - want).abs().max()
+    assert (got - want).abs().max() < (base_logits - want).abs().max() / 4
 
 
 def test_resume_continues_the_same_losses(cpu_seam, capsys, job, tmp_path, monkeypatch):

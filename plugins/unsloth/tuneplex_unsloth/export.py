@@ -1,4 +1,6 @@
-"""final/ for the unsloth backend: the adapter, or the merged model in 16 or 4 bits — checked.
+"""final/ for the unsloth backend: the adapter, or the merged model in 16 or 4 bits — checked —
+with the adapter it was made from under adapter/ (so the merge can be checked against base +
+adapter, and the adapter used on its own).
 
 Unsloth refuses plain merged_4bit, and a forced path has been known to write 16-bit weights
 silently; what is written is read back and refused loudly when it is not what was asked for.
@@ -13,6 +15,7 @@ from tuneplex.errors import TrainingStopped
 from tuneplex.runs import AtomicDir
 
 SIXTEEN_BIT = {"BF16", "F16"}
+ADAPTER_DIR = "adapter"
 
 
 def export_final(target: Path, *, model, tokenizer, job, loader) -> str:
@@ -28,10 +31,14 @@ def export_final(target: Path, *, model, tokenizer, job, loader) -> str:
             tokenizer.save_pretrained(str(tmp))
             what = "LoRA adapter: peft.PeftModel.from_pretrained(base, path)"
         else:
+            model.save_pretrained(str(tmp / ADAPTER_DIR))  # before the merge touches anything
             loader.save_merged(model, tokenizer, tmp, method=method, job=job)
             verify(tmp, method)
             bits = "4-bit" if method == "merged_4bit" else "16-bit"
-            what = f"merged {bits} model: AutoModelForCausalLM.from_pretrained(path)"
+            what = (
+                f"merged {bits} model (adapter in {ADAPTER_DIR}/): "
+                "AutoModelForCausalLM.from_pretrained(path)"
+            )
     return what
 
 
