@@ -413,8 +413,8 @@ class UnslothOutput(StrictModel):
     save_method: Literal["lora", "merged_16bit", "merged_4bit"] = Field(
         default="lora",
         description="Shape of final/: lora = the adapter; merged_16bit / merged_4bit = the adapter "
-        "merged into the base, saved in 16 or 4 bits. With all_weights the trained full model "
-        "is saved (only lora is accepted there).",
+        "merged into the base, saved in 16 or 4 bits (the adapter kept in final/adapter/). With "
+        "all_weights the trained full model is saved (only lora is accepted there).",
     )
     keep_checkpoints: int | None = keep_checkpoints_field()
 
