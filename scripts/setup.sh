@@ -7,8 +7,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # the user-facing install: core + both plugins + their dependencies (torch, transformers, peft,
-# unsloth, bitsandbytes, trl), and the dev tools
-.venv/bin/python -m pip install -q ".[all,dev]"
+# unsloth, bitsandbytes, trl), the dev tools, and llama.cpp's binding the GGUF tests run
+# (compiled at its first install, ~6 minutes on 2 cores; pip's cache keeps the wheel)
+.venv/bin/python -m pip install -q ".[all,dev,llamacpp]"
 # then the same three distributions again, editable (no dependency changes)
 .venv/bin/python -m pip install -q --no-deps -e . -e plugins/automodel -e plugins/unsloth
 .venv/bin/python -m pip check
