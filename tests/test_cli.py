@@ -449,6 +449,41 @@ def test_fast_commands_import_no_heavy_library(tmp_path, write):
     assert heavy == []
 
 
+# ------------------------------------------------------------------ export
+def test_export_help_says_formats_dtypes_defaults_and_overwrite():
+    """The command's behaviour is tested in tests/test_export_hf.py; its help is checked here."""
+    assert "export" in invoke("--help").output
+    result = invoke("export", "--help")
+    assert result.exit_code == 0
+    text = "".join(result.output.split())  # click wraps lines at spaces and hyphens
+    for said in (
+        "--format",
+        "hf: bf16, f16 or f32",
+        "gguf: f32, f16, bf16, q8_0 or q4_0",
+        "NAME-hf/",
+        "NAME-DTYPE.gguf",
+        "NAME-DTYPE.Modelfile",
+        "--checkpoint",
+        "Replace an earlier export at the output (never anything else)",
+    ):
+        assert "".join(said.split()) in text, said
+
+
+def test_export_refuses_flags_before_importing_torch(capsys):
+    heavy = imported_heavy_modules(
+        """
+        import contextlib, io
+        from tuneplex.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            assert main(["export", "--help"]) == 0
+            assert main(["export", "run", "--format", "hf", "--ollama"]) == 2
+        assert err.getvalue().strip() == "--ollama: an Ollama Modelfile goes with --format gguf"
+        """
+    )
+    assert heavy == []
+
+
 # ------------------------------------------------------------------ installed console script
 def test_console_script(tmp_path, write):
     exe = shutil.which("tuneplex", path=str(Path(sys.executable).parent)) or shutil.which(

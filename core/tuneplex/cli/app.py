@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from tuneplex import __version__
-from tuneplex.cli import data, jobs, runs, train, use
+from tuneplex.cli import data, export, jobs, runs, train, use
 from tuneplex.cli.common import echo_lines
 from tuneplex.errors import EXIT_USAGE, TuneplexError, missing_package
 
@@ -49,6 +49,7 @@ app.command("train")(train.train_cmd)
 app.command("generate")(use.generate_cmd)
 app.command("chat")(use.chat_cmd)
 app.command("eval")(use.eval_cmd)
+app.command("export")(export.export_cmd)
 app.add_typer(data.data_app, name="data")
 app.add_typer(runs.runs_app, name="runs")
 

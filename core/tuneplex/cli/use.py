@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -13,18 +12,9 @@ from typing import Annotated
 import typer
 
 from tuneplex.cli.common import reported
+from tuneplex.cli.targets import CheckpointOpt, TargetArg, resolved
 from tuneplex.errors import Problem, UsageError
 
-TargetArg = Annotated[
-    str,
-    typer.Argument(
-        help="A run directory (its final/), a model or adapter directory, or a Hugging Face id."
-    ),
-]
-CheckpointOpt = Annotated[
-    str | None,
-    typer.Option("--checkpoint", help="With a run: best, latest or step_N instead of its final/."),
-]
 DtypeOpt = Annotated[
     str | None,
     typer.Option(
@@ -82,23 +72,18 @@ def _loaded(
     long as the command runs. `columns` (--column-mapping) maps the rows of data files."""
     from dataclasses import replace
 
-    from tuneplex import console
     from tuneplex.inference.loading import DTYPES, load, pick_device
-    from tuneplex.inference.target import resolve
-    from tuneplex.progress import quiet_third_party_logs
 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(Problem("--dtype", f"{dtype!r}: choose from {', '.join(DTYPES)}"))
     mapping = _columns(columns)
-    quiet_third_party_logs()
-    with tempfile.TemporaryDirectory(prefix="tuneplex-weights-") as scratch:
-        device = pick_device()
-        with console.defects_as_one_line():
-            resolved = resolve(target, checkpoint=checkpoint, device=device, scratch=Path(scratch))
-            if mapping is not None:
-                spec = replace(resolved.spec, column_mapping=mapping, format="column_mapped")
-                resolved = replace(resolved, spec=spec)
-            yield load(resolved, device=device, dtype=dtype)
+    device = pick_device()
+    with resolved(target, checkpoint=checkpoint, device=device) as found:
+        if mapping is not None:
+            found = replace(
+                found, spec=replace(found.spec, column_mapping=mapping, format="column_mapped")
+            )
+        yield load(found, device=device, dtype=dtype)
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed):

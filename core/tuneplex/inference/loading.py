@@ -127,3 +127,25 @@ def _adapter(model, target: Target):
         raise UsageError(
             Problem(target.label, f"{target.path}: cannot load the adapter ({first_line(exc)})")
         ) from None
+
+
+def weights_config(target: Target):
+    """The transformers config of the weights `load` starts from (the base, for an adapter),
+    read without loading any weights."""
+    from transformers import AutoConfig
+
+    from tuneplex.data.sources import hub_offline
+    from tuneplex.nn.models import resolve_model_ref
+
+    ref = target.base if target.adapter else target.path
+    where, local = resolve_model_ref(ref, key=target.label)
+    try:
+        return AutoConfig.from_pretrained(
+            where,
+            local_files_only=local or hub_offline(),
+            trust_remote_code=target.trust_remote_code,
+        )
+    except Exception as exc:
+        raise UsageError(
+            Problem(target.label, f"{ref}: cannot read its config ({first_line(exc)})")
+        ) from None
