@@ -161,7 +161,7 @@ def _sentencepiece(spec, by_id, added, merges, rows, unk) -> Vocab:
 def _space_prefix(normalizer: dict | None, pre: dict | None) -> tuple[bool, tuple[str, ...]]:
     """Whether text gets a leading ▁ as llama.cpp's `add_space_prefix` gives it: before every
     stretch of text that starts the input or follows a special token. That is the legacy
-    normalizer (Prepend + Replace) or Metaspace's "always"; Metaspace's "first" prefixes the
+    normalizer (Prepend + Replace), or nearly Metaspace's "always"; Metaspace's "first" prefixes the
     input's start only, which llama.cpp cannot do: written without the prefix, so prompts that
     begin with a special token (as chat templates render them) tokenize alike."""
     norms = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
@@ -173,8 +173,13 @@ def _space_prefix(normalizer: dict | None, pre: dict | None) -> tuple[bool, tupl
         return kinds.get("Prepend", {}).get("prepend") == SPIECE, ()
     if pre and pre.get("type") == "Metaspace" and not normalizer:
         scheme = pre.get("prepend_scheme", "always")
-        if scheme != "first":
-            return scheme == "always", ()
+        if scheme == "never":
+            return False, ()
+        if scheme == "always":  # Metaspace adds no ▁ where the text already starts with one
+            return True, (
+                "text that starts with a space after a special token (or at the start) gets "
+                "one more ▁ from llama.cpp than from the tokenizer",
+            )
         return False, (
             "the tokenizer puts SentencePiece's leading ▁ at the start of the input only; "
             "llama.cpp cannot, so text that starts a prompt with no special token before it "
