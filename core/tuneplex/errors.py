@@ -185,6 +185,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tensorboard": ("the TensorBoard tracker", ("tensorboard",)),
     "math_verify": ("the math metric", ("eval",)),
     "lm_eval": ("--lm-eval", ("eval",)),
+    "gguf": ("--format gguf", ("export",)),
 }
 
 
