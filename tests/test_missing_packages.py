@@ -222,7 +222,8 @@ def imported_packages(root: Path) -> set[str]:
 
 def test_every_imported_package_is_declared_where_its_importer_is_installed():
     """The core imports only its own dependencies, plus optional packages its extras name;
-    each plugin declares what it imports (itself, or through tuneplex[data])."""
+    each plugin declares what it imports (itself, or through tuneplex[data]), and brings the
+    export extra (`tuneplex export --format gguf` works on every backend install)."""
     core = project(ROOT / "pyproject.toml")
     core_deps = {requirement_name(r) for r in core["dependencies"]}
     assert {DISTRIBUTION.get(m, m) for m in CORE_DEPENDENCIES} == core_deps
@@ -230,10 +231,11 @@ def test_every_imported_package_is_declared_where_its_importer_is_installed():
     assert imported_packages(ROOT / "core" / "tuneplex") <= CORE_DEPENDENCIES | set(
         OPTIONAL_PACKAGES
     )
-    data = {requirement_name(r) for r in core["optional-dependencies"]["data"]}
+    extras = core["optional-dependencies"]
+    data = {requirement_name(r) for r in extras["data"] + extras["export"]}
     for plugin in ("automodel", "unsloth"):
         meta = project(ROOT / "plugins" / plugin / "pyproject.toml")
-        assert "tuneplex[data] @ {root:parent:parent:uri}" in meta["dependencies"]
+        assert "tuneplex[data,export] @ {root:parent:parent:uri}" in meta["dependencies"]
         declared = {requirement_name(r) for r in meta["dependencies"]} | data | core_deps
         needed = imported_packages(ROOT / "plugins" / plugin)
         assert {DISTRIBUTION.get(m, m) for m in needed} <= declared, plugin
