@@ -353,3 +353,30 @@ def test_greedy_generation_in_llama_cpp_equals_tuneplex_generate(kind, runs, tmp
             assert answer["finish_reason"] == "stop"
     finally:
         llm.close()
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,  # most frequencies scaled at these lengths
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_rotary_scalings_in_llama_cpp(kind, chatml, tmp_path):
+    from helpers import build_family
+
+    params = {"rope_theta": 10000.0, **ROPE_SCALINGS[kind]}
+    model = build_family("LlamaForCausalLM", chatml, rope_parameters=params).eval()
+    plain = build_family("LlamaForCausalLM", chatml).eval()  # same weights, unscaled
+    path = tmp_path / "m.gguf"
+    write_gguf(model=model, tokenizer=chatml, out=path, dtype="f32", chat_template=None, eos_ids=[])
+    ids = chatml(PROMPT)["input_ids"]
+    want = hf_logits(model, ids)
+    assert relative(hf_logits(plain, ids), want) > 1e-2  # the scaling matters here
+    assert relative(llama_logits(path, ids), want) < TOLERANCE["f32"][0]
