@@ -81,7 +81,11 @@ smoke_automodel() {
   [ -f "$WORK/run/curves.png" ] || fail "no curves.png (matplotlib comes with the extra)"
   expect 0 "" tuneplex generate "$WORK/run" "Repeat: a b" --max-new-tokens 4
   expect 0 '"loss"' tuneplex eval "$WORK/run" --data examples/data/val.jsonl --no-generate --json
-  absent math_verify lm_eval
+  expect 0 "wrote $WORK/hf" tuneplex export "$WORK/run" --format hf -o "$WORK/hf"
+  expect 0 "wrote $WORK/run.gguf" \
+    tuneplex export "$WORK/run" --format gguf --dtype q8_0 --ollama -o "$WORK/run.gguf"
+  expect 2 "exists" tuneplex export "$WORK/run" --format hf -o "$WORK/hf"
+  absent math_verify lm_eval llama_cpp
   expect 2 "pip install 'tuneplex[eval]'" \
     tuneplex eval "$WORK/run" --data examples/data/val.jsonl --metrics math
   expect 2 "pip install 'tuneplex[eval]'" tuneplex eval "$WORK/run" --lm-eval hellaswag
