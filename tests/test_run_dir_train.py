@@ -59,13 +59,14 @@ def test_resume_skips_a_damaged_checkpoint_and_continues_the_same_losses(capsys,
     shutil.copytree(whole, broken)
     shutil.rmtree(broken / "final")
     (broken / "summary.json").unlink()
-    _truncate(broken / "checkpoints" / "step_8" / "model.safetensors", 1000)
-    (broken / "checkpoints" / "step_6" / "trainer_state.json").write_text("{")
+    shard = "dcp/__0_0.distcp"  # the one process's shard file
+    _truncate(broken / "checkpoints" / "step_8" / shard, 1000)
+    (broken / "checkpoints" / "step_6" / shard).unlink()  # a missing shard
     code, out, err = train(capsys, job(), "-o", broken, "--resume")
     assert code == 0, err
     assert err.splitlines() == [
-        "tuneplex: checkpoints/step_8 is damaged: model.safetensors is 1000 bytes, "
-        f"{(whole / 'checkpoints' / 'step_8' / 'model.safetensors').stat().st_size} were "
+        f"tuneplex: checkpoints/step_8 is damaged: {shard} is 1000 bytes, "
+        f"{(whole / 'checkpoints' / 'step_8' / shard).stat().st_size} were "
         "written (truncated?) (and 1 older, also damaged); resuming from checkpoints/step_4"
     ]
     assert "resuming from" in out and "step_4" in out

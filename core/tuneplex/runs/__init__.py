@@ -8,12 +8,14 @@ from tuneplex.runs.checkpoints import (
     checkpoint_path,
     complete_checkpoints,
     damage,
+    install,
     latest_checkpoint,
     mark_complete,
     prune_checkpoints,
     remove_checkpoint,
     remove_stale_temporaries,
     resume_checkpoint,
+    temporary_path,
 )
 from tuneplex.runs.directory import (
     JOB_FILE,
@@ -62,6 +64,7 @@ __all__ = [
     "damage",
     "default_run_dir",
     "hold_as_worker",
+    "install",
     "interrupted",
     "is_run",
     "latest_checkpoint",
@@ -77,6 +80,7 @@ __all__ = [
     "resume_command",
     "run_summary",
     "stopped_early",
+    "temporary_path",
     "write_json_atomic",
     "write_summary",
 ]

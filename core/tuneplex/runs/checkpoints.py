@@ -157,9 +157,9 @@ class AtomicDir:
     and removed by `remove_stale_temporaries`.
     """
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, *, pid: int | None = None):
         self.target = Path(target)
-        self.tmp = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_path(self.target, pid=pid)
 
     def __enter__(self) -> Path:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -170,14 +170,27 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        _fsync_tree(self.tmp)
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install(self.tmp, self.target)
+
+
+def temporary_path(target: Path, *, pid: int | None = None) -> Path:
+    """Where `target` is built before `install`: `.NAME.tmp-PID`. Several processes building
+    one directory (ranks writing their shards) pass the PID of the one that installs it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def install(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` into place as `target` (an older `target` is replaced),
+    after fsyncing everything in it."""
+    _fsync_tree(tmp)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:

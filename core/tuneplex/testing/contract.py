@@ -101,7 +101,9 @@ def assert_run_directory(run_dir, *, completed: bool = True) -> None:
         full = (final / "config.json").is_file() and any(final.glob("*.safetensors"))
         assert adapter or full, "final/ holds neither an adapter nor a model"
     for _, path in complete_checkpoints(run_dir):
-        assert any(path.glob("*.safetensors")), f"{path} holds no weights"
+        # weights in any format (safetensors, DCP shards): some file that is not JSON
+        held = [p for p in path.rglob("*") if p.is_file() and p.suffix != ".json"]
+        assert any(p.stat().st_size for p in held), f"{path} holds no weights"
 
 
 def reference_val_loss(model, run_dir, backend: str) -> float:

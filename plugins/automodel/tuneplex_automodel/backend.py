@@ -73,7 +73,7 @@ class AutomodelBackend:
     ) -> TrainedModel:
         import torch
 
-        from tuneplex_automodel.checkpoint import as_pretrained
+        from tuneplex_automodel.final import as_pretrained
         from tuneplex_automodel.trainer import pick_runtime
 
         runtime = pick_runtime(job, torch.device(device))

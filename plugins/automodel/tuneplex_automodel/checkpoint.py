@@ -1,330 +1,370 @@
-"""Resumable checkpoints and the final export, written atomically, read without unpickling.
+"""Resumable checkpoints in torch.distributed.checkpoint's (DCP) sharded format.
 
 A checkpoint directory `checkpoints/step_N/` holds:
-- `model.safetensors`   the trained weights (the adapter for LoRA, every weight otherwise),
-                         keyed by parameter name;
-- `optimizer.safetensors` AdamW moments and step counts, keyed `<parameter>::<name>`;
-- `rng.safetensors`     torch CPU (and CUDA) generator states;
-- `trainer_state.json`  step, data position, schedule, optimizer hyper-parameters, Python and
-                         numpy RNG, counters;
-- `tuneplex_complete.json` written last (core's `mark_complete`): only then is it a checkpoint.
-State dicts go through `torch.distributed.checkpoint.state_dict`, which gathers full tensors
-from sharded (FSDP2/DTensor) models as well as plain ones. Pipeline stages each hold part of
-the model: `merge` brings their parts to rank 0 for one file, and each stage loads its part.
+- `dcp/`                 model and optimizer state: DCP's `.metadata` and one `__R_0.distcp`
+                         per rank with that rank's shards (the adapter for LoRA, every weight
+                         otherwise; AdamW moments and steps keyed per parameter, so pipeline
+                         stages and any sharding map onto one set of names);
+- `rng_R.json`           rank R's torch (CPU, CUDA), Python and numpy generator states;
+- `trainer_state.json`   step, data position, schedule, optimizer settings, the parallel
+                         layout it was written with, counters (rank 0);
+- `tuneplex_complete.json` written last, by rank 0 (core's `mark_complete`).
+
+Each rank writes only its own shards, so no rank ever holds more than its shards plus DCP's
+staging copy, and DCP reshards on load: a checkpoint resumes onto another parallel layout.
+Every rank builds the directory under one temporary name (rank 0's PID); DCP's save returns on
+rank 0 only after every rank's files are written and fsynced (its closing gather), and only
+then does rank 0 write the marker and rename the directory into place. An asynchronous save
+(`dcp.async_save`, on a gloo group of its own) finishes in a background thread while the next
+steps run; rank 0 completes it the same way once its future is done. Old-format checkpoints
+(`checkpoint_legacy`) still resume.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneplex.errors import Problem, UsageError, first_line
-from tuneplex.runs import AtomicDir, checkpoint_path, mark_complete
+from tuneplex.runs import (
+    checkpoint_path,
+    install,
+    mark_complete,
+    prune_checkpoints,
+    temporary_path,
+)
+
+from tuneplex_automodel.checkpoint_legacy import is_legacy, load_legacy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tuneplex_automodel.parallel.mesh import Dist
 
 STATE_FILE = "trainer_state.json"
+SHARDS_DIR = "dcp"
+FORMAT = 2
+"""`trainer_state.json`'s format: 2 is sharded (DCP); old checkpoints carry no format."""
+MODEL_KEY = "model"
+OPTIM_KEY = "optim"
+LAYOUT_KEY = "layout"
 
-SEP = "::"
 
-
-def _options(*, every_rank: bool = False, **kw):
-    """Full tensors, on CPU on rank 0 only; or, `every_rank`, on every rank (pipeline stages
-    other than rank 0's need their own full state to send it on)."""
+def _options(**kw):
+    """Sharded (each rank its own part), frozen weights left out, optimizer state flattened to
+    one key per parameter and value, which DCP can shard and pipeline stages can share."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=not every_rank, **kw)
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, **kw)
 
 
-def _cpu(tree):
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: _cpu(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_cpu(v) for v in tree]
-    return tree
-
-
-def full_model_state(model, *, merge=None, **kw) -> dict[str, Any] | None:
-    """The whole model's full state dict on rank 0 (CPU tensors); None on ranks that hold no
-    whole copy. `merge(state) -> [state of each stage] | None` joins pipeline stages."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    if merge is None:
-        return get_model_state_dict(model, options=_options(**kw))
-    parts = merge(_cpu(get_model_state_dict(model, options=_options(every_rank=True, **kw))))
-    return None if parts is None else {k: v for part in parts for k, v in part.items()}
-
-
-def _merge_optimizer(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    groups = [dict(g) for g in parts[0]["param_groups"]]
-    for g in groups:
-        g["params"] = []
-    state: dict[str, Any] = {}
-    for part in parts:
-        state.update(part["state"])
-        for g, pg in zip(groups, part["param_groups"], strict=True):
-            g["params"] += list(pg["params"])
-    return {"state": state, "param_groups": groups}
-
-
-def _dedupe(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """safetensors refuses shared storage (tied embeddings): keep one name, note the aliases."""
-    seen: dict[tuple, str] = {}
-    out, aliases = {}, {}
-    for name, t in tensors.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        out[name] = t.contiguous()
-    return out, aliases
-
-
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    *,
-    model,
-    optimizer,
-    state: dict[str, Any],
-    write: bool = True,
-    merge=None,
-) -> Path:
-    """Gather the full state (a collective on every rank) and write it (on `write` ranks)."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
+def _state_dicts(model, optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    options = _options(ignore_frozen_params=True, every_rank=merge is not None)
-    msd, osd = get_state_dict(model, optimizer, options=options)
-    target = checkpoint_path(run_dir, step)
-    if merge is not None:
-        parts = merge(_cpu((msd, osd)))
-        if parts is None:
-            return target
-        msd = {k: v for m, _ in parts for k, v in m.items()}
-        osd = _merge_optimizer([o for _, o in parts])
-    if not write:
-        return target
-    weights, aliases = _dedupe(msd)
-    moments = {
-        f"{fqn}{SEP}{name}": t.detach().reshape(t.shape).contiguous()
-        for fqn, entries in osd["state"].items()
-        for name, t in entries.items()
-        if isinstance(t, torch.Tensor)
+    msd, osd = get_state_dict(model, optimizer, options=_options())
+    return {MODEL_KEY: msd, OPTIM_KEY: osd}
+
+
+def layout_of(dist: Dist) -> dict[str, Any]:
+    """The parallel layout a checkpoint is written with, as trainer_state.json keeps it."""
+    return {"processes": dist.world_size, "shown": dist.dims.describe(), **dist.dims.as_dict()}
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    future: Any | None
+    """The async save's future (None: saved synchronously, only the marker is left)."""
+
+
+class Checkpointer:
+    """Saves (sync or async) and loads this run's checkpoints; one per training process.
+
+    `saved_step` is the step of the last save begun, the same on every rank, so that every
+    rank takes the same decision about saving again without a collective."""
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        dist: Dist,
+        asynchronous: bool,
+        keep: int | None,
+        on_saved: Callable[[Path, int], None],
+    ):
+        self.run_dir = Path(run_dir)
+        self.dist = dist
+        self.asynchronous = asynchronous
+        self.keep = keep
+        self.on_saved = on_saved
+        self.saved_step = 0
+        self.pending: _Pending | None = None
+        self.group = None
+        self.pid = os.getpid()
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+
+            # a gloo group of its own: async saves run collectives from a background thread,
+            # which must not interleave with training's on the default group
+            self.group = tdist.new_group(backend="gloo")
+            shared = [self.pid]
+            tdist.broadcast_object_list(shared, src=0, group=self.group)
+            self.pid = shared[0]
+
+    # -- saving --------------------------------------------------------------------------------
+    def save(self, step: int, *, model, optimizer, state: dict[str, Any]) -> None:
+        """Save at `step` (on every rank): synchronously, or begun asynchronously (the previous
+        async save is finished first)."""
+        self.wait()
+        target = checkpoint_path(self.run_dir, step)
+        tmp = temporary_path(target, pid=self.pid)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        _write_rng(tmp, rank=self.dist.rank)
+        if self.dist.is_main:
+            groups = [
+                {k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+                for g in optimizer.param_groups
+            ]
+            full = {
+                **state,
+                "format": FORMAT,
+                "step": step,
+                LAYOUT_KEY: layout_of(self.dist),
+                "param_groups": groups,
+            }
+            _write_json(tmp / STATE_FILE, full)
+        self.saved_step = step
+        states = _state_dicts(model, optimizer)
+        writer = _writer(tmp / SHARDS_DIR)
+        import torch.distributed.checkpoint as dcp
+
+        if self.asynchronous:
+            future = dcp.async_save(
+                states, storage_writer=writer, process_group=self.group, no_dist=self._no_dist
+            )
+            self.pending = _Pending(step=step, tmp=tmp, future=future)
+            return
+        dcp.save(states, storage_writer=writer, process_group=self.group, no_dist=self._no_dist)
+        self.pending = _Pending(step=step, tmp=tmp, future=None)
+        self.wait()
+
+    def poll(self) -> None:
+        """Complete an async save whose writes are done (never blocks)."""
+        pending = self.pending
+        if pending is not None and (pending.future is None or pending.future.done()):
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any (blocks); rank 0 then marks it complete, renames
+        it into place and prunes. A failed write leaves only a temporary directory."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        if not self.dist.is_main:
+            return
+        target = checkpoint_path(self.run_dir, pending.step)
+        mark_complete(pending.tmp, step=pending.step)
+        install(pending.tmp, target)
+        _fsync_dir(target.parent)
+        self.on_saved(target, pending.step)
+        prune_checkpoints(self.run_dir, self.keep)
+
+    def settle(self) -> None:
+        """On the way out after an error: finish a save in flight if it can be; if not, its
+        temporary directory stays, never counted and removed on resume."""
+        try:
+            self.wait()
+        except Exception:  # the error on its way out is the one to report
+            self.pending = None
+
+    @property
+    def _no_dist(self) -> bool:
+        return self.dist.world_size == 1
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            import torch.distributed as tdist
+
+            tdist.barrier(group=self.group)
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, path: Path, *, model, optimizer, partial: bool) -> dict[str, Any]:
+        """Restore weights, optimizer and this rank's RNG from `path`; returns its trainer
+        state. `partial`: the model is one pipeline stage, which takes its own part."""
+        state = _read_state(path)
+        if is_legacy(path):
+            return load_legacy(path, model=model, optimizer=optimizer, state=state, partial=partial)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        states = _state_dicts(model, optimizer)
+        metadata = read_metadata(path)
+        check_fits(path, metadata=metadata, model_state=states[MODEL_KEY], partial=partial)
+        try:
+            dcp.load(
+                states,
+                storage_reader=_reader(path / SHARDS_DIR),
+                process_group=self.group,
+                no_dist=self._no_dist,
+            )
+        except Exception as exc:  # DCP wraps each rank's failure in its own error type
+            raise UsageError(
+                Problem(str(path), f"unreadable checkpoint: {first_line(exc)}")
+            ) from None
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=states[MODEL_KEY],
+            optim_state_dict=states[OPTIM_KEY],
+            options=_options(strict=False),  # frozen weights are not in it (checked above)
+        )
+        _read_rng(path, rank=self.dist.rank)
+        self.saved_step = int(state["step"])
+        return state
+
+
+# -- files -----------------------------------------------------------------------------------
+def _writer(path: Path):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    # fsynced: the marker is written on the strength of these files being durable
+    return FileSystemWriter(str(path), sync_files=True, single_file_per_rank=True)
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path))
+
+
+def read_metadata(path: Path):
+    """DCP's metadata of checkpoint `path` (what every key's global shape and dtype is)."""
+    try:
+        return _reader(Path(path) / SHARDS_DIR).read_metadata()
+    except Exception as exc:
+        raise UsageError(Problem(str(path), f"unreadable checkpoint: {first_line(exc)}")) from None
+
+
+def check_fits(path: Path, *, metadata, model_state: dict[str, Any], partial: bool) -> None:
+    """Refuse, in one line, a checkpoint of another model (names, or shapes: a LoRA rank)."""
+    prefix = MODEL_KEY + "."
+    saved = {
+        k[len(prefix) :]: tuple(m.size)
+        for k, m in metadata.state_dict_metadata.items()
+        if k.startswith(prefix) and hasattr(m, "size")
     }
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    full_state = {
-        **state,
-        "step": step,
-        "aliases": aliases,
-        "param_groups": [
-            {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
-            for g in osd["param_groups"]
-        ],
-        "python_rng": _jsonable(random.getstate()),
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    wanted = {k: tuple(t.shape) for k, t in model_state.items()}
+    missing = sorted(set(wanted) - set(saved))[:3]
+    extra = [] if partial else sorted(set(saved) - set(wanted))[:3]
+    shapes = [
+        f"{k} {list(saved[k])} vs {list(shape)}"
+        for k, shape in wanted.items()
+        if k in saved and saved[k] != shape
+    ][:2]
+    if missing or extra:
+        why = f"missing {missing}, unexpected {extra}"
+    elif shapes:
+        why = "shapes differ: " + "; ".join(shapes)
+    else:
+        return
+    raise UsageError(Problem(str(path), f"checkpoint does not fit this model ({why})"))
+
+
+def model_tensors(path: Path) -> dict[str, Any]:
+    """The weights a checkpoint holds, as full CPU tensors by parameter name, read in this one
+    process (for generate / eval on a checkpoint, which load the whole model anyway)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if is_legacy(path):
+        from tuneplex_automodel.checkpoint_legacy import legacy_model_tensors
+
+        return legacy_model_tensors(path)
+    prefix = MODEL_KEY + "."
+    tensors = {
+        k[len(prefix) :]: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in read_metadata(path).state_dict_metadata.items()
+        if k.startswith(prefix) and hasattr(m, "size")
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicDir(target) as tmp:
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(moments, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-        mark_complete(tmp, step=step)
-    return target
+    dcp.load({MODEL_KEY: tensors}, storage_reader=_reader(Path(path) / SHARDS_DIR), no_dist=True)
+    return tensors
 
 
-def load_checkpoint(path: Path, *, model, optimizer, partial: bool = False) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG from `path`; return its trainer state.
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(Problem(str(path), f"unreadable checkpoint: {first_line(exc)}")) from None
 
-    `partial`: the model is one pipeline stage, which takes its own part of the checkpoint."""
+
+def _write_json(file: Path, value: Any) -> None:
+    with file.open("w", encoding="utf-8") as fh:
+        json.dump(value, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _b64(t) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _write_rng(directory: Path, *, rank: int) -> None:
+    """This rank's generator states (ranks draw differently: dropout, sampling)."""
     import numpy as np
     import torch
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    try:
-        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        weights = load_file(str(path / "model.safetensors"))
-        moments = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise UsageError(Problem(str(path), f"unreadable checkpoint: {first_line(exc)}")) from None
-    for name, target in state["aliases"].items():
-        weights[name] = weights[target]
-    expected = {
-        name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad
+    kind, keys, *rest = np.random.get_state()
+    states = {
+        "torch_cpu": _b64(torch.get_rng_state()),
+        "torch_cuda": _b64(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
+        "python": _lists(random.getstate()),
+        "numpy": [kind, keys.tolist(), *rest],
     }
-    if partial:
-        weights = {k: v for k, v in weights.items() if k in expected}
-    if set(weights) != expected:
-        missing = sorted(expected - set(weights))[:3]
-        extra = sorted(set(weights) - expected)[:3]
-        raise UsageError(
-            Problem(
-                str(path),
-                f"checkpoint does not fit this model (missing {missing}, unexpected {extra})",
-            )
-        )
-    per_param: dict[str, dict[str, Any]] = {}
-    for key, t in moments.items():
-        fqn, name = key.rsplit(SEP, 1)
-        if fqn in expected:
-            per_param.setdefault(fqn, {})[name] = t
-    groups = [
-        {**g, "params": [n for n in g["params"] if n in expected]} for g in state["param_groups"]
-    ]
-    osd = {"state": per_param, "param_groups": groups}
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=weights,
-        optim_state_dict=osd,
-        options=_options(strict=False),
-    )
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    random.setstate(_tupled(state["python_rng"]))
-    kind, keys, *rest = state["numpy_rng"]
+    _write_json(directory / f"rng_{rank}.json", states)
+
+
+def _read_rng(path: Path, *, rank: int) -> None:
+    """This rank's states; a rank the checkpoint's layout did not have takes rank 0's."""
+    import numpy as np
+    import torch
+
+    file = path / f"rng_{rank}.json"
+    states = json.loads((file if file.is_file() else path / "rng_0.json").read_text())
+
+    def tensor(text: str):
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(states["torch_cpu"]))
+    if states["torch_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(states["torch_cuda"]))
+    random.setstate(_tuples(states["python"]))
+    kind, keys, *rest = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    return state
 
 
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, tuple | list) else x
+def _lists(x):
+    return [_lists(v) for v in x] if isinstance(x, tuple | list) else x
 
 
-def _tupled(x):
-    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
-
-
-def export_final(
-    target: Path, *, model, tokenizer, merge: bool, lora: bool, dtype: Any | None
-) -> str:
-    """Write `final/` in the ecosystem's formats; returns a phrase saying what it holds.
-
-    LoRA: adapter_config.json + adapter_model.safetensors (peft). Merged LoRA: the merged
-    model (config.json + safetensors) and, under adapter/, the adapter it was made from.
-    Full weights: the model. Weights are cast to `dtype` (the base checkpoint's) when given.
-    """
-    with AtomicDir(target) as tmp:
-        if lora and not merge:
-            model.save_pretrained(str(tmp))
-            what = "LoRA adapter: peft.PeftModel.from_pretrained(base, path)"
-        else:
-            if lora:
-                model.save_pretrained(str(tmp / "adapter"))
-                model = model.merge_and_unload()
-                what = "merged model (adapter in adapter/): AutoModelForCausalLM.from_pretrained"
-            else:
-                what = "full model: AutoModelForCausalLM.from_pretrained(path)"
-            if dtype is not None:
-                model = model.to(dtype)
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-    return what
-
-
-def export_run(target: Path, *, job, model, tokenizer, dist, load_dtype, dtype) -> str | None:
-    """final/ from rank 0. With several processes the full weights are gathered to rank 0
-    first and loaded into a CPU copy of the model (weights in `load_dtype`), which is what gets
-    saved; `dtype` is the one final/ is written in (None: as trained)."""
-    from tuneplex_automodel.model import apply_lora, load_model
-
-    lora = job.training.lora
-    if dist.world_size > 1:
-        full = full_model_state(model, merge=stage_merger(dist))
-        if not dist.is_main:
-            return None
-        model, _ = load_model(
-            job.model,
-            dtype=load_dtype,
-            device="cpu",
-            trust_remote_code=job.training.trust_remote_code,
-        )
-        if lora is not None:
-            model = apply_lora(
-                model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
-            )
-        model.load_state_dict(full, strict=True)
-    return export_final(
-        target,
-        model=model,
-        tokenizer=tokenizer,
-        merge=job.training.merges_adapter,
-        lora=lora is not None,
-        dtype=dtype,
-    )
-
-
-def as_pretrained(weights: Path, *, job, scratch: Path) -> Path:
-    """`weights` as a directory transformers / peft load: final/ as it is; a checkpoint written
-    under `scratch` — a LoRA checkpoint as a peft adapter (its config and weights, names as
-    peft saves them), a full-weight one as the base's config beside its weights (linked)."""
-    import os
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    if not (weights / STATE_FILE).is_file():
-        return weights
-    file = weights / "model.safetensors"
-    try:
-        with safe_open(str(file), framework="pt") as fh:
-            names = list(fh.keys())
-            lora = job.training.lora
-            if lora is not None:
-                tensors = {_peft_name(n): fh.get_tensor(n) for n in names}
-    except Exception as exc:
-        raise UsageError(
-            Problem(str(weights), f"unreadable checkpoint: {first_line(exc)}")
-        ) from None
-    scratch.mkdir(parents=True, exist_ok=True)
-    if lora is not None:
-        from tuneplex_automodel.model import lora_config
-
-        config = lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
-        config.base_model_name_or_path = job.model
-        config.save_pretrained(str(scratch))
-        save_file(tensors, str(scratch / "adapter_model.safetensors"))
-        return scratch
-    from transformers import AutoConfig
-    from tuneplex.nn.models import resolve_model_ref
-
-    where, local = resolve_model_ref(job.model, key="model")
-    config = AutoConfig.from_pretrained(
-        where, local_files_only=local, trust_remote_code=job.training.trust_remote_code
-    )
-    config.save_pretrained(str(scratch))
-    os.symlink(file.resolve(), scratch / "model.safetensors")
-    return scratch
-
-
-def _peft_name(name: str) -> str:
-    """A LoRA parameter's name in the model (`...lora_A.default.weight`) as peft saves it in an
-    adapter file (`...lora_A.weight`)."""
-    for part in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
-        head, sep, tail = name.partition(part)
-        if sep and "." in tail:
-            return head + part + tail.split(".", 1)[1]
-    return name
-
-
-def stage_merger(dist):
-    """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
-    if dist.dims.pp == 1:
-        return None
-    from tuneplex_automodel.parallel.pp import merge_stages
-
-    return lambda state: merge_stages(state, dist=dist)
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x

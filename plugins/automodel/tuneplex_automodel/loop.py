@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from tuneplex.console import note
 from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
-from tuneplex.runs import checkpoint_path, prune_checkpoints, resume_checkpoint
+from tuneplex.runs import resume_checkpoint
 
-from tuneplex_automodel.checkpoint import load_checkpoint, save_checkpoint, stage_merger
+from tuneplex_automodel.checkpoint import LAYOUT_KEY, Checkpointer, layout_of
 from tuneplex_automodel.model import compile_seconds
 from tuneplex_automodel.parallel.mesh import clip_grad_norm
 from tuneplex_automodel.plan import learning_rate
@@ -82,6 +82,13 @@ class Loop:
         self.parts = parts
         self.params = [p for p in parts.model.parameters() if p.requires_grad]
         self.step = 0
+        self.checkpoints = Checkpointer(
+            run_dir=parts.run_dir,
+            dist=parts.dist,
+            asynchronous=False,
+            keep=parts.job.output.keep_checkpoints,
+            on_saved=lambda path, step: parts.recorder.checkpoint_saved(path, step=step),
+        )
 
     # -- resume ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -90,7 +97,7 @@ class Loop:
         if found is None:
             return
         step, path = found
-        state = load_checkpoint(
+        state = self.checkpoints.load(
             path, model=p.model, optimizer=p.optimizer, partial=p.pipe is not None
         )
         if state[DATA_KEY][ROWS_KEY] != p.plan.n_rows:
@@ -101,9 +108,19 @@ class Loop:
                     f"{state[DATA_KEY][ROWS_KEY]}; start a new run",
                 )
             )
+        self._say_layout(state.get(LAYOUT_KEY), path=path)
         self.step = step
         p.objective.restore(state)
         p.recorder.restore(state, step=step, checkpoint=str(path))
+
+    def _say_layout(self, was: dict[str, Any] | None, *, path: Path) -> None:
+        """A checkpoint resharded onto another layout says so, both layouts named."""
+        dist = self.parts.dist
+        now = layout_of(dist)
+        if not dist.is_main or was is None or _shown(was) == _shown(now):
+            return
+        name = f"{path.parent.name}/{path.name}"
+        note(f"tuneplex: {name} was written by {_shown(was)}; resharded onto {_shown(now)}")
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
@@ -123,18 +140,22 @@ class Loop:
                     self._stop_if_asked()
                     self._train_step(micro_plan[i], step_rows[i])
             self._stop_if_asked()  # a signal during the last step
+            self.checkpoints.wait()
         except KeyboardInterrupt:  # raised in the step, not by a signal handler of ours
+            self.checkpoints.wait()
             raise self.stopped(None) from None
+        finally:
+            self.checkpoints.settle()
 
     def _stop_if_asked(self) -> None:
         """Between steps: stop if any rank was told to (every rank takes the same answer, so
         none waits in a collective), with a checkpoint at the last completed step."""
         p = self.parts
+        self.checkpoints.poll()
         signum = p.dist.max_over_ranks(p.stop.signum)
         if not signum:
             return
-        if self.step and p.recorder.last_checkpoint != str(checkpoint_path(p.run_dir, self.step)):
-            self._checkpoint()
+        self._save_unsaved()
         raise self.stopped(signum)
 
     def _failed(self, error: TrainingStopped) -> TrainingStopped:
@@ -142,9 +163,15 @@ class Loop:
         that the run resumes once the cause is fixed; recorded as failed."""
         p = self.parts
         p.optimizer.zero_grad(set_to_none=True)
-        if self.step and p.recorder.last_checkpoint != str(checkpoint_path(p.run_dir, self.step)):
-            self._checkpoint()
+        self._save_unsaved()
         return p.recorder.failed(error)
+
+    def _save_unsaved(self) -> None:
+        """The last completed step saved (if it was not) and any save in flight finished, so
+        that what the run says it can resume from is on disk."""
+        if self.step and self.checkpoints.saved_step != self.step:
+            self._checkpoint()
+        self.checkpoints.wait()
 
     def stopped(self, signum: int | None, *, during: str | None = None) -> Interrupted:
         """Record the stop (rank 0); the error that says how to resume."""
@@ -176,6 +203,7 @@ class Loop:
                 p.optimizer.zero_grad(set_to_none=True)
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 value = loss_value if what == "loss" else norm_value
+                self.checkpoints.wait()  # the last good checkpoint, in place before the record
                 raise p.recorder.diverged(step=step, what=what, value=value)
             p.optimizer.step()
             p.optimizer.zero_grad(set_to_none=True)
@@ -229,19 +257,7 @@ class Loop:
 
     def _checkpoint(self) -> None:
         p = self.parts
-        path = save_checkpoint(
-            p.run_dir,
-            self.step,
-            model=p.model,
-            optimizer=p.optimizer,
-            state=self._state(),
-            write=p.dist.is_main,
-            merge=stage_merger(p.dist),
-        )
-        p.recorder.checkpoint_saved(path, step=self.step)
-        if p.dist.is_main:
-            prune_checkpoints(p.run_dir, p.job.output.keep_checkpoints)
-        p.dist.barrier()
+        self.checkpoints.save(self.step, model=p.model, optimizer=p.optimizer, state=self._state())
 
     def _state(self) -> dict[str, Any]:
         """The trainer state saved with a checkpoint: where the loop is, the recorder's
@@ -313,6 +329,11 @@ def device_batch(table: Table, indices, *, pad_id: int, device) -> dict[str, Any
     batch = collate(rows, pad_id=pad_id)
     non_blocking = device.type == "cuda"
     return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def _shown(layout: dict[str, Any]) -> str:
+    n = layout["processes"]
+    return f"{n} process{'es' if n > 1 else ''} ({layout['shown']})"
 
 
 def _silent(_: str) -> None:

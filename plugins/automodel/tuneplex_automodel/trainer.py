@@ -27,7 +27,7 @@ from tuneplex.progress import quiet_third_party_logs
 from tuneplex.runs import FINAL_DIR, RunHeader, RunRecorder, stopped_early
 from tuneplex.signals import Stop, StopSignals
 
-from tuneplex_automodel.checkpoint import export_run
+from tuneplex_automodel.final import export_run
 from tuneplex_automodel.launch import launch
 from tuneplex_automodel.loop import Components, Loop
 from tuneplex_automodel.model import (
