@@ -211,6 +211,7 @@ def test_llama_cpp_tokenizes_as_the_hf_tokenizer(kind, tokenizers, tmp_path):
 
 # -- runs trained here: a LoRA merged, generation to the end of turn -----------------------
 def _job(root: Path, model: str, ft: str, lr: str, epochs: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     train, val = root / "train.jsonl", root / "val.jsonl"
     write_rows(train, chat_rows(48))
     write_rows(val, chat_rows(6, seed=1))
@@ -241,27 +242,44 @@ optimizer:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
-    """{kind: run directory}: "full" (all weights, learns to answer and end its turn) and
-    "lora" (an adapter), each trained once, lazily."""
+    """{kind: run directory}, each trained once, lazily: "full" (all weights; learns to answer
+    and end its turn), "lora" (an adapter) on the ChatML Llama; "spm" (all weights) on a
+    Mistral with a SentencePiece-style tokenizer and the [INST] template, whose end of turn is
+    the eos the template writes."""
     from tuneplex.cli import main
 
     root = tmp_path_factory.mktemp("runs")
-    settings = {"full": ("all_weights", "5e-3", 10), "lora": ("lora", "2e-2", 8)}
+    settings = {
+        "full": ("all_weights", "5e-3", 10),
+        "lora": ("lora", "2e-2", 8),
+        "spm": ("all_weights", "5e-3", 10),
+    }
     made: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in made:
             ft, lr, epochs = settings[kind]
+            model = _spm_mistral(root / "spm-model") if kind == "spm" else tiny_model
             run = root / kind
             said = io.StringIO()
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                job = _job(root, tiny_model, ft, lr, epochs)
+                job = _job(root / f"{kind}-data", model, ft, lr, epochs)
                 code = main(["train", str(job), "-o", str(run)])
             assert code == 0, said.getvalue()[-3000:]
             made[kind] = run
         return made[kind]
 
     return get
+
+
+def _spm_mistral(out: Path) -> str:
+    from helpers import build_family
+    from tuneplex.testing.tiny import STYLES
+
+    tok = spm_tokenizer(out, template=STYLES["mistral"]["template"], prefix="legacy")
+    model = build_family("MistralForCausalLM", tok, sliding_window=None, initializer_range=0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return str(out)
 
 
 def _loaded(run: Path, scratch: Path):
@@ -296,7 +314,7 @@ def test_a_lora_runs_merged_model_in_llama_cpp_equals_base_plus_adapter(runs, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "spm"])
 def test_greedy_generation_in_llama_cpp_equals_tuneplex_generate(kind, runs, tmp_path):
     """The template embedded in the file renders the prompt training rendered; llama.cpp's
     greedy tokens are tuneplex's, and it stops on the same end-of-turn token."""
@@ -307,7 +325,7 @@ def test_greedy_generation_in_llama_cpp_equals_tuneplex_generate(kind, runs, tmp
     prompter, gen = loaded.engine()
     tok = loaded.tokenizer
     model = loaded.model.merge_and_unload() if kind == "lora" else loaded.model
-    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    end_of_turn = tok.convert_tokens_to_ids("</s>" if kind == "spm" else "<|im_end|>")
     assert end_of_turn in prompter.stop.token_ids
     path = tmp_path / "m.gguf"
     write_gguf(
@@ -321,16 +339,18 @@ def test_greedy_generation_in_llama_cpp_equals_tuneplex_generate(kind, runs, tmp
     texts = ["Reverse: river blue a", "Reverse: code fast", "Reverse: the model learns data"]
     ours = gen.generate([prompter.from_text(t).ids for t in texts], Sampling(max_new_tokens=24))
     assert all(c.stopped and c.end == [end_of_turn] for c in ours)  # it learned to end turns
+    assert any(c.ids for c in ours)  # after answering
 
     llm = llama(path)
     try:
         template = llm.metadata["tokenizer.chat_template"]
         assert template == tok.chat_template
         vocab = llm._model.vocab
+        bos = llm.token_bos()  # as llama-cpp-python's own chat handler renders
         chat = Jinja2ChatFormatter(
             template=template,
             eos_token=llm._model.token_get_text(llm.token_eos()),
-            bos_token="",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         )
         for text, done in zip(texts, ours, strict=True):
             messages = [{"role": "user", "content": text}]
