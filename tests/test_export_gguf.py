@@ -322,6 +322,15 @@ def test_the_file_holds_the_tokenizers_vocabulary(kind, tokenizers, tmp_path):
         assert field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
 
 
+def test_what_llama_cpp_runs_differently_is_said_in_the_report(chatml, tmp_path):
+    model = build_family("MistralForCausalLM", chatml).eval()  # a 4-token sliding window
+    report = _export(model, chatml, tmp_path / "m.gguf")
+    assert report["notes"] == [
+        "llama.cpp's llama architecture has no sliding window: it matches transformers for "
+        "contexts up to 4 tokens (the model's sliding window)"
+    ]
+
+
 def test_end_of_turn_ids_as_llama_cpp_reads_them(tokenizers, tmp_path):
     """eos stays the tokenizer's (a template may write it), the template's end of turn is eot,
     a second end of turn eom; one more is said in the report."""

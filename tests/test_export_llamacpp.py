@@ -400,3 +400,26 @@ def test_rotary_scalings_in_llama_cpp(kind, chatml, tmp_path):
     want = hf_logits(model, ids)
     assert relative(hf_logits(plain, ids), want) > 1e-2  # the scaling matters here
     assert relative(llama_logits(path, ids), want) < TOLERANCE["f32"][0]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_0"])
+def test_tied_embeddings_are_the_output_head_in_llama_cpp(dtype, chatml, tmp_path):
+    """No output tensor: llama.cpp reads the embeddings as the head (q8_0 in a q4_0 file)."""
+    import gguf
+    from helpers import build_family
+
+    model = build_family("Qwen2ForCausalLM", chatml, tie_word_embeddings=True).eval()
+    path = tmp_path / "m.gguf"
+    report = write_gguf(
+        model=model, tokenizer=chatml, out=path, dtype=dtype, chat_template=None, eos_ids=[]
+    )
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" not in types
+    assert types["token_embd.weight"] == ("F32" if dtype == "f32" else "Q8_0")
+    assert report["tensors"] == len(types)
+    ids = chatml(PROMPT)["input_ids"]
+    got = llama_logits(path, ids)
+    from_file = copy.deepcopy(model)
+    from_file.load_state_dict(read_back(path, model)[0])
+    assert relative(got, hf_logits(model, ids)) < TOLERANCE[dtype][0]
+    assert relative(got, hf_logits(from_file, ids)) < TOLERANCE[dtype][1]
