@@ -5,10 +5,10 @@
 
 Builds the model as bench/train_throughput.py does (float32 safetensors, a byte-level BPE with
 the Llama 3 template) and runs `tuneplex export MODEL --format F --dtype D -o OUT` once per
-format, each in a fresh process whose peak RSS comes from `os.wait4`. A baseline process loads
-the same model with transformers and exits: its peak is one copy of the model with torch
-imported. The table shows each export's wall time, peak RSS, peak over the baseline, and the
-size written, beside the model's size in memory (its parameters in float32).
+format, each in a fresh process whose peak RSS comes from `os.wait4` (loading included). For
+GGUF, another process loads the model, reads every weight, and times `write_gguf` alone with
+its RSS sampled: what writing adds to a model in memory, beside the model's size (its
+parameters in float32).
 """
 
 from __future__ import annotations
@@ -23,11 +23,40 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 FORMATS = "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,hf:f32"
-BASELINE = (
-    "import sys, torch; from transformers import AutoModelForCausalLM; "
-    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
-    "print(sum(p.numel() for p in m.parameters()))"
-)
+WRITER = """
+import json, resource, sys, threading, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tuneplex.export.gguf import write_gguf
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+[float(p.sum()) for p in model.parameters()]  # every weight resident before writing
+before, most, done = rss(), [0], threading.Event()
+
+def watch():
+    while not done.wait(0.002):
+        most[0] = max(most[0], rss())
+
+watcher = threading.Thread(target=watch)
+watcher.start()
+start = time.perf_counter()
+write_gguf(model=model, tokenizer=tok, out=Path(sys.argv[3]), dtype=sys.argv[2],
+           chat_template=tok.chat_template, eos_ids=[tok.eos_token_id])
+seconds = time.perf_counter() - start
+done.set()
+watcher.join()
+params = sum(p.numel() for p in model.parameters())
+print(json.dumps({"seconds": seconds, "before": before, "during": max(most[0], rss()),
+                  "parameters": params}))
+"""
+"""write_gguf alone, on a loaded model whose weights were all read (loading may map the file
+and leave pages unread): RSS before writing, and its largest value while writing (sampled
+every 2 ms)."""
 
 
 def measured(argv: list[str], *, log: Path) -> tuple[float, int, int]:
@@ -53,36 +82,25 @@ def run(shape: str, formats: list[str], workdir: Path) -> list[dict]:
 
     model = workdir / f"model-{shape}"
     build_model(model, shape)
-    base_log = workdir / "baseline.log"
-    wall, peak, code = measured([sys.executable, "-c", BASELINE, str(model)], log=base_log)
-    assert code == 0, base_log.read_text()[-2000:]
-    params = int(base_log.read_text().split()[-1])
-    rows = [
-        {
-            "what": "load only (baseline)",
-            "seconds": wall,
-            "peak_rss": peak,
-            "over_baseline": 0,
-            "written": 0,
-        }
-    ]
+    rows = []
     for spec in formats:
         fmt, _, dtype = spec.partition(":")
         out = workdir / (f"out-{dtype}.gguf" if fmt == "gguf" else f"out-{dtype}-hf")
         cmd = [sys.executable, "-m", "tuneplex", "export", str(model), "--format", fmt]
         cmd += ["--dtype", dtype, "-o", str(out), "--overwrite"]
         log = workdir / f"{fmt}-{dtype}.log"
-        wall, rss, code = measured(cmd, log=log)
+        wall, peak, code = measured(cmd, log=log)
         assert code == 0, log.read_text()[-2000:]
-        rows.append(
-            {
-                "what": f"export {fmt} {dtype}",
-                "seconds": wall,
-                "peak_rss": rss,
-                "over_baseline": rss - peak,
-                "written": size_of(out),
-            }
-        )
+        row = {"what": f"{fmt} {dtype}", "seconds": wall, "peak_rss": peak}
+        row["written"] = size_of(out)
+        if fmt == "gguf":
+            log = workdir / f"writer-{dtype}.log"
+            argv = [sys.executable, "-c", WRITER, str(model), dtype, str(workdir / "w.gguf")]
+            _, _, code = measured(argv, log=log)
+            assert code == 0, log.read_text()[-2000:]
+            row["writer"] = json.loads(log.read_text().strip().splitlines()[-1])
+        rows.append(row)
+    params = next(r["writer"]["parameters"] for r in rows if "writer" in r)
     for r in rows:
         r.update(shape=shape, parameters=params, model_bytes=4 * params)
     return rows
@@ -95,14 +113,23 @@ def table(rows: list[dict], command: str) -> str:
         f"`{command}` — shape {first['shape']}: {first['parameters'] / 1e6:.1f}M parameters, "
         f"{first['model_bytes'] / mib:.0f} MiB in float32; CPU, {os.cpu_count()} cores",
         "",
-        "| what | wall s | peak RSS MiB | over baseline MiB | written MiB |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| format | export s | export peak RSS MiB | write s | RSS before write MiB "
+        "| most while writing MiB | added by writing MiB | written MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['what']} | {r['seconds']:.1f} | {r['peak_rss'] / mib:.0f} | "
-            f"{r['over_baseline'] / mib:+.0f} | {r['written'] / mib:.0f} |"
-        )
+        w = r.get("writer")
+        writer = ["", "", "", ""]
+        if w is not None:
+            added = (w["during"] - w["before"]) / mib
+            writer = [
+                f"{w['seconds']:.1f}",
+                f"{w['before'] / mib:.0f}",
+                f"{w['during'] / mib:.0f}",
+                f"{added:+.0f}",
+            ]
+        cells = [r["what"], f"{r['seconds']:.1f}", f"{r['peak_rss'] / mib:.0f}", *writer]
+        lines.append("| " + " | ".join([*cells, f"{r['written'] / mib:.0f}"]) + " |")
     return "\n".join(lines)
 
 
