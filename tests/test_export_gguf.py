@@ -477,8 +477,8 @@ def _styles(tokenizers, marked):
     "name", ["chatml", "qwen", "llama3", "mistral", "gemma", "phi3", "granite"]
 )
 def test_modelfile_translates_each_style(name, tokenizers, marked, tmp_path):
-    """Recognized by rendering, translated to a Go template that Ollama's execution renders
-    exactly as the Jinja template does (less the BOS llama.cpp adds), run by Go itself."""
+    """Recognized by rendering; the Modelfile has its Go template, SYSTEM for a default system
+    prompt, and one stop per end-of-turn id."""
     from tuneplex.export.ollama import STYLES, go_template, modelfile, recognize
 
     tok, template, style, system, default = _styles(tokenizers, marked)[name]
@@ -496,9 +496,25 @@ def test_modelfile_translates_each_style(name, tokenizers, marked, tmp_path):
     assert f'TEMPLATE """{go}"""' in text
     assert (f'SYSTEM """{default}"""' in text) == (default is not None)
     assert {s.name for s in STYLES} >= {style}
-    if not go_available():
-        pytest.skip("Go is not installed: the Go template is not executed")
+
+
+@pytest.mark.skipif(not go_available(), reason="Go is not installed (apt: golang-go)")
+def test_ollama_renders_each_translated_template_as_the_jinja_template(
+    tokenizers, marked, tmp_path
+):
+    """Each Go template, executed by Go's text/template with Ollama's data (.System and
+    .Messages, as Ollama's template.Execute collates them), renders every conversation exactly
+    as the Jinja template does, less the BOS llama.cpp adds."""
+    from tuneplex.export.ollama import go_template, recognize
+
     cases, want = [], []
+    for tok, template, _, system, default in _styles(tokenizers, marked).values():
+        go = go_template(recognize(chat_template=template, tokenizer=tok).style, system=system)
+        _cases(cases, want, tok=tok, template=template, go=go, system=system, default=default)
+    assert go_render(cases, workdir=tmp_path) == want
+
+
+def _cases(cases, want, *, tok, template, go, system, default) -> None:
     for conv in CONVERSATIONS:
         if not system and any(m["role"] == "system" for m in conv):
             continue
@@ -510,7 +526,6 @@ def test_modelfile_translates_each_style(name, tokenizers, marked, tmp_path):
         if default and conv[0]["role"] != "system":  # Ollama sends the Modelfile's SYSTEM
             sent = [{"role": "system", "content": default}, *conv]
         cases.append({"template": go, "messages": sent})
-    assert go_render(cases, workdir=tmp_path) == want
 
 
 def test_modelfile_says_plainly_when_a_template_is_not_translated(marked, tmp_path):
