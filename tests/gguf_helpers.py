@@ -94,7 +94,9 @@ def spm_tokenizer(
     (vocab in piece order, merges from `generate_merges`), wrapped as a fast tokenizer with a
     chat template. `prefix`: "legacy" (normalizer Prepend ▁ + Replace, as Llama 2 and Mistral
     ship), "first" or "always" (a Metaspace pre-tokenizer) or "none" (Replace only, Gemma's)."""
-    import sentencepiece as spm
+    import pytest
+
+    spm = pytest.importorskip("sentencepiece", reason="trains the SentencePiece-style tokenizers")
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
