@@ -98,6 +98,37 @@ def test_resume_across_ranks(workdir, single):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("was", "now", "said"),
+    [
+        ((2, 1), (1, 1), "2 processes (dp 2); resharded onto 1 process (dp 1)"),
+        ((2, 1), (4, 1), "2 processes (dp 2); resharded onto 4 processes (dp 4)"),
+        ((2, 2), (2, 1), "2 processes (dp 1 × tp 2); resharded onto 2 processes (dp 2)"),
+    ],
+    ids=["dp2-to-dp1", "dp2-to-dp4", "tp2-to-dp2"],
+)
+def test_resume_onto_another_layout(workdir, single, was, now, said):
+    """A checkpoint of one layout resumed with another (only `parallelism` changed, by --set):
+    DCP reshards it; the global batch, and so the losses, stay the one-process run's."""
+    import shutil
+
+    run = workdir / f"reshard-{was}-{now}"
+    cli(workdir / "all_weights.yaml", "-o", run, *layout(was[0], tensor_parallel_size=was[1]))
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    shutil.rmtree(run / "final")
+    proc = cli(
+        workdir / "all_weights.yaml",
+        "-o",
+        run,
+        "--resume",
+        *layout(now[0], tensor_parallel_size=now[1]),
+    )
+    assert f"tuneplex: checkpoints/step_2 was written by {said}" in proc.stderr.splitlines()[0]
+    assert_same_run(single["all_weights"], run)
+    assert_same_final(single["all_weights"], run)
+
+
+@pytest.mark.slow
 def test_two_nodes_on_localhost(workdir, single):
     run = workdir / "two-nodes"
     port = free_port()

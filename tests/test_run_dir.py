@@ -89,6 +89,30 @@ def test_a_run_resumes_only_with_the_backend_that_began_it(fake_registry, job, t
     open_run(out, backend="fake", resume=True, **opened).close()
 
 
+def test_a_resume_may_change_only_the_sections_the_backend_names(tmp_path):
+    """The layout a backend reshards onto may change (`may_change`); anything else is refused."""
+    from pathlib import Path
+
+    from tuneplex.errors import UsageError
+    from tuneplex.runs import open_run
+
+    out = tmp_path / "run"
+    was = {"model": "m", "parallelism": {"num_gpus_per_node": 2}}
+    opened = dict(job_file=Path("j.yaml"), backend="fake", overwrite=False, note=print)
+    open_run(out, job=was, resume=False, **opened).close()
+    relaid = {"model": "m", "parallelism": {"num_gpus_per_node": 4}}
+    open_run(out, job=relaid, resume=True, may_change=("parallelism",), **opened).close()
+    with pytest.raises(UsageError) as refused:
+        open_run(out, job=relaid, resume=True, **opened)
+    assert refused.value.lines()[0] == (
+        "parallelism.num_gpus_per_node: was 2 in the run being resumed, now 4"
+    )
+    with pytest.raises(UsageError) as refused:
+        other = {**relaid, "model": "n"}
+        open_run(out, job=other, resume=True, may_change=("parallelism",), **opened)
+    assert refused.value.lines()[0] == "model: was 'm' in the run being resumed, now 'n'"
+
+
 def test_a_users_folder_with_a_job_json_is_not_a_run(fake_registry, tmp_path, capsys):
     """The reported loss: a home-like folder whose own job file is named job.json."""
     home = tmp_path / "home"

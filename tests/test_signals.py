@@ -135,6 +135,27 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_gives_the_same_lo
     assert_bit_equal(whole, run)
 
 
+@pytest.mark.parametrize("procs", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one", "dp2"])
+def test_sigterm_with_async_checkpoints_stops_at_a_complete_one_and_resumes_bit_equal(
+    workdir, uninterrupted, procs
+):
+    """Saves in flight while steps go on: the stop finishes the one in flight, saves its own
+    step, and leaves no temporary directory; the resumed run is the uninterrupted one."""
+    whole = uninterrupted(procs)
+    run = workdir / f"async-sigterm-{procs}"
+    asynchronous = ["--set", "output.async_checkpoints=true", "--set", "output.checkpoint_steps=2"]
+    sets = [*layout(procs), *asynchronous]
+    argv = [sys.executable, "-m", "tuneplex", "train", workdir / "job.yaml", "-o", run, *sets]
+    proc = start(argv, run, _env(workdir))
+    wait_for_steps(run, proc, n=5)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, stderr_of(run)[-3000:]
+    assert_stopped_at_a_checkpoint(run, signal.SIGTERM)
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    cli(workdir / "job.yaml", "-o", run, "--resume", *sets, env=_env(workdir))
+    assert_bit_equal(whole, run)
+
+
 def test_a_second_signal_during_the_stop_is_one_note_never_a_traceback(workdir):
     run = workdir / "twice"
     argv = [sys.executable, "-m", "tuneplex", "train", workdir / "job.yaml", "-o", run]

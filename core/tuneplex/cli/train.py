@@ -105,6 +105,7 @@ def _train_into_run(
         resume=resume,
         overwrite=overwrite,
         note=console.note,
+        may_change=type(parsed).resume_may_change,
     ) as run:
         log = run_dir / LOG_FILE
         try:

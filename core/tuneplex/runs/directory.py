@@ -126,9 +126,11 @@ def open_run(
     resume: bool,
     overwrite: bool,
     note: Callable[[str], None],
+    may_change: tuple[str, ...] = (),
 ) -> Run:
     """Make `run_dir` ready for `train` by `backend` and lock it; refuse (one line each, exit
-    2, nothing touched) whatever could lose a user's file or let two trainings write one run."""
+    2, nothing touched) whatever could lose a user's file or let two trainings write one run.
+    `may_change`: the job's sections a resume may change (the backend's parallel layout)."""
     if resume and overwrite:
         raise UsageError("--resume, --overwrite: choose one (continue the run or replace it)")
     where = f"--output {run_dir}"
@@ -165,7 +167,7 @@ def open_run(
             )
         if resume:
             _check_same_backend(run_dir, backend, marker)
-            _check_same_job(run_dir, job)
+            _check_same_job(run_dir, job, may_change=may_change)
             _check_same_inputs(run_dir, job, marker)
             remove_stale_temporaries(run_dir)
             return Run(run_dir, resuming=True, run_id=marker["run_id"], lock_fd=fd)
@@ -354,7 +356,7 @@ def _clear_checkpoints(root: Path) -> list[str]:
     return kept
 
 
-def _check_same_job(run_dir: Path, job: Mapping[str, Any]) -> None:
+def _check_same_job(run_dir: Path, job: Mapping[str, Any], *, may_change: tuple[str, ...]) -> None:
     try:
         saved = json.loads((run_dir / JOB_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -362,7 +364,7 @@ def _check_same_job(run_dir: Path, job: Mapping[str, Any]) -> None:
     diffs = [
         Problem(key, f"was {show(old)} in the run being resumed, now {show(new)}")
         for key, old, new in _diff(redact(saved), redact(job))
-        if key != "output.dir"
+        if key != "output.dir" and key.split(".", 1)[0] not in may_change
     ]
     if diffs:
         last = Problem("--resume", "the job differs from the run it resumes; start a new run")

@@ -28,6 +28,9 @@ class JobSchema(StrictModel):
     """Root of a backend's job. `backend_name` ties the schema to its backend for messages."""
 
     backend_name: ClassVar[str] = ""
+    resume_may_change: ClassVar[tuple[str, ...]] = ()
+    """Top-level sections a `--resume` may change (a backend whose checkpoints load onto
+    another parallel layout names its layout's); any other difference is refused."""
 
     def to_public_dict(self) -> dict[str, Any]:
         """The resolved job as plain JSON data, with secrets masked (for job.json and printing)."""

@@ -85,7 +85,7 @@ class Loop:
         self.checkpoints = Checkpointer(
             run_dir=parts.run_dir,
             dist=parts.dist,
-            asynchronous=False,
+            asynchronous=parts.job.output.async_checkpoints,
             keep=parts.job.output.keep_checkpoints,
             on_saved=lambda path, step: parts.recorder.checkpoint_saved(path, step=step),
         )

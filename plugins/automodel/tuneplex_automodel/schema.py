@@ -317,12 +317,20 @@ class AutomodelOutput(StrictModel):
         "each epoch.",
     )
     keep_checkpoints: int | None = keep_checkpoints_field()
+    async_checkpoints: bool = Field(
+        default=False,
+        description="Write checkpoints in the background while the next steps train "
+        "(torch.distributed.checkpoint's async save; costs a CPU copy of each rank's shards). "
+        "A checkpoint counts once every rank's shards are on disk; off (torchtitan's default): "
+        "the loop waits for each save.",
+    )
 
 
 class AutomodelJobInput(JobSchema):
     """A fine-tuning job for the automodel backend."""
 
     backend_name = "automodel"
+    resume_may_change = ("parallelism",)  # checkpoints are resharded onto the new layout
 
     model: str = Field(
         min_length=1,
