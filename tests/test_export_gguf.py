@@ -1,7 +1,7 @@
 """GGUF export read back with the gguf library's own reader: every tensor and metadata key of
 each supported family's tiny model, the tokenizer as the HF tokenizer has it, quantized types,
-refusals, and the Ollama Modelfile (its Go template run by Go itself where Go is installed).
-llama.cpp itself is the judge in test_export_llamacpp.py."""
+and refusals. llama.cpp itself is the judge in test_export_llamacpp.py; the Ollama Modelfile is
+tested in test_export_ollama.py."""
 
 from __future__ import annotations
 
@@ -16,18 +16,8 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
 from gguf_helpers import (  # noqa: E402
-    ALPACA,
-    GEMMA,
-    GRANITE,
-    GRANITE_DEFAULT,
-    PHI3,
-    QWEN,
-    QWEN_DEFAULT,
-    TURN_MARKERS,
     bpe_tokenizer,
     field,
-    go_available,
-    go_render,
     read_back,
     spm_tokenizer,
     uninterleave_rope,
@@ -421,122 +411,3 @@ def test_importing_the_export_modules_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-# -- Ollama --------------------------------------------------------------------------------
-CONVERSATIONS = [
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Why?"},
-    ],
-    [
-        {"role": "user", "content": "One"},
-        {"role": "assistant", "content": "Two"},
-        {"role": "user", "content": "Three"},
-        {"role": "assistant", "content": "Four"},
-        {"role": "user", "content": "Five"},
-    ],
-    [{"role": "user", "content": "Only one"}],
-]
-
-
-@pytest.fixture(scope="module")
-def marked(tmp_path_factory):
-    """A tokenizer knowing every style's markers (templates are rendered with it)."""
-    from tuneplex.testing.tiny import build_tokenizer
-
-    style = {"template": None, "bos": None, "eos": "<|im_end|>", "add_bos": False}
-    style["specials"] = TURN_MARKERS
-    return build_tokenizer(tmp_path_factory.mktemp("marked"), style=style)
-
-
-def _styles(tokenizers, marked):
-    from tuneplex.testing.tiny import STYLES
-
-    return {
-        # name: (tokenizer, template, style, takes a system prompt, default system prompt)
-        "chatml": (marked, STYLES["chatml"]["template"], "ChatML", True, None),
-        "qwen": (marked, QWEN, "ChatML", True, QWEN_DEFAULT),
-        "llama3": (tokenizers["llama3"][1], STYLES["llama3"]["template"], "Llama 3", True, None),
-        "mistral": (
-            tokenizers["mistral"][1],
-            STYLES["mistral"]["template"],
-            "Mistral [INST]",
-            False,
-            None,
-        ),
-        "gemma": (marked, GEMMA, "Gemma", True, None),
-        "phi3": (marked, PHI3, "Phi-3", True, None),
-        "granite": (marked, GRANITE, "Granite", True, GRANITE_DEFAULT),
-    }
-
-
-@pytest.mark.parametrize(
-    "name", ["chatml", "qwen", "llama3", "mistral", "gemma", "phi3", "granite"]
-)
-def test_modelfile_translates_each_style(name, tokenizers, marked, tmp_path):
-    """Recognized by rendering; the Modelfile has its Go template, SYSTEM for a default system
-    prompt, and one stop per end-of-turn id."""
-    from tuneplex.export.ollama import STYLES, go_template, modelfile, recognize
-
-    tok, template, style, system, default = _styles(tokenizers, marked)[name]
-    found = recognize(chat_template=template, tokenizer=tok)
-    assert found is not None and found.style.name == style
-    assert (found.system, found.default_system) == (system, default)
-    text, note = modelfile(
-        gguf_path=tmp_path / "m.gguf", chat_template=template, tokenizer=tok, eos_ids=[4, 4]
-    )
-    assert note is None
-    lines = text.splitlines()
-    assert lines[0] == "FROM ./m.gguf"
-    assert text.count('PARAMETER stop "<|im_end|>"') == 1
-    go = go_template(found.style, system=system)
-    assert f'TEMPLATE """{go}"""' in text
-    assert (f'SYSTEM """{default}"""' in text) == (default is not None)
-    assert {s.name for s in STYLES} >= {style}
-
-
-@pytest.mark.skipif(not go_available(), reason="Go is not installed (apt: golang-go)")
-def test_ollama_renders_each_translated_template_as_the_jinja_template(
-    tokenizers, marked, tmp_path
-):
-    """Each Go template, executed by Go's text/template with Ollama's data (.System and
-    .Messages, as Ollama's template.Execute collates them), renders every conversation exactly
-    as the Jinja template does, less the BOS llama.cpp adds."""
-    from tuneplex.export.ollama import go_template, recognize
-
-    cases, want = [], []
-    for tok, template, _, system, default in _styles(tokenizers, marked).values():
-        go = go_template(recognize(chat_template=template, tokenizer=tok).style, system=system)
-        _cases(cases, want, tok=tok, template=template, go=go, system=system, default=default)
-    assert go_render(cases, workdir=tmp_path) == want
-
-
-def _cases(cases, want, *, tok, template, go, system, default) -> None:
-    for conv in CONVERSATIONS:
-        if not system and any(m["role"] == "system" for m in conv):
-            continue
-        rendered = tok.apply_chat_template(
-            conv, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        want.append(rendered.removeprefix(tok.bos_token or "\0"))
-        sent = conv
-        if default and conv[0]["role"] != "system":  # Ollama sends the Modelfile's SYSTEM
-            sent = [{"role": "system", "content": default}, *conv]
-        cases.append({"template": go, "messages": sent})
-
-
-def test_modelfile_says_plainly_when_a_template_is_not_translated(marked, tmp_path):
-    from tuneplex.export.ollama import modelfile
-
-    text, note = modelfile(
-        gguf_path=tmp_path / "x.gguf", chat_template=ALPACA, tokenizer=marked, eos_ids=[4]
-    )
-    assert text == 'FROM ./x.gguf\nPARAMETER stop "<|im_end|>"\n'
-    assert note is not None and "no TEMPLATE" in note and "\n" not in note
-    text, note = modelfile(
-        gguf_path=tmp_path / "x.gguf", chat_template=None, tokenizer=marked, eos_ids=[]
-    )
-    assert text == "FROM ./x.gguf\n" and "no chat template" in note
