@@ -1,7 +1,7 @@
 """`final/` in the Hugging Face formats users load, and a checkpoint seen as such a directory.
 
-With several processes the full weights meet on rank 0 (pipeline stages merged there) and are
-loaded into a CPU copy of the model, which transformers / peft save as they always do.
+final/ is streamed: one whole tensor at a time reaches rank 0 (`final_stream`) and goes straight
+into its place in a safetensors file, so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -12,94 +12,32 @@ from typing import Any
 from tuneplex.runs import AtomicDir
 
 
-def _options(*, every_rank: bool = False, **kw):
-    """Full tensors, on CPU on rank 0 only; or, `every_rank`, on every rank (pipeline stages
-    other than rank 0's need their own full state to send it on)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=not every_rank, **kw)
-
-
-def _cpu(tree):
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: _cpu(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_cpu(v) for v in tree]
-    return tree
-
-
-def full_model_state(model, *, merge=None, **kw) -> dict[str, Any] | None:
-    """The whole model's full state dict on rank 0 (CPU tensors); None on ranks that hold no
-    whole copy. `merge(state) -> [state of each stage] | None` joins pipeline stages."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    if merge is None:
-        return get_model_state_dict(model, options=_options(**kw))
-    parts = merge(_cpu(get_model_state_dict(model, options=_options(every_rank=True, **kw))))
-    return None if parts is None else {k: v for part in parts for k, v in part.items()}
-
-
-def export_final(
-    target: Path, *, model, tokenizer, merge: bool, lora: bool, dtype: Any | None
-) -> str:
-    """Write `final/` in the ecosystem's formats; returns a phrase saying what it holds.
+def export_run(
+    target: Path, *, job, model, tokenizer, dist, load_dtype=None, dtype=None, max_bytes=None
+) -> str | None:
+    """Write `final/` (on every rank; rank 0 writes): a phrase saying what it holds on rank 0,
+    None elsewhere. Weights are streamed (`final_stream`), never gathered whole on one rank.
 
     LoRA: adapter_config.json + adapter_model.safetensors (peft). Merged LoRA: the merged
     model (config.json + safetensors) and, under adapter/, the adapter it was made from.
     Full weights: the model. Weights are cast to `dtype` (the base checkpoint's) when given.
-    """
+    `load_dtype` is kept for callers; the weights' own dtype is what is streamed."""
+    from tuneplex_automodel.final_stream import stream_final
+
+    lora = job.training.lora is not None
+    merge = job.training.merges_adapter
+    kw = {} if max_bytes is None else {"max_bytes": max_bytes}
+    if not dist.is_main:
+        stream_final(None, model=model, dist=dist, lora=lora, merge=merge, dtype=dtype, **kw)
+        return None
     with AtomicDir(target) as tmp:
-        if lora and not merge:
-            model.save_pretrained(str(tmp))
-            what = "LoRA adapter: peft.PeftModel.from_pretrained(base, path)"
-        else:
-            if lora:
-                model.save_pretrained(str(tmp / "adapter"))
-                model = model.merge_and_unload()
-                what = "merged model (adapter in adapter/): AutoModelForCausalLM.from_pretrained"
-            else:
-                what = "full model: AutoModelForCausalLM.from_pretrained(path)"
-            if dtype is not None:
-                model = model.to(dtype)
-            model.save_pretrained(str(tmp), safe_serialization=True)
+        stream_final(tmp, model=model, dist=dist, lora=lora, merge=merge, dtype=dtype, **kw)
         tokenizer.save_pretrained(str(tmp))
-    return what
-
-
-def export_run(target: Path, *, job, model, tokenizer, dist, load_dtype, dtype) -> str | None:
-    """final/ from rank 0. With several processes the full weights are gathered to rank 0
-    first and loaded into a CPU copy of the model (weights in `load_dtype`), which is what gets
-    saved; `dtype` is the one final/ is written in (None: as trained)."""
-    from tuneplex_automodel.model import apply_lora, load_model
-
-    lora = job.training.lora
-    if dist.world_size > 1:
-        full = full_model_state(model, merge=stage_merger(dist))
-        if not dist.is_main:
-            return None
-        model, _ = load_model(
-            job.model,
-            dtype=load_dtype,
-            device="cpu",
-            trust_remote_code=job.training.trust_remote_code,
-        )
-        if lora is not None:
-            model = apply_lora(
-                model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
-            )
-        model.load_state_dict(full, strict=True)
-    return export_final(
-        target,
-        model=model,
-        tokenizer=tokenizer,
-        merge=job.training.merges_adapter,
-        lora=lora is not None,
-        dtype=dtype,
-    )
+    if lora and not merge:
+        return "LoRA adapter: peft.PeftModel.from_pretrained(base, path)"
+    if lora:
+        return "merged model (adapter in adapter/): AutoModelForCausalLM.from_pretrained"
+    return "full model: AutoModelForCausalLM.from_pretrained(path)"
 
 
 def as_pretrained(weights: Path, *, job, scratch: Path) -> Path:
@@ -156,12 +94,3 @@ def _peft_name(name: str) -> str:
         if sep and "." in tail:
             return head + part + tail.split(".", 1)[1]
     return name
-
-
-def stage_merger(dist):
-    """How state dicts of pipeline stages meet on rank 0 (None: no pipeline)."""
-    if dist.dims.pp == 1:
-        return None
-    from tuneplex_automodel.parallel.pp import merge_stages
-
-    return lambda state: merge_stages(state, dist=dist)
