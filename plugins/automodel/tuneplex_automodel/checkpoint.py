@@ -10,8 +10,8 @@ A checkpoint directory `checkpoints/step_N/` holds:
                          layout it was written with, counters (rank 0);
 - `tuneplex_complete.json` written last, by rank 0 (core's `mark_complete`).
 
-Each rank writes only its own shards, so no rank ever holds more than its shards plus DCP's
-staging copy, and DCP reshards on load: a checkpoint resumes onto another parallel layout.
+Each rank writes only its own shards, so no rank ever holds more than its shards plus (async)
+one staging copy of them, and DCP reshards on load: a checkpoint resumes onto another layout.
 Every rank builds the directory under one temporary name (rank 0's PID); DCP's save returns on
 rank 0 only after every rank's files are written and fsynced (its closing gather), and only
 then does rank 0 write the marker and rename the directory into place. An asynchronous save
@@ -145,16 +145,23 @@ class Checkpointer:
             _write_json(tmp / STATE_FILE, full)
         self.saved_step = step
         states = _state_dicts(model, optimizer)
-        writer = _writer(tmp / SHARDS_DIR)
         import torch.distributed.checkpoint as dcp
 
         if self.asynchronous:
             future = dcp.async_save(
-                states, storage_writer=writer, process_group=self.group, no_dist=self._no_dist
+                states,
+                storage_writer=_writer(tmp / SHARDS_DIR, staged=True),
+                process_group=self.group,
+                no_dist=self._no_dist,
             )
             self.pending = _Pending(step=step, tmp=tmp, future=future)
             return
-        dcp.save(states, storage_writer=writer, process_group=self.group, no_dist=self._no_dist)
+        dcp.save(
+            states,
+            storage_writer=_writer(tmp / SHARDS_DIR),
+            process_group=self.group,
+            no_dist=self._no_dist,
+        )
         self.pending = _Pending(step=step, tmp=tmp, future=None)
         self.wait()
 
@@ -236,11 +243,40 @@ class Checkpointer:
 
 
 # -- files -----------------------------------------------------------------------------------
-def _writer(path: Path):
+def _writer(path: Path, *, staged: bool = False):
+    """DCP's file writer, fsynced: the marker is written on the strength of these files being
+    durable. `staged`: for an async save, which first copies this rank's shards once."""
     from torch.distributed.checkpoint import FileSystemWriter
 
-    # fsynced: the marker is written on the strength of these files being durable
-    return FileSystemWriter(str(path), sync_files=True, single_file_per_rank=True)
+    if not staged:
+        return FileSystemWriter(str(path), sync_files=True, single_file_per_rank=True)
+
+    class _OneCopyWriter(FileSystemWriter):
+        def stage(self, state_dict):
+            # DCP's default staging deep-copies each DTensor and then copies into a fresh
+            # buffer: two copies of the shards, the first thrown away; this makes one
+            self.per_thread_copy_ahead = 0
+            return _staged(state_dict)
+
+    return _OneCopyWriter(str(path), sync_files=True, single_file_per_rank=True)
+
+
+def _staged(tree):
+    """A CPU copy of every tensor of `tree` (a DTensor keeps its sharding spec), for the
+    background write while training goes on changing the originals."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        local = _staged(tree._local_tensor)
+        return DTensor(local, tree._spec, requires_grad=False)
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _staged(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_staged(v) for v in tree)
+    return tree
 
 
 def _reader(path: Path):
