@@ -88,3 +88,22 @@ def test_lora_merged_equals_peft_merge_and_adapter_loads(tiny_model, tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
+def test_merged_lora_streamed_from_two_processes_equals_one_process(tiny_model, tmp_path, tp):
+    """Sharded LoRA layers (FSDP or TP) merge, tensor by tensor, to what one process merges."""
+    from helpers import cli, layout, parallel_job
+    from transformers import AutoModelForCausalLM
+
+    job = parallel_job(tmp_path, "lora", model=tiny_model, ft="lora")
+    merge = ["--set", "training.lora.merge=true"]
+    cli(job, "-o", tmp_path / "one", *merge)
+    cli(job, "-o", tmp_path / "two", *merge, *layout(2, tensor_parallel_size=tp))
+    one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one" / "final")).state_dict()
+    two = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "final")).state_dict()
+    assert one.keys() == two.keys()
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, atol=1e-4, rtol=1e-4, msg=k)
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors").is_file()
