@@ -54,12 +54,13 @@ def as_pretrained(weights: Path, *, job, scratch: Path) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     lora = job.training.lora
     if lora is not None:
+        from tuneplex_automodel.final_stream import peft_name
         from tuneplex_automodel.model import lora_config
 
         config = lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
         config.base_model_name_or_path = job.model
         config.save_pretrained(str(scratch))
-        tensors = {_peft_name(n): t for n, t in tensors.items()}
+        tensors = {peft_name(n): t for n, t in tensors.items()}
         save_file(tensors, str(scratch / "adapter_model.safetensors"))
         return scratch
     from transformers import AutoConfig
@@ -84,13 +85,3 @@ def _dedupe(tensors: dict[str, Any]) -> dict[str, Any]:
         seen.add(key)
         out[name] = t.contiguous()
     return out
-
-
-def _peft_name(name: str) -> str:
-    """A LoRA parameter's name in the model (`...lora_A.default.weight`) as peft saves it in an
-    adapter file (`...lora_A.weight`)."""
-    for part in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
-        head, sep, tail = name.partition(part)
-        if sep and "." in tail:
-            return head + part + tail.split(".", 1)[1]
-    return name

@@ -134,7 +134,6 @@ def stream_final(
 
 def _adapter(directory: Path | None, *, model, dist) -> None:
     """peft's adapter files: adapter_config.json and adapter_model.safetensors (peft names)."""
-    from tuneplex_automodel.final import _peft_name
 
     metas, tensors = whole_tensors(model, dist=dist, keep=_is_lora)
     if directory is None:
@@ -142,10 +141,10 @@ def _adapter(directory: Path | None, *, model, dist) -> None:
             pass
         return
     directory.mkdir(parents=True, exist_ok=True)
-    entries = [Entry(_peft_name(k), shape, dt) for k, shape, dt, _ in metas]
+    entries = [Entry(peft_name(k), shape, dt) for k, shape, dt, _ in metas]
     writer = SafetensorsWriter(directory, entries, stem="adapter_model", max_bytes=2**62)
     for k, t in tensors:
-        writer.put(_peft_name(k), t)
+        writer.put(peft_name(k), t)
     writer.close()
     config = copy.deepcopy(model.peft_config["default"])
     config.inference_mode = True
@@ -221,3 +220,13 @@ def _write_config(directory: Path, model, *, dtype) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and model.can_generate():
         generation.save_pretrained(str(directory))
+
+
+def peft_name(name: str) -> str:
+    """A LoRA parameter's name in the model (`...lora_A.default.weight`) as peft saves it in an
+    adapter file (`...lora_A.weight`)."""
+    for part in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
+        head, sep, tail = name.partition(part)
+        if sep and "." in tail:
+            return head + part + tail.split(".", 1)[1]
+    return name
