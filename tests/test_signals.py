@@ -156,6 +156,49 @@ def test_sigterm_with_async_checkpoints_stops_at_a_complete_one_and_resumes_bit_
     assert_bit_equal(whole, run)
 
 
+@pytest.mark.parametrize(
+    ("procs", "asynchronous"),
+    [
+        pytest.param(1, False, id="one", marks=pytest.mark.slow),
+        pytest.param(2, False, id="dp2", marks=pytest.mark.slow),
+        pytest.param(1, True, id="one-async", marks=pytest.mark.slow),
+    ],
+)
+def test_kill_9_of_every_process_resumes_from_the_last_complete_checkpoint_bit_equal(
+    workdir, uninterrupted, procs, asynchronous
+):
+    """SIGKILL to the launcher and every worker at once (what the OOM killer or a lost node
+    does): no stop, no checkpoint of its own, saves maybe half written. `--resume` takes the
+    newest complete checkpoint, drops what the dead run left, and gives the uninterrupted run's
+    events bit for bit."""
+    whole = uninterrupted(procs)
+    run = workdir / f"kill9-{procs}-{'async' if asynchronous else 'sync'}"
+    sets = [*layout(procs), "--set", "output.checkpoint_steps=4"]
+    if asynchronous:
+        sets += ["--set", "output.async_checkpoints=true"]
+    argv = [sys.executable, "-m", "tuneplex", "train", workdir / "job.yaml", "-o", run, *sets]
+    proc = start(argv, run, _env(workdir))
+    deadline = time.monotonic() + 300
+    while (latest_checkpoint(run) or (0,))[0] < 12:
+        assert proc.poll() is None, stderr_of(run)[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 12 in 300 s"
+        time.sleep(0.01)
+    wait_for_steps(run, proc, n=14)
+    workers = child_pids(proc.pid)  # each in a session of its own: killed one by one
+    assert len(workers) == (procs if procs > 1 else 0)
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert _wait_gone(workers, timeout=15) == []
+    assert not (run / "summary.json").exists()  # nothing got to write an ending
+    kept = latest_checkpoint(run)[0]
+    assert 12 <= kept < TOTAL_STEPS
+    cli(workdir / "job.yaml", "-o", run, "--resume", *sets, env=_env(workdir))
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert_bit_equal(whole, run)
+
+
 def test_a_second_signal_during_the_stop_is_one_note_never_a_traceback(workdir):
     run = workdir / "twice"
     argv = [sys.executable, "-m", "tuneplex", "train", workdir / "job.yaml", "-o", run]
