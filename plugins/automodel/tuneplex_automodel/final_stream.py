@@ -122,11 +122,13 @@ def stream_final(
     if lora:
         _merged(directory, metas, tensors, model=model, dtype=dtype, max_bytes=max_bytes)
         return
-    entries = [Entry(k, shape, _cast(dtype, dt)) for k, shape, dt, _ in metas] if main else []
+    saved = _saved_form(model)
+    entries = _entries(metas, saved, dtype) if main else []
     writer = SafetensorsWriter(directory, entries, max_bytes=max_bytes) if main else None
     for k, t in tensors:
         if writer is not None:
-            writer.put(k, t.to(_cast(dtype, t.dtype)))
+            for name, part in saved(k, t.to(_cast(dtype, t.dtype))):
+                writer.put(name, part)
     if writer is not None:
         writer.close()
         _write_config(directory, model, dtype=_first_float(metas, dtype))
@@ -155,13 +157,10 @@ def _merged(directory, metas, tensors, *, model, dtype, max_bytes) -> None:
     """The merged model: each LoRA layer's base weight plus scaling * B @ A, as peft's
     merge_and_unload computes it; names as the base model has them."""
     writer = None
+    saved = _saved_form(model.get_base_model())
     if directory is not None:
-        entries = [
-            Entry(_base_name(k), shape, _cast(dtype, dt))
-            for k, shape, dt, _ in metas
-            if not _is_lora(k)
-        ]
-        writer = SafetensorsWriter(directory, entries, max_bytes=max_bytes)
+        base = [(_base_name(k), shape, dt, st) for k, shape, dt, st in metas if not _is_lora(k)]
+        writer = SafetensorsWriter(directory, _entries(base, saved, dtype), max_bytes=max_bytes)
     pending: dict[str, dict[str, Any]] = {}
     for k, t in tensors:
         if writer is None:
@@ -171,18 +170,46 @@ def _merged(directory, metas, tensors, *, model, dtype, max_bytes) -> None:
             if part in k:
                 module, sep = k.partition(part)[0], part
         if not sep:
-            writer.put(_base_name(k), t.to(_cast(dtype, t.dtype)))
+            for name, part in saved(_base_name(k), t.to(_cast(dtype, t.dtype))):
+                writer.put(name, part)
             continue
         parts = pending.setdefault(module, {})
         parts[sep] = t
         if len(parts) == 3:
             del pending[module]
-            writer.put(_base_name(module + ".base_layer.weight"), _merge(model, parts, dtype))
+            merged = _merge(model, parts, dtype)
+            for name, part in saved(_base_name(module + ".base_layer.weight"), merged):
+                writer.put(name, part)
     if writer is not None:
         if pending:
             raise RuntimeError(f"LoRA layers left unmerged: {sorted(pending)[:3]}")
         writer.close()
         _write_config(directory, model.get_base_model(), dtype=_first_float(metas, dtype))
+
+
+def _saved_form(model):
+    """(name, tensor) -> [(name, tensor)] as save_pretrained writes them: transformers keeps
+    some weights in another form in memory than in checkpoints (a mixture of experts' experts
+    fused into one tensor a layer, written back one tensor per expert), and reverts it per
+    tensor, so the file is what `from_pretrained` and other runtimes read."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    def saved(name: str, tensor) -> list[tuple[str, Any]]:
+        return list(revert_weight_conversion(model, {name: tensor}).items())
+
+    return saved
+
+
+def _entries(metas, saved, dtype) -> list[Entry]:
+    """Each tensor's entries in the file (names, shapes, dtypes), found by converting a
+    stand-in on the meta device."""
+    import torch
+
+    out = []
+    for k, shape, dt, _ in metas:
+        stand_in = torch.empty(shape, dtype=_cast(dtype, dt), device="meta")
+        out += [Entry(name, tuple(t.shape), t.dtype) for name, t in saved(k, stand_in)]
+    return out
 
 
 def _merge(model, parts: dict[str, Any], dtype):
