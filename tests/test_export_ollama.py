@@ -263,16 +263,15 @@ def test_ollama_renders_each_translated_template_as_the_jinja_template(
 
 
 def _cases(cases, want, *, tok, template, go, system, default) -> None:
+    from tuneplex.export.ollama import frozen_clock
+
     for conv in CONVERSATIONS:
         if not system and any(m["role"] == "system" for m in conv):
             continue
-        rendered = tok.apply_chat_template(
-            conv,
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-            strftime_now=NOW.strftime,
-        )
+        with frozen_clock(NOW):
+            rendered = tok.apply_chat_template(
+                conv, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         want.append(rendered.removeprefix(tok.bos_token or "\0"))
         sent = conv
         if default and conv[0]["role"] != "system":  # Ollama sends the Modelfile's SYSTEM

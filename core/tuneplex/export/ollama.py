@@ -20,6 +20,7 @@ day differs in that date only (as a training run rendered its own day's date).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -287,20 +288,36 @@ def _jinja(
     template: str, tokenizer: Any, messages: list[dict[str, str]], *, now: datetime
 ) -> str | None:
     """The template's rendering with the generation prompt, less a leading BOS; None when the
-    template refuses the conversation (raise_exception). `strftime_now` is passed as a variable,
-    which Jinja looks up before transformers' global of that name."""
+    template refuses the conversation (raise_exception). The template's `strftime_now` reads
+    `now` (transformers passes template variables as plain data only, so its clock is frozen
+    instead of replaced)."""
     try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=True,
-            strftime_now=now.strftime,
-        )
+        with frozen_clock(now):
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
     except Exception:  # jinja's raise_exception: roles this template does not take
         return None
     bos = tokenizer.bos_token
     return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
+@contextlib.contextmanager
+def frozen_clock(now: datetime):
+    """transformers' `strftime_now` (datetime.now() in its chat-template module) at `now`."""
+    from transformers.utils import chat_template_utils as ctu
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return now
+
+    real = ctu.datetime
+    ctu.datetime = Frozen
+    try:
+        yield
+    finally:
+        ctu.datetime = real
 
 
 def modelfile(
