@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,49 +84,25 @@ def check_apart(out: Path, *, reads: list[Path]) -> None:
             raise UsageError(Problem(OUTPUT_KEY, f"{out} overlaps {path}, which this export reads"))
 
 
-def temporary(out: Path) -> Path:
-    """The sibling an output is written under before it is renamed into place."""
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
 @contextlib.contextmanager
 def staged(outs: list[Path]) -> Iterator[list[Path]]:
     """Temporary siblings of `outs` to write; when the block succeeds each is renamed into
     place (a directory replaced by moving the old one aside first, then removing it); when it
     fails they are removed and `outs` are untouched."""
-    tmps = [temporary(out) for out in outs]
+    from tuneplex.runs.checkpoints import install, remove_entry, temporary_path
+
+    tmps = [temporary_path(out) for out in outs]
     for tmp in tmps:
-        _remove(tmp)
+        remove_entry(tmp)
     try:
         yield tmps
     except BaseException:
         for tmp in tmps:
-            _remove(tmp)
+            remove_entry(tmp)
         raise
     for out, tmp in zip(outs, tmps, strict=True):
-        if not (tmp.exists() or tmp.is_symlink()):
-            continue
-        _fsync(tmp)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.is_dir() else None
-        if old is not None:
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            _remove(old)
-
-
-def _fsync(path: Path) -> None:
-    for p in [path] if path.is_file() else path.rglob("*"):
-        if p.is_file():
-            with p.open("rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        if tmp.exists() or tmp.is_symlink():
+            install(tmp, out)
 
 
 def write_marker(directory: Path, **facts) -> None:

@@ -182,10 +182,11 @@ def temporary_path(target: Path, *, pid: int | None = None) -> Path:
 
 def install(tmp: Path, target: Path) -> None:
     """Rename the finished `tmp` into place as `target` (an older `target` is replaced),
-    after fsyncing everything in it."""
+    after fsyncing everything in it. Files are installed the same way (a file replaced in one
+    rename)."""
     _fsync_tree(tmp)
     old = None
-    if target.exists():
+    if target.is_dir() and not target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     os.replace(tmp, target)
@@ -194,7 +195,7 @@ def install(tmp: Path, target: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
+    for p in [root] if root.is_file() else root.rglob("*"):
         if p.is_file():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
