@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import chat_rows, write_rows
+from helpers import chat_rows, run_job, write_rows
 from tuneplex.cli import main
 
 PROMPT = [{"role": "user", "content": "Reverse: river blue a"}]
@@ -26,34 +26,6 @@ def export_data(tmp_path_factory):
     return train, val
 
 
-def _job(root: Path, model: str, data, ft: str) -> Path:
-    text = f"""\
-model: {model}
-dataset:
-  training: {data[0]}
-  validation: {data[1]}
-training:
-  finetuning_type: {ft}
-  max_seq_length: 128
-  precision: fp32
-schedule:
-  epochs: 3
-  seed: 7
-  val_check_interval: 1.0
-batch:
-  global_batch_size: 8
-  micro_batch_size: 4
-optimizer:
-  learning_rate: 1.0e-2
-  warmup_steps: 1
-output:
-  checkpoint_steps: 3
-"""
-    path = root / f"{ft}.yaml"
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture(scope="module")
 def export_runs(tmp_path_factory, tiny_model, export_data):
     """{kind: run directory} for lora / full (all_weights), trained in fp32 once, lazily."""
@@ -66,7 +38,9 @@ def export_runs(tmp_path_factory, tiny_model, export_data):
             ft = {"lora": "lora", "full": "all_weights"}[kind]
             said = io.StringIO()
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                code = main(["train", str(_job(root, tiny_model, export_data, ft)), "-o", str(run)])
+                code = main(
+                    ["train", str(run_job(root, tiny_model, export_data, ft)), "-o", str(run)]
+                )
             assert code == 0, said.getvalue()
             made[kind] = run
         return made[kind]

@@ -528,3 +528,50 @@ def preference_rows(n: int, *, seed: int) -> list[dict]:
         prompt, answer = sentence(rng), sentence(rng)
         rows.append({"prompt": prompt, "chosen": "yes. " + answer, "rejected": "no. " + answer})
     return rows
+
+
+def run_job(root: Path, model: str, data, ft: str, extra: str = "") -> Path:
+    """A small fp32 job training `model` on (train, validation) `data` for three epochs, with
+    a checkpoint at step 3, written to root/FT.yaml; `extra` YAML merged over it."""
+    text = f"""\
+model: {model}
+dataset:
+  training: {data[0]}
+  validation: {data[1]}
+training:
+  finetuning_type: {ft}
+  max_seq_length: 128
+  precision: fp32
+schedule:
+  epochs: 3
+  seed: 7
+  val_check_interval: 1.0
+batch:
+  global_batch_size: 8
+  micro_batch_size: 4
+optimizer:
+  learning_rate: 1.0e-2
+  warmup_steps: 1
+output:
+  checkpoint_steps: 3
+"""
+    path = root / f"{ft}.yaml"
+    path.write_text(merge_yaml(text, extra))
+    return path
+
+
+def chat_job_factory(root: Path, template: str, *, model):
+    """job(extra="", name="job.yaml") -> path: `template` (its {model}, {train}, {val} filled
+    in; 16 training and 4 validation chat rows written to `root`) with `extra` YAML merged
+    over it."""
+    train_file, val_file = root / "train.jsonl", root / "val.jsonl"
+    write_rows(train_file, chat_rows(16))
+    write_rows(val_file, chat_rows(4, seed=1))
+
+    def job(extra: str = "", name: str = "job.yaml") -> Path:
+        path = root / name
+        text = template.format(model=model, train=train_file, val=val_file)
+        path.write_text(merge_yaml(text, extra))
+        return path
+
+    return job

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import chat_rows, merge_yaml, train, write_rows  # noqa: E402
+from helpers import chat_job_factory, train  # noqa: E402
 from tuneplex.runs import mark_complete, read_metrics  # noqa: E402
 
 JOB = """\
@@ -28,18 +28,7 @@ output: {{checkpoint_steps: 3}}
 
 @pytest.fixture
 def job(tmp_path, tiny_model):
-    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    write_rows(train_file, chat_rows(16))
-    write_rows(val_file, chat_rows(4, seed=1))
-
-    def _job(extra: str = "", name: str = "job.yaml"):
-        path = tmp_path / name
-        path.write_text(
-            merge_yaml(JOB.format(model=tiny_model, train=train_file, val=val_file), extra)
-        )
-        return path
-
-    return _job
+    return chat_job_factory(tmp_path, JOB, model=tiny_model)
 
 
 def _same_losses(a, b) -> None:

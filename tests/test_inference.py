@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import chat_rows, merge_yaml, write_rows  # noqa: E402
+from helpers import chat_rows, run_job, write_rows  # noqa: E402
 from tuneplex.cli import main  # noqa: E402
 from tuneplex.data.targets import IGNORE_INDEX  # noqa: E402
 
@@ -31,34 +31,6 @@ def data(tmp_path_factory):
     return train, val
 
 
-def _job(root: Path, model: str, data, ft: str, extra: str = "") -> Path:
-    text = f"""\
-model: {model}
-dataset:
-  training: {data[0]}
-  validation: {data[1]}
-training:
-  finetuning_type: {ft}
-  max_seq_length: 128
-  precision: fp32
-schedule:
-  epochs: 3
-  seed: 7
-  val_check_interval: 1.0
-batch:
-  global_batch_size: 8
-  micro_batch_size: 4
-optimizer:
-  learning_rate: 1.0e-2
-  warmup_steps: 1
-output:
-  checkpoint_steps: 3
-"""
-    path = root / f"{ft}.yaml"
-    path.write_text(merge_yaml(text, extra))
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, data):
     """{kind: run directory} for lora / merged / full, trained in fp32 (lazily, once)."""
@@ -70,7 +42,9 @@ def runs(tmp_path_factory, tiny_model, data):
             run = root / kind
             said = io.StringIO()  # not into the output of the test that asked first
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
-                code = main(["train", str(_job(root, tiny_model, data, FT[kind])), "-o", str(run)])
+                code = main(
+                    ["train", str(run_job(root, tiny_model, data, FT[kind])), "-o", str(run)]
+                )
             assert code == 0, said.getvalue()
             made[kind] = run
         return made[kind]

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from helpers import chat_rows, merge_yaml, train, write_rows
+from helpers import chat_job_factory, train
 from tuneplex.runs import read_metrics
 
 JOB = """\
@@ -31,17 +31,7 @@ output: {{checkpoint_steps: 2}}
 
 @pytest.fixture
 def job(tmp_path, tiny_model):
-    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    write_rows(train_file, chat_rows(16))
-    write_rows(val_file, chat_rows(4, seed=1))
-
-    def _job(extra: str = "", name: str = "job.yaml"):
-        path = tmp_path / name
-        text = JOB.format(model=tiny_model, train=train_file, val=val_file)
-        path.write_text(merge_yaml(text, extra))
-        return path
-
-    return _job
+    return chat_job_factory(tmp_path, JOB, model=tiny_model)
 
 
 def _truncate(path, keep: int) -> None:
