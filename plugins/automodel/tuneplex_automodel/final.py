@@ -13,15 +13,15 @@ from tuneplex.runs import AtomicDir
 
 
 def export_run(
-    target: Path, *, job, model, tokenizer, dist, load_dtype=None, dtype=None, max_bytes=None
+    target: Path, *, job, model, tokenizer, dist, dtype=None, max_bytes=None
 ) -> str | None:
     """Write `final/` (on every rank; rank 0 writes): a phrase saying what it holds on rank 0,
     None elsewhere. Weights are streamed (`final_stream`), never gathered whole on one rank.
 
     LoRA: adapter_config.json + adapter_model.safetensors (peft). Merged LoRA: the merged
     model (config.json + safetensors) and, under adapter/, the adapter it was made from.
-    Full weights: the model. Weights are cast to `dtype` (the base checkpoint's) when given.
-    `load_dtype` is kept for callers; the weights' own dtype is what is streamed."""
+    Full weights: the model. Weights are cast to `dtype` (the base checkpoint's) when given,
+    else streamed in their own dtype."""
     from tuneplex_automodel.final_stream import stream_final
 
     lora = job.training.lora is not None

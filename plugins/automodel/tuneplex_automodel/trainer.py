@@ -526,7 +526,6 @@ def export_final(parts: Components, *, loaded: LoadedModel, tokenizer, loop: Loo
             model=loaded.model,
             tokenizer=tokenizer,
             dist=parts.dist,
-            load_dtype=runtime.dtype,
             dtype=final_dtype,
         )
     except Stop as exc:
