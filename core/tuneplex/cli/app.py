@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from tuneplex import __version__
-from tuneplex.cli import data, export, jobs, runs, train, use
+from tuneplex.cli import data, export, jobs, migrate, runs, train, use
 from tuneplex.cli.common import echo_lines
 from tuneplex.errors import EXIT_USAGE, TuneplexError, missing_package
 
@@ -45,6 +45,7 @@ def _root(
 app.command("backends")(jobs.backends_cmd)
 app.command("schema")(jobs.schema_cmd)
 app.command("validate")(jobs.validate_cmd)
+app.command("migrate")(migrate.migrate_cmd)
 app.command("train")(train.train_cmd)
 app.command("generate")(use.generate_cmd)
 app.command("chat")(use.chat_cmd)

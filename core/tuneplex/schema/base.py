@@ -1,8 +1,9 @@
-"""The strict, frozen pydantic base every job section derives from."""
+"""The strict, frozen pydantic base every job section derives from, and how to look up a key
+of a (live) schema by its dotted path."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -64,3 +65,52 @@ def model_in(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def schema_field(schema: type, path: str):
+    """The pydantic field at dotted `path` of a (nested) model, or None."""
+    current, found = schema, None
+    for part in path.split("."):
+        if current is None or part not in current.model_fields:
+            return None
+        found = current.model_fields[part]
+        current = model_in(found.annotation)
+    return found
+
+
+def has_key(schema: type, path: str) -> bool:
+    """Whether the job schema has the dotted key `path`."""
+    return schema_field(schema, path) is not None
+
+
+def key_default(schema: type, path: str) -> Any:
+    found = schema_field(schema, path)
+    if found is None or found.is_required():
+        return None
+    return found.default_factory() if found.default_factory else found.default
+
+
+def choices(schema: type, path: str) -> tuple[Any, ...]:
+    """The values a Literal key allows (empty when it is no Literal)."""
+    found = schema_field(schema, path)
+    stack, out = [found.annotation] if found else [], []
+    while stack:
+        annotation = stack.pop()
+        if get_origin(annotation) is Literal:
+            out += get_args(annotation)
+        else:
+            stack += get_args(annotation)
+    return tuple(out)
+
+
+def ordered(job: dict[str, Any], schema: type | None) -> dict[str, Any]:
+    """`job` with its keys in the schema's order (as `tuneplex schema` prints them)."""
+    if schema is None:
+        return job
+    names = list(schema.model_fields)
+    keys = sorted(job, key=lambda k: names.index(k) if k in names else len(names))
+    out = {}
+    for k in keys:
+        inner = model_in(schema.model_fields[k].annotation) if k in names else None
+        out[k] = ordered(job[k], inner) if isinstance(job[k], dict) and inner else job[k]
+    return out

@@ -353,14 +353,50 @@ def _set(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
     return None
 
 
+# --- placeholders ----------------------------------------------------------------------------
+# `tuneplex migrate` writes `<your model: ...>` where the job needs something its input lacks;
+# any command that reads the job names each one still there, instead of passing it on.
+_PLACEHOLDER = re.compile(r"<your [^<>\n]{1,200}>")
+
+
+def placeholder(what: str) -> str:
+    """The value a job holds where the user has yet to write `what`."""
+    return f"<your {what}>"
+
+
+def placeholder_problems(data: Any) -> list[Problem]:
+    """One problem per placeholder left in a job's plain data, at its key path."""
+    problems: list[Problem] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str) and _PLACEHOLDER.fullmatch(value):
+            what, _, hint = value[len("<your ") : -1].partition(": ")
+            say = f"still a placeholder: write your {what} here" + (f" ({hint})" if hint else "")
+            problems.append(Problem(where or "job", say))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                stack.append((f"{where}.{key}" if where else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return problems
+
+
 def validate_job(schema: type, data: Mapping[str, Any]):
-    """Validate plain data against a job schema; every problem at once, as a UsageError."""
+    """Validate plain data against a job schema; every problem at once, as a UsageError. A
+    placeholder left in the job is its key's only problem."""
     from pydantic import ValidationError
 
+    placeholders = placeholder_problems(data)
     try:
-        return schema.model_validate(data)
+        parsed = schema.model_validate(data)
     except ValidationError as exc:
-        raise UsageError(format_validation_error(exc, schema)) from None
+        left = {p.where for p in placeholders}
+        problems = format_validation_error(exc, schema)
+        raise UsageError([*placeholders, *(p for p in problems if p.where not in left)]) from None
+    if placeholders:
+        raise UsageError(placeholders)
+    return parsed
 
 
 def load_job(schema: type, path: str | Path, overrides: Iterable[str] = ()):
