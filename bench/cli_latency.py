@@ -22,6 +22,7 @@ TARGET_S = 0.5
 
 AUTOMODEL_JOB = "model: org/base\ndataset:\n  training: train.jsonl\n"
 UNSLOTH_JOB = "model:\n  name: org/base\ndataset:\n  path: train.jsonl\n"
+V1_FILE = '{"finetuning_type": "lora", "lora": {"target_modules": ["linear_qkv"]}}'
 
 
 def main() -> int:
@@ -39,6 +40,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp())
     (tmp / "a.yaml").write_text(AUTOMODEL_JOB)
     (tmp / "u.yaml").write_text(UNSLOTH_JOB)
+    (tmp / "v1.json").write_text(V1_FILE)
     commands = {
         "tuneplex --version": ["--version"],
         "tuneplex backends": ["backends"],
@@ -51,6 +53,7 @@ def main() -> int:
             "--backend",
             "unsloth",
         ],
+        "tuneplex migrate v1.json": ["migrate", str(tmp / "v1.json")],
     }
     rows = []
     for label, argv in commands.items():
