@@ -213,7 +213,11 @@ def initial_weights(run) -> dict:
         torch.manual_seed(DEFAULT_SEED if seed is None else seed)
         model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
         model = apply_lora(
-            model, rank=lora["rank"], alpha=lora["alpha"], target_modules=lora["target_modules"]
+            model,
+            rank=lora["rank"],
+            alpha=lora["alpha"],
+            target_modules=lora["target_modules"],
+            use_dora=lora.get("use_dora", False),
         )
     return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
 

@@ -55,10 +55,10 @@ def test_max_steps_caps_the_run():
     assert plan(max_steps=4).unreached_cap() is None
     assert plan(max_steps=100).total_steps == 6
     assert plan(max_steps=100).unreached_cap() == (
-        "max_steps 100 is never reached: 2 epochs = 6 steps; raise schedule.epochs"
+        "max_steps 100 > 2 epochs × 3 steps: stopping after 6; raise schedule.epochs"
     )
     assert plan(max_steps=60, epochs=1).unreached_cap() == (
-        "max_steps 60 is never reached: 1 epoch = 3 steps; raise schedule.epochs"
+        "max_steps 60 > 1 epoch × 3 steps: stopping after 3; raise schedule.epochs"
     )
 
 

@@ -502,3 +502,96 @@ def test_describe_names_the_settings_runs_show_prints():
     full = AutomodelBackend().describe(ok(job(training={"finetuning_type": "all_weights"})))
     assert (full.finetuning_type, full.lora_rank, full.lora_alpha) == ("all_weights", None, None)
     assert (full.validation_data, full.max_steps, full.seed) == (None, None, None)
+
+
+V1_DEFAULTS = {  # issue 30: the settings of the v1 hyperparameter object and the tuning guide
+    "optimizer.name": "adamw",
+    "optimizer.lr_schedule": "cosine",
+    "optimizer.min_learning_rate": None,
+    "optimizer.adam_beta1": 0.9,
+    "optimizer.adam_beta2": 0.999,
+    "training.lora.dropout": 0.0,
+    "training.lora.use_dora": False,
+    "training.hidden_dropout": None,
+    "training.attention_dropout": None,
+}
+
+
+@pytest.mark.parametrize("path,expected", V1_DEFAULTS.items())
+def test_v1_setting_defaults(path, expected):
+    test_spec_defaults(path, expected)
+
+
+@pytest.mark.parametrize(
+    "data,line",
+    [
+        (
+            job(optimizer={"name": "sgd"}),
+            "optimizer.name: must be one of: adamw, adam (got 'sgd')",
+        ),
+        (
+            job(optimizer={"lr_schedule": "cosin"}),
+            "optimizer.lr_schedule: must be one of: cosine, linear, flat (got 'cosin'); did you "
+            "mean 'cosine'?",
+        ),
+        (
+            job(optimizer={"learning_rate": 1e-4, "min_learning_rate": 1e-4}),
+            "optimizer.min_learning_rate: 0.0001 must be below learning_rate (0.0001)",
+        ),
+        (
+            job(optimizer={"lr_schedule": "flat", "min_learning_rate": 1e-7}),
+            "optimizer.min_learning_rate: only used with lr_schedule cosine or linear (got flat)",
+        ),
+        (
+            job(optimizer={"min_learning_rate": -1}),
+            "optimizer.min_learning_rate: must be >= 0 (got -1)",
+        ),
+        (job(optimizer={"adam_beta1": 1}), "optimizer.adam_beta1: must be < 1 (got 1)"),
+        (job(optimizer={"adam_beta2": -0.5}), "optimizer.adam_beta2: must be >= 0 (got -0.5)"),
+        (job(training={"lora": {"dropout": 1.0}}), "training.lora.dropout: must be < 1 (got 1.0)"),
+        (
+            job(training={"lora": {"use_dora": "yes"}}),
+            "training.lora.use_dora: expected true or false (got 'yes')",
+        ),
+        (
+            job(training={"attention_dropout": -0.1}),
+            "training.attention_dropout: must be >= 0 (got -0.1)",
+        ),
+        (
+            job(
+                training={"finetuning_type": "all_weights", "lora": {"use_dora": True}},
+            ),
+            "training.lora: only used with finetuning_type lora or lora_merged (got all_weights)",
+        ),
+        (
+            job(
+                training={"lora": {"use_dora": True}},
+                parallelism={"num_gpus_per_node": 2, "tensor_parallel_size": 2},
+            ),
+            "training.lora.use_dora: true: DoRA's magnitude needs each adapted layer's whole "
+            "weight, which tensor parallelism splits (got parallelism.tensor_parallel_size 2); "
+            "set it to false",
+        ),
+        (
+            job(
+                training={"hidden_dropout": 0.1},
+                parallelism={"num_gpus_per_node": 2, "pipeline_parallel_size": 2},
+            ),
+            "training.hidden_dropout: 0.1: dropout overrides are proven with data parallelism "
+            "only in this version (got parallelism.pipeline_parallel_size 2); set it to null",
+        ),
+    ],
+)
+def test_v1_settings_are_checked(data, line):
+    assert line in problems(data)
+
+
+def test_v1_settings_accepted_with_data_parallelism():
+    settings = ok(
+        job(
+            training={"hidden_dropout": 0.1, "attention_dropout": 0.0, "lora": {"use_dora": True}},
+            optimizer={"name": "adam", "lr_schedule": "linear", "min_learning_rate": 0},
+            parallelism={"num_gpus_per_node": 2},
+        )
+    )
+    assert settings.optimizer.min_learning_rate == 0 and settings.training.lora.use_dora

@@ -342,12 +342,14 @@ def test_skipped_rows_are_said_and_counted_in_the_summary(capsys, job, tmp_path,
     assert stats["first_skipped"].startswith(f"{data[0]}:17: messages[0].role: must be one of")
 
 
-def test_a_max_steps_cap_above_the_epochs_is_said_in_the_plan_line(capsys, job, tmp_path):
+def test_a_max_steps_cap_above_the_epochs_is_the_first_line(capsys, job, tmp_path):
     code, out, err = train(
         capsys, job("schedule: {epochs: 1, max_steps: 60}"), "-o", tmp_path / "r"
     )
     assert code == 0, err
-    assert "; max_steps 60 is never reached: 1 epoch = 4 steps; raise schedule.epochs\n" in out
+    assert out.splitlines()[0] == (
+        "max_steps 60 > 1 epoch × 4 steps: stopping after 4; raise schedule.epochs"
+    )
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["steps"] == summary["total_steps"] == 4
 

@@ -163,7 +163,8 @@ JOB_CASES = {
         + "..."
         + "k" * 28
         + "': unknown key (allowed: training_type, finetuning_type, "
-        "lora, max_seq_length, precision, activation_checkpointing, compile, dpo, grpo, "
+        "lora, max_seq_length, hidden_dropout, attention_dropout, precision, "
+        "activation_checkpointing, compile, dpo, grpo, "
         "teacher_model, teacher_precision, distillation_ratio, distillation_temperature, "
         "offload_teacher, trust_remote_code)",
     ),
@@ -178,6 +179,16 @@ JOB_CASES = {
         [],
         "training.training_type: must be one of: sft, distillation, dpo, grpo (got 's\\nf\\rt'); "
         "did you mean 'sft'?",
+    ),
+    "min-lr-above-peak.yaml": (
+        JOB + "optimizer: {learning_rate: 1.0e-4, min_learning_rate: 1.0e-3}\n",
+        [],
+        "optimizer.min_learning_rate: 0.001 must be below learning_rate (0.0001)",
+    ),
+    "dropout-of-one.yaml": (
+        JOB + "training: {hidden_dropout: 1}\n",
+        [],
+        "training.hidden_dropout: must be < 1 (got 1)",
     ),
     "too-big.yaml": (
         JOB + "# " + "x" * (1 << 20) + "\n",

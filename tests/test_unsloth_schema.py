@@ -289,3 +289,47 @@ def test_describe_names_the_settings_runs_show_prints():
     )
     assert (full.finetuning_type, full.lora_rank, full.lora_alpha) == ("all_weights", None, None)
     assert (full.model, full.validation_data, full.max_steps) == ("org/base", None, None)
+
+
+V1_DEFAULTS = {  # issue 30: the v1 settings that map onto Hugging Face's trainer
+    "optimizer.adam_beta1": 0.9,
+    "optimizer.adam_beta2": 0.999,
+    "optimizer.min_learning_rate": None,
+    "training.lora.use_dora": False,
+}
+
+
+@pytest.mark.parametrize("path,expected", V1_DEFAULTS.items())
+def test_v1_setting_defaults(path, expected):
+    test_spec_defaults(path, expected)
+
+
+@pytest.mark.parametrize(
+    "data,line",
+    [
+        (job(optimizer={"adam_beta1": 1.0}), "optimizer.adam_beta1: must be < 1 (got 1.0)"),
+        (job(optimizer={"adam_beta2": -1}), "optimizer.adam_beta2: must be >= 0 (got -1)"),
+        (
+            job(optimizer={"optim": "sgd", "adam_beta2": 0.99}),
+            "optimizer.adam_beta2: only used by the Adam optimizers (got optim sgd)",
+        ),
+        (
+            job(optimizer={"min_learning_rate": 1e-6}),
+            "optimizer.min_learning_rate: only used with schedule.lr_scheduler_type "
+            "cosine_with_min_lr (got linear)",
+        ),
+        (
+            job(
+                schedule={"lr_scheduler_type": "cosine_with_min_lr"},
+                optimizer={"learning_rate": 1e-4, "min_learning_rate": 2e-4},
+            ),
+            "optimizer.min_learning_rate: 0.0002 must be below learning_rate (0.0001)",
+        ),
+        (
+            job(training={"lora": {"use_dora": 1}}),
+            "training.lora.use_dora: expected true or false (got 1)",
+        ),
+    ],
+)
+def test_v1_settings_are_checked(data, line):
+    assert line in problems(data)

@@ -244,6 +244,14 @@ def test_sft_config_translates_every_field(job, tmp_path):
         validate_job(u.job_schema, yaml.safe_load(Path(job()).read_text())), tmp_path, cuda=False
     )
     assert c2.save_strategy == "no" and c2.max_steps == -1 and c2.max_grad_norm == 1.0
+    assert (c2.adam_beta1, c2.adam_beta2, c2.lr_scheduler_kwargs) == (0.9, 0.999, {})
+    extra = "schedule: {lr_scheduler_type: cosine_with_min_lr}\noptimizer: {adam_beta1: 0.5}"
+    c3 = sft_config(
+        validate_job(u.job_schema, yaml.safe_load(Path(job(extra)).read_text())),
+        tmp_path,
+        cuda=False,
+    )
+    assert c3.lr_scheduler_kwargs == {"min_lr_rate": 0.1} and c3.adam_beta1 == 0.5
 
 
 def test_merged_4bit_check_refuses_16_bit_weights(tmp_path, tiny_model):
@@ -259,3 +267,61 @@ def test_merged_4bit_check_refuses_16_bit_weights(tmp_path, tiny_model):
     assert str(exc.value).startswith("output.save_method merged_4bit: the saved model is not 4-bit")
     with pytest.raises(TrainingStopped):
         verify(fake, "merged_16bit")  # float32 weights are not 16-bit either
+
+
+def test_min_lr_betas_and_dora_reach_hugging_faces_trainer(
+    cpu_seam, capsys, job, tmp_path, tiny_model
+):
+    """cosine_with_min_lr ends at optimizer.min_learning_rate (the rates metrics.jsonl
+    records), the adam betas are the optimizer's (its checkpointed state), and use_dora trains
+    DoRA's magnitudes into the adapter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    extra = (
+        "schedule: {epochs: 2, eval_steps: null, save_steps: 8, lr_scheduler_type: "
+        "cosine_with_min_lr}\n"
+        "optimizer: {optim: adamw_torch, min_learning_rate: 2.0e-3, adam_beta1: 0.8, "
+        "adam_beta2: 0.95}\n"
+        "training: {lora: {use_dora: true}}"
+    )
+    code, _, err = run(capsys, job(extra), out)
+    assert code == 0, err
+    lrs = [e["lr"] for e in read_metrics(out) if e["split"] == "train"]
+    expected = [2e-3 + 8e-3 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    state = torch.load(out / "checkpoints" / "step_8" / "optimizer.pt", weights_only=True)
+    assert {tuple(g["betas"]) for g in state["param_groups"]} == {(0.8, 0.95)}
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    start = base.model.layers[0].self_attn.q_proj.weight.norm(dim=1)  # DoRA's initial m
+    assert (adapter[name] - start).abs().max() > 1e-4  # trained
+    assert sum(k.endswith(".lora_magnitude_vector") for k in adapter) == 2 * 7
+
+
+def test_the_unsloth_loader_hands_every_lora_setting_to_get_peft_model(job, monkeypatch):
+    """unsloth's FastLanguageModel.get_peft_model (which needs CUDA) gets each LoRA field,
+    use_dora among them (it passes it on to peft's LoraConfig)."""
+    import sys
+    import types
+
+    import yaml
+    from tuneplex.plugins import registry
+    from tuneplex.schema.loading import validate_job
+    from tuneplex_unsloth.model import UnslothLoader
+
+    calls = []
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel = types.SimpleNamespace(
+        get_peft_model=lambda model, **kw: calls.append(kw) or model
+    )
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    extra = "training: {lora: {rank: 8, alpha: 4, dropout: 0.1, use_dora: true, use_rslora: true}}"
+    u = registry().backends["unsloth"].backend
+    ujob = validate_job(u.job_schema, yaml.safe_load(Path(job(extra)).read_text()))
+    UnslothLoader().add_lora("model", ujob)
+    (kw,) = calls
+    assert (kw["r"], kw["lora_alpha"], kw["lora_dropout"]) == (8, 4, 0.1)
+    assert kw["use_dora"] is True and kw["use_rslora"] is True

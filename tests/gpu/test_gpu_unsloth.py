@@ -60,10 +60,16 @@ def tuneplex_train(job, run) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.parametrize(
-    ("bits4", "save_method"),
-    [(True, "lora"), (False, "merged_16bit"), (True, "merged_4bit"), (False, "lora")],
+    ("bits4", "save_method", "dora"),
+    [
+        (True, "lora", False),
+        (False, "merged_16bit", False),
+        (True, "merged_4bit", False),
+        (False, "lora", False),
+        (False, "merged_16bit", True),  # DoRA: its magnitudes merged too
+    ],
 )
-def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
+def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method, dora):
     from helpers import chat_rows, write_rows
 
     data = tmp_path / "train.jsonl"
@@ -76,6 +82,7 @@ def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
         "batch: {per_device_train_batch_size: 4}\n"
         "optimizer: {learning_rate: 5.0e-4}\n"
         f"output: {{save_method: {save_method}}}\n"
+        + ("training: {lora: {use_dora: true}}\n" if dora else "")
     )
     run = tmp_path / "run"
     summary, events = tuneplex_train(job, run)
@@ -91,6 +98,8 @@ def test_unsloth_trains_and_saves(model_dir, tmp_path, bits4, save_method):
         PeftModel.from_pretrained(base, final)
     else:
         check_merged(final, model_dir, four_bit=save_method == "merged_4bit", base_4bit=bits4)
+    adapter = final if save_method == "lora" else final / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is dora
     print(
         save_method,
         "4-bit" if bits4 else "16-bit",

@@ -57,7 +57,13 @@ def as_pretrained(weights: Path, *, job, scratch: Path) -> Path:
         from tuneplex_automodel.final_stream import peft_name
         from tuneplex_automodel.model import lora_config
 
-        config = lora_config(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+        config = lora_config(
+            rank=lora.rank,
+            alpha=lora.alpha,
+            target_modules=lora.target_modules,
+            dropout=lora.dropout,
+            use_dora=lora.use_dora,
+        )
         config.base_model_name_or_path = job.model
         config.save_pretrained(str(scratch))
         tensors = {peft_name(n): t for n, t in tensors.items()}

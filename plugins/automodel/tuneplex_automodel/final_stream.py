@@ -34,10 +34,18 @@ def _tied_duplicates(model) -> set[str]:
     return every - first
 
 
+_ADAPTER_PARTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A.",
+    ".lora_embedding_B.",
+    ".lora_magnitude_vector.",  # DoRA's
+)
+MAGNITUDE = ".lora_magnitude_vector."
+
+
 def _is_lora(name: str) -> bool:
-    return any(
-        p in name for p in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
-    )
+    return any(p in name for p in _ADAPTER_PARTS)
 
 
 def _stage_leads(dist) -> bool:
@@ -162,11 +170,12 @@ def _merged(directory, metas, tensors, *, model, dtype, max_bytes) -> None:
         base = [(_base_name(k), shape, dt, st) for k, shape, dt, st in metas if not _is_lora(k)]
         writer = SafetensorsWriter(directory, _entries(base, saved, dtype), max_bytes=max_bytes)
     pending: dict[str, dict[str, Any]] = {}
+    complete = 4 if model.peft_config["default"].use_dora else 3  # DoRA: and its magnitude
     for k, t in tensors:
         if writer is None:
             continue
         module, sep, _ = k.partition(".base_layer.weight")
-        for part in (".lora_A.", ".lora_B."):
+        for part in (".lora_A.", ".lora_B.", MAGNITUDE):
             if part in k:
                 module, sep = k.partition(part)[0], part
         if not sep:
@@ -175,7 +184,7 @@ def _merged(directory, metas, tensors, *, model, dtype, max_bytes) -> None:
             continue
         parts = pending.setdefault(module, {})
         parts[sep] = t
-        if len(parts) == 3:
+        if len(parts) == complete:
             del pending[module]
             merged = _merge(model, parts, dtype)
             for name, part in saved(_base_name(module + ".base_layer.weight"), merged):
@@ -221,7 +230,21 @@ def _merge(model, parts: dict[str, Any], dtype):
     a, b = parts[".lora_A."], parts[".lora_B."]
     delta = transpose(b @ a, config.fan_in_fan_out) * scaling
     merged = weight + delta.to(weight.dtype)
+    magnitude = parts.get(MAGNITUDE)
+    if magnitude is not None:  # DoRA: each output row rescaled to its learned magnitude
+        merged = _dora(merged, magnitude, fan_in_fan_out=config.fan_in_fan_out)
     return merged.to(_cast(dtype, merged.dtype))
+
+
+def _dora(merged, magnitude, *, fan_in_fan_out: bool):
+    """peft's DoRA merge: (m / ||W + ΔW||) (W + ΔW), the norm per output feature (computed in
+    fp32, as peft computes it)."""
+    from peft.utils.other import transpose
+
+    w = transpose(merged, fan_in_fan_out).float()
+    norm = w.norm(p=2, dim=1, keepdim=True)
+    scaled = (magnitude.float().view(-1, 1) / norm) * w
+    return transpose(scaled, fan_in_fan_out).to(merged.dtype)
 
 
 def _base_name(name: str) -> str:
@@ -251,7 +274,11 @@ def _write_config(directory: Path, model, *, dtype) -> None:
 
 def peft_name(name: str) -> str:
     """A LoRA parameter's name in the model (`...lora_A.default.weight`) as peft saves it in an
-    adapter file (`...lora_A.weight`)."""
+    adapter file (`...lora_A.weight`; DoRA's `...lora_magnitude_vector.default.weight` as
+    `...lora_magnitude_vector`)."""
+    head, sep, tail = name.partition(MAGNITUDE)
+    if sep:
+        return head + sep.rstrip(".")
     for part in (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B."):
         head, sep, tail = name.partition(part)
         if sep and "." in tail:

@@ -183,11 +183,14 @@ class Loop:
         p = self.parts
         tokens = int(p.train_rows.lengths[step_rows].sum())
         t0, compiling = time.perf_counter(), compile_seconds()
+        o = p.job.optimizer
         lr = learning_rate(
             self.step,
-            peak=p.job.optimizer.learning_rate,
-            warmup_steps=p.job.optimizer.warmup_steps,
+            peak=o.learning_rate,
+            warmup_steps=o.warmup_steps,
             total_steps=p.plan.total_steps,
+            schedule=o.lr_schedule,
+            min_lr=o.min_learning_rate,
         )
         for group in p.optimizer.param_groups:
             group["lr"] = lr
@@ -262,7 +265,7 @@ class Loop:
     def _state(self) -> dict[str, Any]:
         """The trainer state saved with a checkpoint: where the loop is, the recorder's
         counters, and what `restore` checks the resumed run against."""
-        p = self.parts
+        p, o = self.parts, self.parts.job.optimizer
         epoch, step_in_epoch = p.plan.position(self.step)
         return {
             **p.objective.state(),
@@ -271,9 +274,10 @@ class Loop:
             **p.recorder.state(),
             DATA_KEY: {ROWS_KEY: p.plan.n_rows},
             SCHEDULE_KEY: {
-                "kind": "linear warmup, cosine decay to 10%",
-                "peak_lr": p.job.optimizer.learning_rate,
-                "warmup_steps": p.job.optimizer.warmup_steps,
+                "kind": f"linear warmup, then {o.lr_schedule}",
+                "peak_lr": o.learning_rate,
+                "min_lr": o.min_learning_rate,
+                "warmup_steps": o.warmup_steps,
                 "total_steps": p.plan.total_steps,
             },
         }

@@ -16,11 +16,22 @@ def check_model_ref(ref: str, *, key: str = MODEL_KEY) -> None:
     resolve_model_ref(ref, key=key)
 
 
-def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, key: str = MODEL_KEY):
+def load_model(
+    ref: str,
+    *,
+    dtype: Any,
+    device: Any,
+    trust_remote_code: bool,
+    key: str = MODEL_KEY,
+    hidden_dropout: float | None = None,
+    attention_dropout: float | None = None,
+):
     """AutoModelForCausalLM from a local directory or a Hub id, weights from safetensors only.
 
     Returns (model, the dtype the checkpoint declares or None): `final/` is saved in the
-    latter, so a bf16 model trained with fp32 master weights comes back as bf16.
+    latter, so a bf16 model trained with fp32 master weights comes back as bf16. The dropout
+    overrides (`training.hidden_dropout` / `attention_dropout`; None: the model's own) are
+    built into the modules; the config keeps the checkpoint's values, so `final/` does too.
     """
     import torch
     import transformers
@@ -34,9 +45,18 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
         config = AutoConfig.from_pretrained(
             where, local_files_only=offline, trust_remote_code=trust_remote_code
         )
-        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        if isinstance(declared, str):
-            declared = getattr(torch, declared, None)
+    except Exception as exc:
+        raise UsageError(
+            Problem(key, f"{ref}: cannot load the model ({first_line(exc)})")
+        ) from None
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    overrides = dropout_overrides(config, hidden=hidden_dropout, attention=attention_dropout)
+    kept = {name: getattr(config, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             where,
             config=config,
@@ -49,12 +69,85 @@ def load_model(ref: str, *, dtype: Any, device: Any, trust_remote_code: bool, ke
         raise UsageError(
             Problem(key, f"{ref}: cannot load the model ({first_line(exc)})")
         ) from None
+    for name, value in kept.items():  # the modules took the override when they were built
+        setattr(model.config, name, value)
+    if hidden_dropout is not None and RESIDUAL_DROPOUT not in overrides:
+        drop_residual_contributions(model, p=hidden_dropout)
     model.config.use_cache = False
     base_dtype = declared if isinstance(declared, torch.dtype) else None
     return model.to(device), base_dtype
 
 
-def lora_config(*, rank: int, alpha: float, target_modules: list[str] | None):
+RESIDUAL_DROPOUT = "resid_pdrop"
+"""The config field of the families that drop out their attention and MLP outputs themselves
+before the residual add (Phi-3, GPT-2): `training.hidden_dropout` sets it there."""
+
+
+def dropout_overrides(config, *, hidden: float | None, attention: float | None) -> dict:
+    """The config fields the dropout settings change; a family whose config has no
+    `attention_dropout` cannot take that setting (one line)."""
+    overrides = {}
+    if attention is not None:
+        if not hasattr(config, "attention_dropout"):
+            raise UsageError(
+                Problem(
+                    "training.attention_dropout",
+                    f"{attention}: {type(config).__name__} has no attention_dropout setting; "
+                    "set it to null",
+                )
+            )
+        overrides["attention_dropout"] = attention
+    if hidden is not None and hasattr(config, RESIDUAL_DROPOUT):
+        overrides[RESIDUAL_DROPOUT] = hidden
+    return overrides
+
+
+def drop_residual_contributions(model, *, p: float) -> None:
+    """`training.hidden_dropout` for families without a config field for it: dropout on the
+    output of each decoder layer's `self_attn` and `mlp` (what they add to the residual
+    stream), by forward hooks that act in training mode only."""
+    from tuneplex_automodel.parallel.parallelize import decoder_layers
+
+    layers = decoder_layers(model)
+    missing = [name for name in ("self_attn", "mlp") if not all(hasattr(m, name) for m in layers)]
+    if not layers or missing:
+        raise UsageError(
+            Problem(
+                "training.hidden_dropout",
+                f"{p}: {type(model).__name__}'s decoder layers have no "
+                f"{' and '.join(missing or ['self_attn', 'mlp'])} to drop out; set it to null",
+            )
+        )
+    hook = _ResidualDropout(p)
+    for layer in layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
+
+
+class _ResidualDropout:
+    """A forward hook: dropout on a module's output (its first element when a tuple)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module, args, output):
+        if not module.training or self.p == 0:
+            return output
+        from torch.nn.functional import dropout
+
+        if isinstance(output, tuple):
+            return (dropout(output[0], self.p, training=True), *output[1:])
+        return dropout(output, self.p, training=True)
+
+
+def lora_config(
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | None,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+):
     """The peft LoraConfig of `training.lora`; target_modules None = every linear layer but the
     output head."""
     from peft import LoraConfig
@@ -62,21 +155,44 @@ def lora_config(*, rank: int, alpha: float, target_modules: list[str] | None):
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
+        use_dora=use_dora,
         bias="none",
         target_modules=target_modules if target_modules is not None else "all-linear",
         task_type="CAUSAL_LM",
     )
 
 
-def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | None):
+def apply_lora(
+    model,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | None,
+    dropout: float = 0.0,
+    use_dora: bool = False,
+):
     """A peft LoRA adapter (`lora_config`) on `model`."""
     from peft import get_peft_model
 
-    config = lora_config(rank=rank, alpha=alpha, target_modules=target_modules)
+    config = lora_config(
+        rank=rank, alpha=alpha, target_modules=target_modules, dropout=dropout, use_dora=use_dora
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
+        first = first_line(exc)
+        for key, value, word in (
+            ("dropout", dropout, "lora_dropout"),
+            ("use_dora", use_dora, "dora"),
+        ):
+            if value and word in first.lower():  # peft's adapters on fused experts take neither
+                raise UsageError(
+                    Problem(
+                        f"training.lora.{key}",
+                        f"{value}: {first}; choose target_modules without the experts",
+                    )
+                ) from None
         linear = sorted(
             {
                 name.rsplit(".", 1)[-1]
@@ -84,7 +200,6 @@ def apply_lora(model, *, rank: int, alpha: float, target_modules: list[str] | No
                 if type(mod).__name__ == "Linear" and "lm_head" not in name
             }
         )
-        first = first_line(exc)
         raise UsageError(
             Problem(
                 "training.lora.target_modules",

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 MIN_LR_RATIO = 0.1
-"""Cosine decay ends at 10% of the peak learning rate."""
+"""Where decay ends when `optimizer.min_learning_rate` is not given: 10% of the peak."""
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,15 @@ class TrainPlan:
         return min(full, self.max_steps) if self.max_steps else full
 
     def unreached_cap(self) -> str | None:
-        """What to say when max_steps caps nothing (the epochs end first): it is a cap."""
+        """What to say first when max_steps caps nothing (the epochs end first): it is a cap,
+        where Automodel and Hugging Face users expect it to override the epochs."""
         full = self.epochs * self.steps_per_epoch
         if not self.max_steps or self.max_steps <= full:
             return None
         unit = "epoch" if self.epochs == 1 else "epochs"
         return (
-            f"max_steps {self.max_steps} is never reached: {self.epochs} {unit} = {full} steps; "
-            "raise schedule.epochs"
+            f"max_steps {self.max_steps} > {self.epochs} {unit} × {self.steps_per_epoch} steps: "
+            f"stopping after {full}; raise schedule.epochs"
         )
 
     def epoch_of(self, step: int) -> float:
@@ -105,14 +106,25 @@ class TrainPlan:
         return step % self.steps_per_epoch == 0
 
 
-def learning_rate(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
+def learning_rate(
+    step: int,
+    *,
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "cosine",
+    min_lr: float | None = None,
+) -> float:
     """Rate for 0-based optimizer step `step`: linear warmup over `warmup_steps` (the first
-    step already moves), then cosine decay to MIN_LR_RATIO × peak at the last step."""
+    step already moves), then `schedule` — cosine or linear decay to `min_lr` (None:
+    MIN_LR_RATIO × peak) at the last step, or flat (the peak until the end)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     decay_steps = total_steps - warmup_steps
-    if decay_steps <= 1:
+    if schedule == "flat" or decay_steps <= 1:
         return peak
     progress = min(1.0, (step - warmup_steps) / (decay_steps - 1))
-    floor = MIN_LR_RATIO * peak
+    floor = MIN_LR_RATIO * peak if min_lr is None else min_lr
+    if schedule == "linear":
+        return peak - (peak - floor) * progress
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))

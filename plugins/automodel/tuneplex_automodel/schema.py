@@ -88,6 +88,19 @@ class AutomodelLora(StrictModel):
         min_length=1,
         description="Module name patterns to adapt; null: all linear layers but the output head.",
     )
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the input of each LoRA layer, in training only (peft's "
+        "lora_dropout).",
+    )
+    use_dora: bool = Field(
+        default=False,
+        description="DoRA (weight-decomposed LoRA): also trains a magnitude per output feature "
+        "of each adapted layer (peft's use_dora; ~10-20% slower). Not with tensor "
+        "parallelism.",
+    )
 
 
 class AutomodelTraining(StrictModel):
@@ -109,6 +122,22 @@ class AutomodelTraining(StrictModel):
     )
     max_seq_length: int = Field(
         default=2048, ge=1, description="Maximum tokens per sample (longer ones are truncated)."
+    )
+    hidden_dropout: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Dropout on what each decoder layer's attention and MLP add to the residual "
+        "stream (Megatron's hidden_dropout), in training only. null: the model's own (none for "
+        "most decoder models). Data parallelism only in this version.",
+    )
+    attention_dropout: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Dropout on the attention probabilities (the model config's "
+        "attention_dropout), in training only. null: the model's own. Data parallelism only in "
+        "this version.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
@@ -269,14 +298,65 @@ class AutomodelBatch(StrictModel):
 
 
 class AutomodelOptimizer(StrictModel):
-    learning_rate: float = Field(default=5e-6, gt=0, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(default=0.01, ge=0, description="AdamW decoupled weight decay.")
+    name: Literal["adamw", "adam"] = Field(
+        default="adamw",
+        description="adamw: weight decay decoupled from the gradient (torch.optim.AdamW); adam: "
+        "weight decay added to the gradient as an L2 term (torch.optim.Adam).",
+    )
+    learning_rate: float = Field(default=5e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(
+        default=0.01,
+        ge=0,
+        description="Weight decay (decoupled with adamw, L2 with adam); biases and norm "
+        "weights are not decayed.",
+    )
     warmup_steps: int = Field(
         default=0,
         ge=0,
-        description="Linear warmup steps, then cosine decay to 10% of the learning rate.",
+        description="Linear warmup steps up to learning_rate, then the lr_schedule.",
+    )
+    lr_schedule: Literal["cosine", "linear", "flat"] = Field(
+        default="cosine",
+        description="After warmup: cosine (or linear) decay to min_learning_rate at the last "
+        "step, or flat (learning_rate until the end).",
+    )
+    min_learning_rate: float | None = Field(
+        default=None,
+        ge=0,
+        description="Where the cosine or linear decay ends; below learning_rate. null: 0.1 × "
+        "learning_rate. Refused with lr_schedule flat.",
+    )
+    adam_beta1: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="Decay rate of the moving average of gradients (momentum).",
+    )
+    adam_beta2: float = Field(
+        default=0.999,
+        ge=0,
+        lt=1,
+        description="Decay rate of the moving average of squared gradients.",
     )
     max_grad_norm: float = max_grad_norm_field()
+
+    @model_validator(mode="after")
+    def _rules(self) -> AutomodelOptimizer:
+        low = self.min_learning_rate
+        if low is not None and self.lr_schedule == "flat":
+            raise CrossFieldError(
+                [("min_learning_rate", "only used with lr_schedule cosine or linear (got flat)")]
+            )
+        if low is not None and low >= self.learning_rate:
+            raise CrossFieldError(
+                [
+                    (
+                        "min_learning_rate",
+                        f"{low:g} must be below learning_rate ({self.learning_rate:g})",
+                    )
+                ]
+            )
+        return self
 
 
 class AutomodelParallelism(StrictModel):
@@ -326,6 +406,36 @@ class AutomodelOutput(StrictModel):
     )
 
 
+def _regularisation_problems(
+    training: AutomodelTraining, beyond: list[tuple[str, int]]
+) -> list[tuple[str, str]]:
+    """Dropout is proven with data parallelism only (its masks are drawn per rank); DoRA's
+    magnitude needs each adapted layer's whole weight, which tensor parallelism splits."""
+    problems = []
+    if beyond:
+        key, size = beyond[0]
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(training, name)
+            if value is not None:
+                problems.append(
+                    (
+                        f"training.{name}",
+                        f"{value}: dropout overrides are proven with data parallelism only in "
+                        f"this version (got {key} {size}); set it to null",
+                    )
+                )
+    tp = dict(beyond).get("parallelism.tensor_parallel_size")
+    if training.lora is not None and training.lora.use_dora and tp:
+        problems.append(
+            (
+                "training.lora.use_dora",
+                f"true: DoRA's magnitude needs each adapted layer's whole weight, which tensor "
+                f"parallelism splits (got parallelism.tensor_parallel_size {tp}); set it to false",
+            )
+        )
+    return problems
+
+
 class AutomodelJobInput(JobSchema):
     """A fine-tuning job for the automodel backend."""
 
@@ -345,7 +455,8 @@ class AutomodelJobInput(JobSchema):
     )
     batch: AutomodelBatch = Field(default_factory=AutomodelBatch, description="Batch sizes.")
     optimizer: AutomodelOptimizer = Field(
-        default_factory=AutomodelOptimizer, description="AdamW and learning-rate schedule."
+        default_factory=AutomodelOptimizer,
+        description="Optimizer (AdamW or Adam) and learning-rate schedule.",
     )
     parallelism: AutomodelParallelism = Field(
         default_factory=AutomodelParallelism, description="GPUs, nodes and parallel layout."
@@ -389,6 +500,7 @@ class AutomodelJobInput(JobSchema):
             )
             if size > 1
         ]
+        problems += _regularisation_problems(self.training, beyond)
         what, allowed = None, "data parallelism"
         if self.training.training_type == "distillation":
             what = "distillation runs"

@@ -326,6 +326,8 @@ def setup_model(
         dtype=runtime.dtype,
         device=runtime.device,
         trust_remote_code=job.training.trust_remote_code,
+        hidden_dropout=job.training.hidden_dropout,
+        attention_dropout=job.training.attention_dropout,
     )
     model_class = type(model).__name__  # before any wrapping hides it
     family = check_plan(model_class, dist_dims=dims)
@@ -336,7 +338,12 @@ def setup_model(
     lora = job.training.lora
     if lora is not None:
         model = apply_lora(
-            model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules
+            model,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            target_modules=lora.target_modules,
+            dropout=lora.dropout,
+            use_dora=lora.use_dora,
         )
     checkpoint_activations(model, mode=job.training.activation_checkpointing)
     runtime.compiled = compile_layers(
@@ -379,21 +386,33 @@ def setup_parallel(
 
 
 def setup_optimizer(job: AutomodelJobInput, *, model, runtime: Runtime):
-    """Made after parallelism is applied: it holds the sharded parameters. Fused AdamW on CUDA
-    and CPU (one kernel over all parameters: ~8x faster than the per-tensor loop on a CPU)
-    unless plain tensors and DTensors are mixed (tensor parallelism's replicated norms beside
-    its sharded weights), which the fused kernel refuses."""
+    """Made after parallelism is applied: it holds the sharded parameters. Fused on CUDA and
+    CPU (one kernel over all parameters: ~8x faster than the per-tensor loop on a CPU) unless
+    plain tensors and DTensors are mixed (tensor parallelism's replicated norms beside its
+    sharded weights), which the fused kernel refuses."""
     kinds = {type(p.data) for p in model.parameters() if p.requires_grad}
+    o = job.optimizer
     return build_optimizer(
         model,
-        lr=job.optimizer.learning_rate,
-        weight_decay=job.optimizer.weight_decay,
+        name=o.name,
+        lr=o.learning_rate,
+        weight_decay=o.weight_decay,
+        betas=(o.adam_beta1, o.adam_beta2),
         fused=runtime.device.type in ("cuda", "cpu") and len(kinds) == 1,
     )
 
 
-def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+def build_optimizer(
+    model,
+    *,
+    lr: float,
+    weight_decay: float,
+    fused: bool,
+    name: str = "adamw",
+    betas: tuple[float, float] = (0.9, 0.999),
+):
+    """AdamW (decoupled weight decay) or Adam (weight decay as an L2 term of the gradient);
+    no weight decay on biases and norm weights (1-D parameters)."""
     import torch
 
     decay, no_decay = [], []
@@ -403,7 +422,8 @@ def build_optimizer(model, *, lr: float, weight_decay: float, fused: bool):
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+    kind = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[name]
+    return kind(groups, lr=lr, betas=betas, eps=1e-8, fused=fused or None)
 
 
 def setup_plan(
@@ -494,14 +514,15 @@ def opening_lines(parts: Components, *, model_class: str, counts: tuple[int, int
         else f"global batch {plan.global_batch} = micro {plan.micro_batch} × accumulation "
         f"{dims.grad_accum_steps}" + (f" × data parallel {dims.dp}" if dims.dp > 1 else "")
     )
+    cap = plan.unreached_cap()  # first: a user who expects max_steps to win must see it
     return [
+        *([cap] if cap else []),
         f"automodel: {job.model} ({model_class}, {total:,} parameters, "
         f"{trainable:,} trained = {100 * trainable / max(total, 1):.2f}%) on "
         + placement(parts.dist, parts.runtime),
         f"data: {len(parts.train_rows):,} training {unit}"
         + (f", {len(val_rows):,} validation {unit}" if val_rows is not None else "")
-        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {batch}"
-        + (f"; {plan.unreached_cap()}" if plan.unreached_cap() else ""),
+        + f"; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {batch}",
         f"run directory: {parts.run_dir}",
     ]
 

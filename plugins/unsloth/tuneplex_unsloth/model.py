@@ -96,6 +96,7 @@ class UnslothLoader:
             use_gradient_checkpointing=job.training.use_gradient_checkpointing,
             random_state=lora.random_state,
             use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,  # passed on to peft's LoraConfig
             max_seq_length=job.model.max_seq_length,
         )
 
@@ -161,6 +162,7 @@ class PeftLoader:
             target_modules=list(lora.target_modules),
             bias=lora.bias,
             use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)

@@ -128,6 +128,12 @@ class UnslothLora(StrictModel):
         default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(rank)."
     )
     random_state: int = Field(default=3407, ge=0, description="Seed of the adapter initialisation.")
+    use_dora: bool = Field(
+        default=False,
+        description="DoRA (weight-decomposed LoRA): also trains a magnitude per output feature "
+        "of each adapted layer (peft's use_dora; unsloth runs such layers without its fused "
+        "LoRA kernels, so slower).",
+    )
 
 
 def _checkpointing_choice(value):
@@ -317,8 +323,17 @@ class UnslothSchedule(StrictModel):
         default=None, ge=0, lt=1, description="Warmup as a fraction of the total steps."
     )
     lr_scheduler_type: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"
-    ] = Field(default="linear", description="Learning-rate schedule after warmup.")
+        "linear",
+        "cosine",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "cosine_with_min_lr",
+    ] = Field(
+        default="linear",
+        description="Learning-rate schedule after warmup (Hugging Face's): cosine decays to 0, "
+        "cosine_with_min_lr to optimizer.min_learning_rate.",
+    )
     logging_steps: int = Field(default=1, ge=1, description="Log metrics every N steps.")
     save_steps: int | None = Field(
         default=None, ge=1, description="Save a checkpoint every N steps; null: only at the end."
@@ -363,7 +378,46 @@ class UnslothOptimizer(StrictModel):
             description="Optimizer; the 8-bit ones keep optimizer state in 8 bits (less memory).",
         )
     )
+    adam_beta1: float = Field(
+        default=0.9,
+        ge=0,
+        lt=1,
+        description="Adam's decay rate of the moving average of gradients (momentum); not "
+        "used by sgd.",
+    )
+    adam_beta2: float = Field(
+        default=0.999,
+        ge=0,
+        lt=1,
+        description="Adam's decay rate of the moving average of squared gradients; not used by "
+        "sgd.",
+    )
+    min_learning_rate: float | None = Field(
+        default=None,
+        ge=0,
+        description="Where schedule.lr_scheduler_type cosine_with_min_lr ends; below "
+        "learning_rate. null: 0.1 × learning_rate. Only with cosine_with_min_lr.",
+    )
     max_grad_norm: float = max_grad_norm_field()
+
+    @model_validator(mode="after")
+    def _rules(self) -> UnslothOptimizer:
+        problems = []
+        low = self.min_learning_rate
+        if low is not None and low >= self.learning_rate:
+            problems.append(
+                (
+                    "min_learning_rate",
+                    f"{low:g} must be below learning_rate ({self.learning_rate:g})",
+                )
+            )
+        if self.optim == "sgd":
+            for key in ("adam_beta1", "adam_beta2"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    problems.append((key, "only used by the Adam optimizers (got optim sgd)"))
+        if problems:
+            raise CrossFieldError(problems)
+        return self
 
 
 def _gpus_to_text(value):
@@ -478,6 +532,15 @@ class UnslothJobInput(JobSchema):
             )
         if self.training.grpo is not None:
             problems += self._grpo_problems()
+        scheduler = self.schedule.lr_scheduler_type
+        if self.optimizer.min_learning_rate is not None and scheduler != "cosine_with_min_lr":
+            problems.append(
+                (
+                    "optimizer.min_learning_rate",
+                    "only used with schedule.lr_scheduler_type cosine_with_min_lr "
+                    f"(got {scheduler})",
+                )
+            )
         if self.schedule.eval_steps is not None and self.dataset.validation_path is None:
             problems.append(
                 ("schedule.eval_steps", "needs dataset.validation_path (no validation data)")

@@ -76,7 +76,10 @@ def training_args(job: UnslothJobInput, run_dir: Path, *, cuda: bool) -> dict[st
         learning_rate=o.learning_rate,
         weight_decay=o.weight_decay,
         optim=o.optim,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
         lr_scheduler_type=s.lr_scheduler_type,
+        lr_scheduler_kwargs=scheduler_kwargs(job),
         warmup_steps=s.warmup_ratio if s.warmup_ratio is not None else s.warmup_steps,
         max_grad_norm=o.max_grad_norm,
         logging_strategy="steps",
@@ -93,6 +96,19 @@ def training_args(job: UnslothJobInput, run_dir: Path, *, cuda: bool) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+MIN_LR_RATE = 0.1
+"""cosine_with_min_lr's end when optimizer.min_learning_rate is not given, as a fraction of the
+learning rate (the automodel backend's default too)."""
+
+
+def scheduler_kwargs(job: UnslothJobInput) -> dict[str, float]:
+    """Hugging Face's lr_scheduler_kwargs: the end of cosine_with_min_lr."""
+    if job.schedule.lr_scheduler_type != "cosine_with_min_lr":
+        return {}
+    low = job.optimizer.min_learning_rate
+    return {"min_lr_rate": MIN_LR_RATE} if low is None else {"min_lr": low}
 
 
 def sft_config(job: UnslothJobInput, run_dir: Path, *, cuda: bool):
@@ -284,16 +300,16 @@ def sft_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: b
 
 def dpo_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: bool) -> Method:
     from tuneplex_unsloth.dpo import (
-        TRL_REWARD_KEYS,
-        PairCollator,
+        collator_for,
         dpo_config,
-        dpo_trainer_class,
+        log_keys,
         pair_dataset,
+        preference_trainer_class,
     )
 
-    collate = PairCollator(pad_id)
+    collate = collator_for(job, pad_id)
     counter = TokenCounter(collate, tokens=collate.tokens)
-    trainer = dpo_trainer_class()(
+    trainer = preference_trainer_class(job)(
         model=model,
         args=dpo_config(job, common=training_args(job, run_dir, cuda=cuda)),
         train_dataset=pair_dataset(prepared.train.dataset),
@@ -308,7 +324,7 @@ def dpo_method(job, run_dir, *, model, tokenizer, prepared, pad_id: int, cuda: b
         def validate(_model):  # TRL's loss, with its reference, on the trainer's model
             return trainer.validate_pairs(pairs, collate=collate, micro=micro)
 
-    return Method(trainer, counter, validate, TRL_REWARD_KEYS)
+    return Method(trainer, counter, validate, log_keys(job))
 
 
 def grpo_method(
