@@ -144,6 +144,29 @@ def write_v1(tmp_path: Path, data, name: str = "v1.json") -> Path:
     return path
 
 
+def landed(backend: str, path: str) -> bool:
+    """Whether this version's schema has `path` (the optimizer and dropout keys arrive with the
+    settings of issue 30; until then migrate reports them as having no equivalent)."""
+    return mig.has_key(SCHEMAS[backend], path)
+
+
+def check(m: mig.Migration, key: str, path: str, value) -> None:
+    """v1's `key` is `value` at `path` where the schema has that key, else reported lost."""
+    line = lines(m)[key][0]
+    if landed(m.backend, path):
+        assert line.kind == mig.CARRIED and f"{path}: " in line.text, line
+        node = valid(m).model_dump()
+        for part in path.split("."):
+            node = node[part]
+        assert node == value, (path, node)
+    else:
+        assert line.kind == mig.LOST and "no equivalent in this version" in line.text, line
+        node = m.job
+        for part in path.split(".")[:-1]:
+            node = node.get(part, {})
+        assert path.rsplit(".", 1)[1] not in node
+
+
 def _v1_keys(model, prefix: str = "") -> list[str]:
     from tuneplex.schema.base import model_in
 
@@ -198,7 +221,7 @@ def test_sft_lora_values_round_trip():
     job = valid(run(SFT_LORA))
     t, s, o = job.training, job.schedule, job.optimizer
     assert (t.finetuning_type, t.training_type) == ("lora", "sft")
-    assert (t.lora.rank, t.lora.alpha, t.lora.dropout) == (32, 64, 0.1)
+    assert (t.lora.rank, t.lora.alpha) == (32, 64)
     assert t.lora.target_modules == [
         "q_proj",
         "k_proj",
@@ -208,23 +231,20 @@ def test_sft_lora_values_round_trip():
         "up_proj",
         "down_proj",
     ]
-    assert (t.hidden_dropout, t.attention_dropout) == (0.1, 0.05)
     assert (s.epochs, s.max_steps, s.seed, s.val_check_interval) == (3, None, 7, 0.5)
     assert (job.batch.global_batch_size, job.batch.micro_batch_size) == (32, 1)
     assert job.batch.sequence_packing is True
-    assert (o.name, o.lr_schedule, o.learning_rate, o.weight_decay) == (
-        "adamw",
-        "cosine",
-        2e-4,
-        0.05,
-    )
-    assert (o.warmup_steps, o.adam_beta1, o.adam_beta2, o.min_learning_rate) == (
-        10,
-        0.85,
-        0.98,
-        1e-5,
-    )
-    said = lines(run(SFT_LORA))
+    assert (o.learning_rate, o.weight_decay, o.warmup_steps) == (2e-4, 0.05, 10)
+    m = run(SFT_LORA)
+    check(m, "lora.adapter_dropout", "training.lora.dropout", 0.1)
+    check(m, "sft.hidden_dropout", "training.hidden_dropout", 0.1)
+    check(m, "sft.attention_dropout", "training.attention_dropout", 0.05)
+    check(m, "adam_beta1", "optimizer.adam_beta1", 0.85)
+    check(m, "adam_beta2", "optimizer.adam_beta2", 0.98)
+    check(m, "min_learning_rate", "optimizer.min_learning_rate", 1e-5)
+    if landed("automodel", "optimizer.name"):
+        assert (o.name, o.lr_schedule) == ("adamw", "cosine")
+    said = lines(m)
     assert said["log_every_n_steps"][0].kind == mig.LOST
     assert "metrics.jsonl" in said["log_every_n_steps"][0].text
     assert said["max_steps"][0].text == "schedule.max_steps: none (-1: no cap, as in v1)"
@@ -238,6 +258,7 @@ def test_sft_lora_on_unsloth():
     assert (job.schedule.warmup_steps, job.schedule.logging_steps, job.schedule.seed) == (10, 5, 7)
     assert job.optimizer.optim == "adamw_torch"
     assert job.training.lora.dropout == 0.1
+    check(m, "adam_beta2", "optimizer.adam_beta2", 0.98)
     if mig._hf_min_lr(mig._Build(v1=None, backend="unsloth", schema=SCHEMAS["unsloth"])):
         assert job.schedule.lr_scheduler_type == "cosine_with_min_lr"
         assert job.optimizer.min_learning_rate == 1e-5
@@ -267,7 +288,8 @@ def test_dpo_values_round_trip(backend):
     assert said["adam_beta2"][0].kind == mig.IGNORED  # v1 uses it with cosine only
     if backend == "automodel":
         assert job.training.finetuning_type == "lora_merged" and job.training.lora.merge
-        assert (job.optimizer.name, job.optimizer.lr_schedule) == ("adam", "flat")
+        check(m, "optimizer", "optimizer.name", "adam")
+        check(m, "optimizer", "optimizer.lr_schedule", "flat")
         assert job.batch.global_batch_size == 16
     else:
         assert job.training.finetuning_type == "lora"
@@ -319,7 +341,8 @@ def test_distillation_values_round_trip():
     job, said = valid(m), lines(m)
     assert job.training.teacher_model == "org/teacher-8b"
     assert job.training.finetuning_type == "all_weights"
-    assert (job.optimizer.lr_schedule, job.optimizer.min_learning_rate) == ("flat", None)
+    check(m, "optimizer", "optimizer.lr_schedule", "flat")
+    assert "min_learning_rate" not in json.dumps(m.job)  # v1's flat schedule has none
     lora_distill = run({**DISTILLATION, "finetuning_type": "lora", "lora": {"adapter_dim": 4}})
     said = lines(lora_distill)
     assert said["finetuning_type"][0].kind == mig.LOST
@@ -334,7 +357,11 @@ def test_v1_defaults_are_written_and_said():
     assert job.optimizer.learning_rate == 1e-4
     assert (job.training.lora.rank, job.training.lora.alpha) == (8, 16)
     assert said["epochs"][0].text == "schedule.epochs: 50 (v1 default, not in the file)"
-    assert job.optimizer.adam_beta2 == 0.99 and job.optimizer.min_learning_rate == 1e-5
+    check(m, "adam_beta2", "optimizer.adam_beta2", 0.99)
+    if landed("automodel", "optimizer.min_learning_rate"):
+        check(m, "min_learning_rate", "optimizer.min_learning_rate", 1e-5)
+    else:  # automodel's cosine decay ends at 0.1 × the learning rate, as v1's
+        assert "min_learning_rate" not in said
     assert "batch_size" not in said  # v1's 8 is automodel's default too: nothing to write
     assert job.batch.global_batch_size == 8
 
@@ -566,14 +593,18 @@ def test_strict_refuses_what_cannot_be_carried(tmp_path, capsys):
     code, stdout, err = cli(capsys, "migrate", v1, "--strict", "-o", out)
     assert code == 2 and not out.exists()
     assert "log_every_n_steps" in stdout and "not carried" in stdout
-    assert err.strip() == "--strict: 1 field not carried; nothing written"
+    lost = "1 field" if landed("automodel", "optimizer.adam_beta2") else "2 fields"
+    assert err.strip() == f"--strict: {lost} not carried; nothing written"
     code, stdout, err = cli(capsys, "migrate", v1, "--strict")
     assert code == 2 and stdout == "" and "log_every_n_steps" in err
     ok = write_v1(tmp_path, {"finetuning_type": "lora", "epochs": 2}, "ok.json")
     code, stdout, _ = cli(
         capsys, "migrate", ok, "--strict", "--model", "m", "--training-data", "d.jsonl"
     )
-    assert code == 0 and yaml.safe_load(stdout)["schedule"]["epochs"] == 2
+    if landed("automodel", "optimizer.adam_beta2"):
+        assert code == 0 and yaml.safe_load(stdout)["schedule"]["epochs"] == 2
+    else:  # v1's default beta2 0.99 has no key yet
+        assert code == 2 and stdout == ""
 
 
 def test_never_overwrites_a_file_unless_asked(tmp_path, capsys):
@@ -647,6 +678,8 @@ def test_migrate_imports_no_heavy_library(tmp_path):
 
 
 def test_readme_example_is_what_migrate_prints(capsys, tmp_path):
+    if not landed("automodel", "optimizer.min_learning_rate"):
+        pytest.skip("the README shows the optimizer settings of issue 30, not in this version")
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Coming from v1 hyperparameters", 1)[1].split("\n## ", 1)[0]
     blocks = section.split("```")
