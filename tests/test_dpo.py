@@ -1,6 +1,7 @@
 """Preference tuning's parts on their own: the losses against their papers' formulas and TRL's
-own DPO loss on the same numbers, and per-row log-probabilities against the model's full
-logits (values and gradients)."""
+own losses on the same numbers (DPOTrainer's; ORPO's odds_ratio_loss, CPO's simpo branch and
+KTOTrainer's loss for the new objectives), and per-row log-probabilities against the model's
+full logits (values and gradients)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,174 @@ def test_losses_are_their_papers_and_trls(kind, eps):
     )
     torch.testing.assert_close(got.chosen_rewards, beta * (pc - rc))
     torch.testing.assert_close(got.rejected_rewards, beta * (pr - rr))
+
+
+def averages(n: int = 6):
+    """Per-token average log-probabilities (what orpo and simpo compare), from −4 to −0.01."""
+    g = torch.Generator().manual_seed(2)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.01) for _ in range(2)]
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def paper_orpo(a_c, a_r, lam: float) -> torch.Tensor:
+    """ORPO (Hong et al. 2024) eq. 6-7 per pair: −log P(c) (the mean over its tokens) + λ ·
+    −log σ(log odds(c) − log odds(r)), odds(p) = p / (1 − p), P = e^(average log-prob)."""
+    out = []
+    for a, b in zip(a_c.tolist(), a_r.tolist(), strict=True):
+        p, q = math.exp(a), math.exp(b)
+        ratio = math.log((p / (1 - p)) / (q / (1 - q)))
+        out.append(-a - lam * math.log(sig(ratio)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def paper_simpo(a_c, a_r, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024) eq. 6 per pair: −log σ(β/|y_w| log π(y_w|x) − β/|y_l| log
+    π(y_l|x) − γ), the length-normalised log-probabilities given as averages."""
+    pairs = zip(a_c.tolist(), a_r.tolist(), strict=True)
+    return torch.tensor(
+        [-math.log(sig(beta * (a - b) - gamma)) for a, b in pairs], dtype=torch.float64
+    )
+
+
+def paper_kto_pair(pc, pr, rc, rr, beta: float) -> torch.Tensor:
+    """KTO on pairs (TRL's former DPOTrainer kto_pair, LLaMA-Factory's): the chosen half against
+    the rejected sides' KL estimate and the other way round; each pair the mean of its halves."""
+    rho_c = [a - c for a, c in zip(pc.tolist(), rc.tolist(), strict=True)]
+    rho_r = [b - d for b, d in zip(pr.tolist(), rr.tolist(), strict=True)]
+    z_c, z_r = max(0.0, sum(rho_c) / len(rho_c)), max(0.0, sum(rho_r) / len(rho_r))
+    halves = [
+        ((1 - sig(beta * (x - z_r))) + (1 - sig(beta * (z_c - y)))) / 2
+        for x, y in zip(rho_c, rho_r, strict=True)
+    ]
+    return torch.tensor(halves, dtype=torch.float64)
+
+
+def device_of_cpu():
+    return SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t)
+
+
+def test_orpo_is_its_paper_and_trls_odds_ratio_loss():
+    pytest.importorskip("trl")
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    a_c, a_r = averages()
+    lam = 0.2
+    got = preference_loss(a_c, a_r, beta=lam, loss_type="orpo")
+    torch.testing.assert_close(got.loss, paper_orpo(a_c, a_r, lam), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got.nll, -a_c)
+    fake = SimpleNamespace(beta=lam, accelerator=device_of_cpu())
+    trl_ratio, chosen, rejected, *_ = ORPOTrainer.odds_ratio_loss(fake, a_c.float(), a_r.float())
+    ours32 = preference_loss(a_c.float(), a_r.float(), beta=lam, loss_type="orpo")
+    # TRL's loss is its NLL minus the mean of these (λ log σ(...)): the odds-ratio term
+    assert (ours32.loss - ours32.nll + trl_ratio).abs().max().item() <= 1e-6
+    torch.testing.assert_close(got.chosen_rewards.float(), chosen)  # β × average log-prob
+    torch.testing.assert_close(got.rejected_rewards.float(), rejected)
+
+
+def test_orpo_log_odds_are_finite_near_certainty():
+    """log(1 − p) with p → 1: finite values and gradients, where a naive log1p(−exp) is −inf."""
+    a = torch.tensor([-1e-9, -1e-7, -1e-4, -0.5, -30.0], dtype=torch.float32, requires_grad=True)
+    terms = preference_loss(a, a.detach() - 1, beta=0.1, loss_type="orpo")
+    terms.loss.sum().backward()
+    assert torch.isfinite(terms.loss).all() and torch.isfinite(a.grad).all()
+
+
+def test_simpo_is_its_paper_and_trls_cpo_simpo():
+    pytest.importorskip("trl")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    a_c, a_r = averages()
+    beta, gamma = 2.0, 0.7
+    got = preference_loss(a_c, a_r, beta=beta, loss_type="simpo", simpo_gamma=gamma)
+    torch.testing.assert_close(got.loss, paper_simpo(a_c, a_r, beta, gamma), rtol=1e-6, atol=1e-9)
+    fake = SimpleNamespace(
+        beta=beta,
+        alpha=0.0,
+        loss_type="simpo",
+        simpo_gamma=gamma,
+        label_smoothing=0.0,
+        accelerator=device_of_cpu(),
+    )
+    theirs, chosen, rejected = CPOTrainer.cpo_loss(fake, a_c.float(), a_r.float())
+    ours32 = preference_loss(
+        a_c.float(), a_r.float(), beta=beta, loss_type="simpo", simpo_gamma=gamma
+    )
+    assert (ours32.loss - theirs).abs().max().item() <= 1e-6
+    torch.testing.assert_close(got.chosen_rewards.float(), chosen)
+    torch.testing.assert_close(got.rejected_rewards.float(), rejected)
+
+
+def trl_kto_loss(logps, ref, kl_logps, kl_ref, *, desirable: bool, beta: float) -> float:
+    """TRL's KTOTrainer._compute_loss on completions all labelled `desirable`, with the KL
+    reference point estimated from `kl_logps` − `kl_ref` (its mismatched completions):
+    precomputed reference, one completion token each."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    n = logps.numel()
+    per_token = {0: logps.float().unsqueeze(1), 1: kl_logps.float().unsqueeze(1)}
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, **_):
+            lp = per_token[int(input_ids[0, 0])]
+            zeros = torch.zeros_like(lp)
+            return SimpleNamespace(log_probs=lp, entropy=zeros, mean_logits=zeros)
+
+    model = Model().train()
+    fake = SimpleNamespace(
+        model=model,
+        accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t),
+        calculate_KL=True,
+        precompute_ref_logps=True,
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=1.0,
+        undesirable_weight=1.0,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    fake._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(fake, m, b)
+    ones = torch.ones(n, 2, dtype=torch.long)
+    inputs = {
+        "input_ids": torch.tensor([[0, 1]] * n),
+        "attention_mask": ones,
+        "completion_mask": torch.tensor([[0, 1]] * n),
+        "KL_input_ids": torch.tensor([[1, 1]] * n),
+        "KL_attention_mask": ones,
+        "KL_completion_mask": torch.tensor([[0, 1]] * n),
+        "label": torch.full((n,), desirable),
+        "ref_logps": ref.float(),
+        "ref_KL_logps": kl_ref.float(),
+    }
+    return KTOTrainer._compute_loss(fake, model, inputs, return_outputs=False).item()
+
+
+def test_kto_pair_is_its_definition_and_trls_kto_halves():
+    """Each half of kto_pair is TRL's KTO loss: the chosen sides as desirable completions with
+    the rejected sides as the KL estimate's completions, and the other way round."""
+    pytest.importorskip("trl")
+    pc, pr, rc, rr = (t / 20 for t in numbers())  # ratios of a few nats: σ away from 0 and 1
+    beta = 0.3
+    got = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="kto_pair")
+    torch.testing.assert_close(got.loss, paper_kto_pair(pc, pr, rc, rr, beta), rtol=1e-6, atol=1e-9)
+    chosen_half = trl_kto_loss(pc, rc, pr, rr, desirable=True, beta=beta)
+    rejected_half = trl_kto_loss(pr, rr, pc, rc, desirable=False, beta=beta)
+    ours32 = preference_loss(
+        *(t.float() for t in (pc, pr, rc, rr)), beta=beta, loss_type="kto_pair"
+    )
+    assert abs(ours32.loss.mean().item() - (chosen_half + rejected_half) / 2) <= 1e-6
+    torch.testing.assert_close(got.chosen_rewards, beta * (pc - rc))
+
+
+def test_reference_free_losses_refuse_a_reference():
+    a_c, a_r = averages()
+    for kind in ("orpo", "simpo"):
+        with pytest.raises(ValueError, match="takes no reference"):
+            preference_loss(a_c, a_r, a_c, a_r, beta=0.1, loss_type=kind)
 
 
 def test_equal_policy_and_reference_give_ln2_and_zero_rewards():

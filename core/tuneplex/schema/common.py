@@ -153,29 +153,41 @@ class DpoConfig(StrictModel):
     ref_policy_kl_penalty: float = Field(
         default=0.05,
         gt=0,
-        description="β: how strongly the policy is held to the reference model (higher = closer).",
+        description="β, the preference strength of every loss_type (TRL's beta): for sigmoid, "
+        "ipo, hinge and kto_pair how strongly the policy is held to the reference model "
+        "(higher = closer); for orpo the weight λ of the odds-ratio term against the NLL "
+        "term; for simpo the reward scale.",
     )
     preference_loss_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the preference loss in the objective."
+        default=1.0,
+        ge=0,
+        description="Weight of the preference loss in the objective (for orpo: of its whole "
+        "loss, NLL term included).",
     )
     preference_average_log_probs: bool = Field(
         default=False,
         description="The preference loss on per-token average log-probabilities (length-"
-        "independent) instead of their sums.",
+        "independent) instead of their sums. orpo and simpo are length-normalised by "
+        "definition: true for them (left out, it is set; false is refused).",
     )
     sft_loss_weight: float = Field(
         default=0.0,
         ge=0,
-        description="Weight of the SFT loss on the chosen responses (0: none).",
+        description="Weight of the SFT loss on the chosen responses (0: none). orpo's loss "
+        "holds its own NLL term (the chosen response's mean over its tokens, weight 1): 0 "
+        "with orpo.",
     )
     sft_average_log_probs: bool = Field(
         default=False,
         description="The SFT loss as each chosen response's per-token average (every pair "
         "weighs the same) instead of the mean over all chosen tokens.",
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "kto_pair", "orpo", "simpo"] = Field(
         default="sigmoid",
-        description="sigmoid: DPO (robust DPO with label_smoothing > 0); ipo: IPO; hinge: SLiC.",
+        description="sigmoid: DPO (robust DPO with label_smoothing > 0); ipo: IPO; hinge: SLiC; "
+        "kto_pair: KTO on the pairs (TRL's former kto_pair); orpo: ORPO, the chosen NLL plus "
+        "an odds-ratio term, no reference model; simpo: SimPO, length-normalised with a "
+        "target margin (simpo_gamma), no reference model.",
     )
     label_smoothing: float = Field(
         default=0.0,
@@ -183,13 +195,47 @@ class DpoConfig(StrictModel):
         lt=0.5,
         description="Robust DPO: the assumed fraction of flipped preference labels (sigmoid only).",
     )
+    simpo_gamma: float = Field(
+        default=0.5,
+        gt=0,
+        description="SimPO's target reward margin γ: the loss is −log σ(β (chosen − rejected "
+        "average log-prob) − γ) (simpo only).",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> DpoConfig:
+        problems = []
         if self.label_smoothing and self.loss_type != "sigmoid":
-            raise CrossFieldError(
-                [("label_smoothing", f"only used with loss_type sigmoid (got {self.loss_type})")]
+            problems.append(
+                ("label_smoothing", f"only used with loss_type sigmoid (got {self.loss_type})")
             )
+        gamma_default = DpoConfig.model_fields["simpo_gamma"].default
+        if self.simpo_gamma != gamma_default and self.loss_type != "simpo":
+            problems.append(
+                ("simpo_gamma", f"only used with loss_type simpo (got {self.loss_type})")
+            )
+        if self.loss_type in ("orpo", "simpo"):
+            if "preference_average_log_probs" not in self.model_fields_set:
+                object.__setattr__(self, "preference_average_log_probs", True)
+            elif not self.preference_average_log_probs:
+                problems.append(
+                    (
+                        "preference_average_log_probs",
+                        f"false: {self.loss_type} compares per-token average log-probabilities "
+                        "by definition; set it to true or leave it out",
+                    )
+                )
+        if self.loss_type == "orpo" and self.sft_loss_weight:
+            problems.append(
+                (
+                    "sft_loss_weight",
+                    f"{self.sft_loss_weight:g}: orpo's loss holds the chosen responses' NLL "
+                    "already (ref_policy_kl_penalty weighs its odds-ratio term against it); set "
+                    "it to 0",
+                )
+            )
+        if problems:
+            raise CrossFieldError(problems)
         return self
 
 

@@ -163,7 +163,8 @@ class AutomodelTraining(StrictModel):
         default=None,
         description="Preference-tuning settings; filled with defaults when training_type is "
         "dpo, refused otherwise. The reference model is the starting model: its log-"
-        "probabilities of every pair are computed once, before the first step.",
+        "probabilities of every pair are computed once, before the first step (not for the "
+        "reference-free orpo and simpo).",
     )
     grpo: GrpoConfig | None = Field(
         default=None,

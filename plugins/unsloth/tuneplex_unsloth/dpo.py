@@ -1,13 +1,17 @@
-"""Preference tuning (DPO, IPO, hinge, robust DPO) on the unsloth backend: TRL's DPOTrainer fed
-with the core pipeline's pairs.
+"""Preference tuning on the unsloth backend: TRL's trainers fed with the core pipeline's pairs.
+DPO, IPO, hinge and robust DPO run TRL's DPOTrainer; orpo its ORPOTrainer and simpo its
+CPOTrainer (loss_type simpo, cpo_alpha = sft_loss_weight), both from trl.experimental and with
+no reference model; kto_pair, which no TRL trainer computes, is refused by the schema.
 
 The pipeline gives each pair as two rows, chosen then rejected, rendered, masked and truncated
-as SFT rows are. `pair_dataset` reads them as one item per pair without copying them, and
-`PairCollator` builds TRL's batch (every chosen side, then every rejected side) with TRL's
-completion mask taken from the pipeline's labels: TRL scores exactly the tokens the core
-decided. TRL computes the losses and the rewards; `schema.trl_loss_type` says which of the job's
-objectives TRL has. The reference is the starting model: with LoRA the base model (the adapter
-disabled), with full weights TRL's frozen copy.
+as SFT rows are. `pair_dataset` reads them as one item per pair without copying them;
+`PairCollator` builds DPOTrainer's batch (every chosen side, then every rejected side) with
+TRL's completion mask taken from the pipeline's labels, and `SideCollator` the chosen_* /
+rejected_* batch ORPO and CPO read, its labels the pipeline's: TRL scores exactly the tokens
+the core decided. TRL computes the losses and the rewards (`schema.trl_loss_type` says which of
+the job's objectives TRL has); ORPO's NLL term is the core's, the chosen response's mean over
+its tokens (TRL's own counts the prompt as well). DPO's reference is the starting model: with
+LoRA the base model (the adapter disabled), with full weights TRL's frozen copy.
 """
 
 from __future__ import annotations
@@ -32,14 +36,29 @@ TRL_REWARD_KEYS = dict(
 PAIR_COLUMNS = ("pair_input_ids", "pair_labels")
 """The columns of `pair_dataset`: per pair, [chosen side, rejected side]."""
 
+REFERENCE_FREE_TRAINERS = {"orpo": "ORPO", "simpo": "CPO"}
+"""loss_type -> the trl.experimental trainer that computes it (the others: DPOTrainer)."""
+
+
+def log_keys(job: UnslothJobInput) -> dict[str, str]:
+    """tuneplex's metric name -> TRL's, for the figures of the job's trainer: the rewards, and
+    `sft_loss` where there is an NLL term (orpo's own, CPO's cpo_alpha)."""
+    d = job.training.dpo
+    if d.loss_type == "orpo" or (d.loss_type == "simpo" and d.sft_loss_weight > 0):
+        return {**TRL_REWARD_KEYS, "sft_loss": "nll_loss"}
+    return dict(TRL_REWARD_KEYS)
+
 
 def dpo_config(job: UnslothJobInput, *, common: dict[str, Any]):
-    """DPOConfig from the job: `common` (the SFT path's mapping) plus the preference settings."""
-    from trl import DPOConfig
-
+    """The config of the job's TRL trainer (DPOConfig, ORPOConfig or CPOConfig): `common` (the
+    SFT path's mapping) plus the preference settings."""
     from tuneplex_unsloth.model import torch_dtype
 
     d = job.training.dpo
+    if d.loss_type in REFERENCE_FREE_TRAINERS:
+        return reference_free_config(job, common=common)
+    from trl import DPOConfig
+
     loss_type, weights = [trl_loss_type(d)], [d.preference_loss_weight]
     if d.sft_loss_weight > 0:
         loss_type.append("sft")  # TRL: the mean NLL over the batch's chosen tokens
@@ -58,6 +77,39 @@ def dpo_config(job: UnslothJobInput, *, common: dict[str, Any]):
         # all_weights: TRL loads the frozen reference from the same place, in the same dtype
         model_init_kwargs={"dtype": str(torch_dtype(job)).removeprefix("torch.")} if full else None,
     )
+
+
+def reference_free_config(job: UnslothJobInput, *, common: dict[str, Any]):
+    """ORPOConfig (β: the odds-ratio weight λ) or CPOConfig (SimPO: β the reward scale, γ the
+    target margin, cpo_alpha the SFT weight); no reference model, so no copy to load."""
+    d = job.training.dpo
+    shared = dict(
+        **common,
+        beta=d.ref_policy_kl_penalty,
+        max_length=job.model.max_seq_length,  # the pipeline has truncated every side already
+        disable_dropout=False,  # training.lora.dropout applies as it does for sft
+        trust_remote_code=job.model.trust_remote_code,
+    )
+    if d.loss_type == "orpo":
+        return experimental("orpo", "ORPOConfig")(**shared)
+    return experimental("cpo", "CPOConfig")(
+        **shared,
+        loss_type="simpo",
+        simpo_gamma=d.simpo_gamma,
+        cpo_alpha=d.sft_loss_weight,
+        label_smoothing=0.0,
+    )
+
+
+def experimental(module: str, name: str):
+    """`name` from trl.experimental.`module`, without TRL's warning that the API is unstable
+    (tuneplex's tests pin what it relies on)."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental")
+        return getattr(importlib.import_module(f"trl.experimental.{module}"), name)
 
 
 def pair_dataset(sides):
@@ -114,6 +166,88 @@ class PairCollator:
             "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
             "completion_mask": (batch["labels"] != IGNORE_INDEX).long(),
         }
+
+
+class SideCollator(PairCollator):
+    """ORPO's and CPO's batch from `pair_dataset` items: chosen_* and rejected_* input_ids,
+    attention_mask and labels (the pipeline's, unshifted: TRL's own shift scores exactly the
+    core's targets); each side padded on its own, TRL pads both to one width."""
+
+    def __call__(self, pairs) -> dict[str, Any]:
+        import torch
+
+        rows = self.sides(pairs)
+        out = {}
+        for side, part in (("chosen", rows[: len(pairs)]), ("rejected", rows[len(pairs) :])):
+            batch = collate_for_hf(part, pad_id=self.pad_id)
+            lengths = torch.tensor([len(r["input_ids"]) for r in part])
+            width = batch["input_ids"].shape[1]
+            out[f"{side}_input_ids"] = batch["input_ids"]
+            out[f"{side}_attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
+            out[f"{side}_labels"] = batch["labels"]
+        return out
+
+
+def collator_for(job: UnslothJobInput, pad_id: int) -> PairCollator:
+    if job.training.dpo.loss_type in REFERENCE_FREE_TRAINERS:
+        return SideCollator(pad_id)
+    return PairCollator(pad_id)
+
+
+def preference_trainer_class(job: UnslothJobInput):
+    """The TRL trainer class of the job's loss_type, over tuneplex's prepared pairs."""
+    kind = REFERENCE_FREE_TRAINERS.get(job.training.dpo.loss_type)
+    if kind is None:
+        return dpo_trainer_class()
+    return reference_free_trainer_class(kind, keys=log_keys(job))
+
+
+def reference_free_trainer_class(kind: str, *, keys: dict[str, str]):
+    """TRL's ORPOTrainer or CPOTrainer over tuneplex's prepared pairs (their own tokenization
+    skipped); ORPO's NLL term on the chosen response's tokens, averaged per pair as the core
+    defines it. `keys`: the figures validation reports (ours: TRL's)."""
+    base = experimental(kind.lower(), f"{kind}Trainer")
+
+    class TuneplexReferenceFreeTrainer(base):
+        def tokenize_row(self, feature, model=None):
+            return {}  # tokenized, masked and truncated by tuneplex's pipeline
+
+        def concatenated_forward(self, model, batch):
+            out = super().concatenated_forward(model, batch)
+            if kind != "ORPO":
+                return out
+            # TRL's NLL term averages over the prompt's tokens too; ORPO's is the chosen
+            # response's, per pair (tuneplex.nn.preference): from TRL's own averages
+            return (*out[:4], -out[0].mean(), *out[5:])
+
+        def validate_pairs(self, pairs, *, collate: PairCollator, micro: int):
+            """(loss, tokens, reward figures) over every pair of `pairs`: TRL's loss and
+            figures in eval mode, each batch weighted by its pairs; the model's mode is kept."""
+            import torch
+
+            model = self.model
+            was_training = model.training
+            sums = dict.fromkeys(("loss", *keys), 0.0)
+            tokens = 0
+            model.eval()
+            try:
+                for start in range(0, len(pairs), micro):
+                    items = [pairs[i] for i in range(start, min(start + micro, len(pairs)))]
+                    batch = self._prepare_inputs(collate(items))
+                    with torch.no_grad(), self.accelerator.autocast():
+                        loss, found = self.get_batch_loss_metrics(model, batch, "eval")
+                    n, tokens = len(items), tokens + collate.tokens(items)
+                    sums["loss"] += n * loss.item()
+                    for ours, theirs in keys.items():
+                        sums[ours] += n * float(found[f"eval_{theirs}"])
+            finally:
+                model.train(was_training)
+            n = max(len(pairs), 1)
+            figures = {ours: sums[ours] / n for ours in keys}
+            return sums["loss"] / n, tokens, figures
+
+    TuneplexReferenceFreeTrainer.__name__ = f"Tuneplex{kind}Trainer"
+    return TuneplexReferenceFreeTrainer
 
 
 def dpo_trainer_class():

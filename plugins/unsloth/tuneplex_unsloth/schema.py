@@ -153,8 +153,8 @@ class UnslothTraining(StrictModel):
     training_type: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
         description="Training method: sft, dpo (preference tuning on chosen/rejected pairs, "
-        "with TRL's DPOTrainer), grpo (reinforcement learning from rewards, with TRL's "
-        "GRPOTrainer).",
+        "with TRL's DPOTrainer, or its ORPOTrainer / CPOTrainer for orpo / simpo), grpo "
+        "(reinforcement learning from rewards, with TRL's GRPOTrainer).",
     )
     finetuning_type: Literal["lora", "all_weights"] = Field(
         default="lora",
@@ -175,7 +175,9 @@ class UnslothTraining(StrictModel):
         "dpo, refused otherwise. The reference model is the starting model: with lora the "
         "base model (the adapter disabled), with all_weights a frozen copy. TRL computes the "
         "losses: preference_average_log_probs must be true for ipo and false for hinge and "
-        "label_smoothing, and sft_average_log_probs false.",
+        "label_smoothing, and sft_average_log_probs false. orpo runs TRL's ORPOTrainer and "
+        "simpo its CPOTrainer (cpo_alpha = sft_loss_weight), with no reference and "
+        "preference_loss_weight 1; kto_pair, which no TRL trainer computes, is refused.",
     )
     grpo: GrpoConfig | None = Field(
         default=None,
@@ -221,8 +223,12 @@ def trl_loss_type(dpo: DpoConfig) -> str | None:
     """TRL's name for the job's preference loss, or None where TRL has no equal of it.
 
     TRL's sigmoid, robust and hinge compare summed log-probabilities; its sigmoid_norm and ipo
-    compare per-token averages (`preference_average_log_probs: true`)."""
+    compare per-token averages (`preference_average_log_probs: true`). orpo is ORPOTrainer's,
+    simpo CPOTrainer's loss_type simpo (both on averages, as the schema settles them); no TRL
+    trainer computes kto_pair."""
     average = dpo.preference_average_log_probs
+    if dpo.loss_type in ("orpo", "simpo", "kto_pair"):
+        return None if dpo.loss_type == "kto_pair" else dpo.loss_type
     if dpo.loss_type == "sigmoid" and dpo.label_smoothing:
         return None if average else "robust"
     if dpo.loss_type == "sigmoid":
@@ -233,9 +239,26 @@ def trl_loss_type(dpo: DpoConfig) -> str | None:
 
 
 def trl_dpo_problems(dpo: DpoConfig) -> list[tuple[str, str]]:
-    """What TRL's DPOTrainer cannot compute, one line each (keys under `training`)."""
+    """What TRL's trainers cannot compute, one line each (keys under `training`)."""
     problems = []
-    if trl_loss_type(dpo) is None and dpo.loss_type == "ipo":
+    if dpo.loss_type == "kto_pair":
+        problems.append(
+            (
+                "dpo.loss_type",
+                "kto_pair: no TRL trainer computes KTO on pairs (DPOTrainer dropped it, "
+                "KTOTrainer takes unpaired rows); train it with --backend automodel",
+            )
+        )
+    elif dpo.loss_type in ("orpo", "simpo") and dpo.preference_loss_weight != 1:
+        trainer = "ORPOTrainer" if dpo.loss_type == "orpo" else "CPOTrainer"
+        problems.append(
+            (
+                "dpo.preference_loss_weight",
+                f"{dpo.preference_loss_weight:g}: TRL's {trainer} has no weight for its "
+                "loss; set it to 1 (or train with --backend automodel)",
+            )
+        )
+    elif trl_loss_type(dpo) is None and dpo.loss_type == "ipo":
         problems.append(
             (
                 "dpo.preference_average_log_probs",
@@ -252,7 +275,7 @@ def trl_dpo_problems(dpo: DpoConfig) -> list[tuple[str, str]]:
                 "(or train with --backend automodel)",
             )
         )
-    if dpo.sft_average_log_probs:
+    if dpo.sft_average_log_probs and dpo.loss_type != "orpo":  # orpo: no SFT term of its own
         problems.append(
             (
                 "dpo.sft_average_log_probs",

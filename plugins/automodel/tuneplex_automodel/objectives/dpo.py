@@ -1,12 +1,18 @@
-"""Preference tuning (DPO, IPO, hinge, robust DPO): the objective of a dpo job.
+"""Preference tuning (DPO, IPO, hinge, robust DPO, KTO on pairs, ORPO, SimPO): the objective of
+a dpo job; the losses are `tuneplex.nn.preference`'s.
 
 The data pipeline gives each pair as two rows, chosen then rejected (`PairTable` reads them as
 one item each, so the plan, the row order and data parallelism treat a pair as a row). The
 reference model is the starting model: before the first step, one pass with no gradients
 computes every side's log-probability (each data-parallel rank its share, summed over ranks);
 the values travel with every checkpoint, so a resumed run compares with the same reference.
-No second model is held, LoRA or full weights. Log-probabilities come from the chunked head
+No second model is held, LoRA or full weights. The reference-free losses (orpo, simpo) make no
+reference pass and keep no reference values. Log-probabilities come from the chunked head
 (`tuneplex.nn.evaluation.sequence_log_probs`): no full-vocabulary logits.
+
+Figures: `rewards/*` (see `tuneplex.nn.preference`: β (log π − log π_ref) with a reference,
+β · the average log-prob without one), and `sft_loss`: the SFT part where sft_loss_weight > 0,
+for orpo its NLL term (the mean over pairs of each chosen response's per-token NLL).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplex.data.collate import RowTable
 from tuneplex.nn.evaluation import inference_passes, sequence_log_probs
-from tuneplex.nn.preference import REWARD_KEYS, preference_loss, reward_sums
+from tuneplex.nn.preference import REFERENCE_FREE, REWARD_KEYS, preference_loss, reward_sums
 
 from tuneplex_automodel.loop import backward_micro_batches, device_batch
 from tuneplex_automodel.objectives.sft import row_tables
@@ -67,8 +73,10 @@ class Dpo:
 
     def __init__(self, job: AutomodelJobInput):
         self.config = job.training.dpo
+        self.reference_free = self.config.loss_type in REFERENCE_FREE
         self.reference: dict[str, Any] | None = None
-        """{"train": float64 tensor [side rows], "validation": ...}, set before the first step."""
+        """{"train": float64 tensor [side rows], "validation": ...}, set before the first step
+        (never for a reference-free loss)."""
 
     def tables(self, prepared: Prepared) -> tuple[PairTable, PairTable | None]:
         """The prepared side rows read as pairs: a pair is an item of the plan."""
@@ -79,8 +87,9 @@ class Dpo:
         """Nothing: no second model is held."""
 
     def begin(self, parts: Components) -> None:
-        """The reference pass, unless a checkpoint brought the values back."""
-        if self.reference is None:
+        """The reference pass, unless a checkpoint brought the values back (or the loss takes
+        no reference)."""
+        if self.reference is None and not self.reference_free:
             self.reference = references(
                 parts.model,
                 train=parts.train_rows,
@@ -119,12 +128,17 @@ class Dpo:
         )
 
     def state(self) -> dict[str, Any]:
-        """The reference values, so a resumed run compares with the same reference."""
+        """The reference values, so a resumed run compares with the same reference (none for
+        a reference-free loss)."""
+        if self.reference_free:
+            return {}
         return {REFERENCE_KEY: {k: v.tolist() for k, v in self.reference.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
         import torch
 
+        if self.reference_free:
+            return
         saved = state[REFERENCE_KEY]
         self.reference = {k: torch.tensor(v, dtype=torch.float64) for k, v in saved.items()}
 
@@ -137,23 +151,26 @@ class Dpo:
         logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
         if not len(pairs):
             return None, logps
+        c = self.config
         m = len(pairs)
         sides = table.side_indices(pairs)
-        ref = self.reference[split][sides].to(device=logps.device, dtype=torch.float32)
         counts = torch.as_tensor(
             table.rows.target_counts[sides], dtype=torch.float32, device=logps.device
         )
-        policy = logps
-        if self.config.preference_average_log_probs:
-            policy, ref = policy / counts.clamp(min=1), ref / counts.clamp(min=1)
+        policy, ref = logps, None
+        if not self.reference_free:
+            ref = self.reference[split][sides].to(device=logps.device, dtype=torch.float32)
+        if c.preference_average_log_probs:  # always for orpo and simpo (the schema's rule)
+            policy = policy / counts.clamp(min=1)
+            ref = ref / counts.clamp(min=1) if ref is not None else None
         terms = preference_loss(
             policy[:m],
             policy[m:],
-            ref[:m],
-            ref[m:],
-            beta=self.config.ref_policy_kl_penalty,
-            loss_type=self.config.loss_type,
-            label_smoothing=self.config.label_smoothing,
+            *((ref[:m], ref[m:]) if ref is not None else ()),
+            beta=c.ref_policy_kl_penalty,
+            loss_type=c.loss_type,
+            label_smoothing=c.label_smoothing,
+            simpo_gamma=c.simpo_gamma,
         )
         return terms, (logps[:m], counts[:m])
 
@@ -171,7 +188,10 @@ class Dpo:
         logps, counts = chosen
         n = max(len(step), 1)
         loss = c.preference_loss_weight * terms.loss.sum() / n
-        sft = self.sft_sum(logps, counts) / self.sft_count(table, step)
+        if terms.nll is not None:  # orpo: the NLL term is in its loss already
+            sft = terms.nll.sum() / n
+        else:
+            sft = self.sft_sum(logps, counts) / self.sft_count(table, step)
         if c.sft_loss_weight > 0:
             loss = loss + c.sft_loss_weight * sft
         parts = torch.cat([sft.detach().reshape(1), reward_sums(terms) / n])
@@ -193,7 +213,7 @@ class Dpo:
     def figures(self, sums: list[float]) -> dict[str, float]:
         """The step's metrics from the summed parts."""
         out = dict(zip(REWARD_KEYS, sums[1:], strict=True))
-        if self.config.sft_loss_weight > 0:
+        if self.config.sft_loss_weight > 0 or self.config.loss_type == "orpo":
             out[SFT_KEY] = sums[0]
         return out
 
@@ -211,13 +231,17 @@ class Dpo:
             )
             if terms is None:
                 continue
-            sft = self.sft_sum(*chosen)
+            sft = terms.nll.sum() if terms.nll is not None else self.sft_sum(*chosen)
             loss = c.preference_loss_weight * terms.loss.sum()
             total += torch.cat([loss.reshape(1), sft.reshape(1), reward_sums(terms)])
         total = dist.sum_over_data(total).tolist()
         n = max(len(table), 1)
-        sft = total[1] / self.sft_count(table, list(range(len(table))))
-        loss = total[0] / n + c.sft_loss_weight * sft
+        if c.loss_type == "orpo":  # a mean over pairs, in the loss already
+            sft, weight = total[1] / n, 0.0
+        else:
+            sft = total[1] / self.sft_count(table, list(range(len(table))))
+            weight = c.sft_loss_weight
+        loss = total[0] / n + weight * sft
         return loss, self.figures([sft, *(x / n for x in total[2:])])
 
 
