@@ -125,22 +125,23 @@ def test_orpo_reports_its_nll_term(root, tiny_model, capsys):
 @pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
 def test_reference_free_runs_hold_no_reference(root, tiny_model, capsys, monkeypatch, loss_type):
     """No reference pass and no reference values in a checkpoint's trainer state; resumed from
-    its step-4 checkpoint, the run needs none and repeats the uninterrupted one."""
+    its step-2 checkpoint, the run needs none and repeats the uninterrupted one."""
     passes = spy_reference_passes(monkeypatch)
     run = root / f"free-{loss_type}"
-    path = job(root, tiny_model, run.name, dpo=f"{{loss_type: {loss_type}}}", epochs=2)
-    code, _, err = train(capsys, path, "-o", run)
+    path = job(root, tiny_model, run.name, dpo=f"{{loss_type: {loss_type}}}")
+    every_2 = ("--set", "output.checkpoint_steps=2")
+    code, _, err = train(capsys, path, "-o", run, *every_2)
     assert code == 0, err
     assert passes == []
     states = sorted((run / "checkpoints").glob("step_*/trainer_state.json"))
-    assert [p.parent.name for p in states] == ["step_4", "step_8"]
+    assert [p.parent.name for p in states] == ["step_2", "step_4"]
     for state in states:
         assert dpo_objective.REFERENCE_KEY not in json.loads(state.read_text())
     whole = root / f"free-{loss_type}-whole"
     shutil.copytree(run, whole)
     shutil.rmtree(run / "final")
-    shutil.rmtree(run / "checkpoints" / "step_8")
-    code, _, err = train(capsys, path, "-o", run, "--resume")
+    shutil.rmtree(run / "checkpoints" / "step_4")
+    code, _, err = train(capsys, path, "-o", run, "--resume", *every_2)
     assert code == 0, err
     assert passes == []
     assert_same_run(whole, run)
