@@ -144,15 +144,32 @@ def test_a_batch_without_counted_tokens_gives_zero_and_touches_every_parameter(t
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("ft", ["all_weights", "lora"])
-def test_token_log_probs_equal_the_full_logits_values_and_gradients(ft, tokenizers, monkeypatch):
+@pytest.mark.parametrize(
+    ("ft", "family", "temperature"),
+    [
+        ("all_weights", "Gemma2ForCausalLM", 1.0),
+        ("lora", "Gemma2ForCausalLM", 1.0),
+        ("all_weights", "GraniteForCausalLM", 0.7),
+        ("lora", "GraniteForCausalLM", 0.7),
+    ],
+)
+def test_token_log_probs_equal_the_full_logits_values_and_gradients(
+    ft, family, temperature, tokenizers, monkeypatch
+):
     """Per-token log-probabilities through the chunked head (a policy-gradient loss's input)
     equal log_softmax of the model's own logits at the targets, 0 where nothing counts; a
-    weighted sum of them has the same gradient as through the full logits."""
+    weighted sum of them has the same gradient as through the full logits. Gemma 2's soft cap
+    and Granite's logits scaling, at a sampler's temperature; a frozen head (LoRA: the gradient
+    made in forward) and a trained one (the chunk's logits made again in backward)."""
+    import functools
+
     from tuneplex_automodel.model import apply_lora
 
     tok = tokenizers["chatml"][1]
-    model = build_family("Gemma2ForCausalLM", tok, final_logit_softcapping=2.0).train()
+    extra = {"final_logit_softcapping": 2.0} if family.startswith("Gemma") else {}
+    if family.startswith("Granite"):
+        extra = {"logits_scaling": 4.0}
+    model = build_family(family, tok, **extra).train()
     if ft == "lora":
         model = apply_lora(model, rank=4, alpha=8, target_modules=None)
         for name, p in model.named_parameters():
@@ -170,14 +187,26 @@ def test_token_log_probs_equal_the_full_logits_values_and_gradients(ft, tokenize
         (logps * weights).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in trained if p.grad is not None}
 
-    want, want_grads = run(evaluation._token_log_probs_of_logits)
-    got, got_grads = run(evaluation.token_log_probs)
+    fused = linear_ce._fused_log_probs()
+    calls = []
+    monkeypatch.setattr(fused, "apply", functools.partial(_counting, fused.apply, calls))
+    want, want_grads = run(
+        functools.partial(evaluation._token_log_probs_of_logits, temperature=temperature)
+    )
+    got, got_grads = run(functools.partial(evaluation.token_log_probs, temperature=temperature))
+    assert calls, "the plain head took the fused path"
     assert got.shape == batch["targets"].shape
     assert (got[batch["targets"] == X] == 0).all() and (got[batch["targets"] != X] < 0).all()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    rows = evaluation.sequence_log_probs(model, batch).detach()
-    torch.testing.assert_close(rows, got.sum(-1), rtol=1e-6, atol=1e-6)
+    if temperature == 1.0:
+        rows = evaluation.sequence_log_probs(model, batch).detach()
+        torch.testing.assert_close(rows, got.sum(-1), rtol=1e-6, atol=1e-6)
     assert got_grads.keys() == want_grads.keys() and len(got_grads) == len(trained)
     for name, g in want_grads.items():
         scale = g.abs().max().item()
         assert (got_grads[name] - g).abs().max().item() <= 1e-5 * scale + 1e-12, name
+
+
+def _counting(apply, calls, *args):
+    calls.append(1)
+    return apply(*args)

@@ -147,10 +147,19 @@ def token_log_probs(
 
 
 def _token_log_probs(states, wanted, *, head, config, size: int, temperature: float = 1.0):
-    """Float32 log-probability of each wanted token, `head` called as a module over chunks, each
-    chunk checkpointed (its logits made again in backward)."""
+    """Float32 log-probability of each wanted token. A plain `nn.Linear` head takes the fused
+    path (`_fused_log_probs`); any other head (a peft-wrapped one, a sharded weight) is called
+    as a module over chunks, each chunk checkpointed (its logits made again in backward)."""
     import torch
     import torch.utils.checkpoint
+
+    if type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter:
+        dtype = torch.get_autocast_dtype(states.device.type)
+        if not torch.is_autocast_enabled(states.device.type):
+            dtype = head.weight.dtype
+        scaling, cap = logit_rule(config)
+        rule = (size, dtype, scaling, cap, temperature)
+        return _fused_log_probs().apply(states, head.weight, head.bias, wanted, rule)
 
     parts = [
         torch.utils.checkpoint.checkpoint(
@@ -174,3 +183,118 @@ def _chunk_log_probs(head, states, wanted, config, temperature: float = 1.0):
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
+def _chunk_logits(h, w, b, scaling, cap, temperature):
+    """One chunk's float32 logits as the family finishes them, divided by `temperature`; and the
+    soft cap's tanh (None without a cap), which the gradient needs."""
+    import torch
+
+    z = torch.nn.functional.linear(h, w, b).float()
+    if scaling is not None:
+        z = z / scaling
+    t = None
+    if cap is not None:
+        t = torch.tanh(z / cap)
+        z = t * cap
+    if temperature != 1.0:
+        z = z / temperature
+    return z, t
+
+
+def _logit_grad_(p, y, rows, t, scaling, cap, temperature):
+    """In place of `p` (a chunk's softmax): the gradient of sum(rows * log p[y]) with respect to
+    the head's raw output, through temperature, soft cap and scaling."""
+    p.mul_(rows.neg().unsqueeze(1))
+    p.scatter_add_(1, y, rows.unsqueeze(1))
+    if temperature != 1.0:
+        p.div_(temperature)
+    if cap is not None:
+        p.mul_(1 - t * t)
+    if scaling is not None:
+        p.div_(scaling)
+    return p
+
+
+@functools.cache
+def _fused_log_probs():
+    """The autograd Function of `_token_log_probs`' fused path, defined on first use.
+
+    Forward: each chunk's logits, log-softmax at the wanted ids, float32. With only the hidden
+    states needing a gradient (a frozen head: LoRA) the gradient of each token's log-probability
+    with respect to its hidden state is made in forward while the chunk's logits are at hand
+    ([tokens, hidden], small beside the logits) and backward only scales it by each token's
+    upstream gradient: no logits made again. With the head's weight or bias trained, backward
+    makes each chunk's logits again and turns them into the gradient in place (one logits-sized
+    buffer per chunk, no autograd graph of the softmax).
+    """
+    import torch
+
+    class FusedTokenLogProbs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, states, weight, bias, wanted, rule):
+            size, dtype, scaling, cap, temperature = rule
+            need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+            recompute = need_weight or need_bias
+            out = torch.empty(wanted.numel(), dtype=torch.float32, device=states.device)
+            lse_all = torch.empty_like(out) if recompute else None
+            g_states = torch.empty_like(states) if need_states and not recompute else None
+            with torch.autocast(states.device.type, enabled=False):
+                w = weight.to(dtype)
+                b = bias.to(dtype) if bias is not None else None
+                for start in range(0, wanted.numel(), size):
+                    part = slice(start, start + size)
+                    y = wanted[part].unsqueeze(1)
+                    z, t = _chunk_logits(states[part].to(dtype), w, b, scaling, cap, temperature)
+                    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                    out[part] = (z.gather(1, y) - lse).squeeze(1)
+                    if lse_all is not None:
+                        lse_all[part] = lse.squeeze(1)
+                    if g_states is not None:
+                        ones = torch.ones(y.shape[0], dtype=z.dtype, device=z.device)
+                        g = _logit_grad_(z.sub_(lse).exp_(), y, ones, t, scaling, cap, temperature)
+                        g_states[part] = (g.to(dtype) @ w).to(states.dtype)
+            ctx.rule = rule
+            if recompute:
+                ctx.save_for_backward(states, weight, bias, wanted, lse_all)
+            else:
+                ctx.save_for_backward(g_states)
+            ctx.recompute = recompute
+            return out
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            if not ctx.recompute:
+                (g_states,) = ctx.saved_tensors
+                if g_states is None:
+                    return None, None, None, None, None
+                return g_states.mul_(grad.unsqueeze(1).to(g_states.dtype)), None, None, None, None
+            states, weight, bias, wanted, lse_all = ctx.saved_tensors
+            size, dtype, scaling, cap, temperature = ctx.rule
+            need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+            g_states = torch.empty_like(states) if need_states else None
+            g_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            g_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+            with torch.autocast(states.device.type, enabled=False):
+                w = weight.to(dtype)
+                b = bias.to(dtype) if bias is not None else None
+                for start in range(0, wanted.numel(), size):
+                    part = slice(start, start + size)
+                    h = states[part].to(dtype)
+                    y = wanted[part].unsqueeze(1)
+                    z, t = _chunk_logits(h, w, b, scaling, cap, temperature)
+                    p = z.sub_(lse_all[part].unsqueeze(1)).exp_()
+                    g = _logit_grad_(p, y, grad[part].float(), t, scaling, cap, temperature)
+                    g = g.to(dtype)
+                    if g_states is not None:
+                        g_states[part] = (g @ w).to(states.dtype)
+                    if g_weight is not None:
+                        g_weight += g.t() @ h
+                    if g_bias is not None:
+                        g_bias.add_(g.sum(0, dtype=torch.float32))
+            out_weight = g_weight.to(weight.dtype) if g_weight is not None else None
+            out_bias = g_bias.to(bias.dtype) if g_bias is not None else None
+            return g_states, out_weight, out_bias, None, None
+
+    return FusedTokenLogProbs
