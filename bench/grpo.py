@@ -15,10 +15,12 @@ prompts (rendered by tuneplex's pipeline; TRL's own rendering is checked against
 at most the shape's completion length per step, the group's mean as baseline and its standard
 deviation as scale, β = 0 (no reference model), one policy update per batch of rollouts, AdamW
 (lr `--lr`, weight decay 0.01, grad clip 1.0, tuneplex's schedule: no warmup, cosine to 10%),
-all of a step's completions in one training micro-batch (`--micro-batch`):
+8 completions per training forward and backward (`--micro-batch`; TRL's default
+`per_device_train_batch_size` and tuneplex's grpo default, gradients accumulated over a step):
 
 - `tuneplex`: `tuneplex train job.yaml` (automodel backend, training_type grpo), precision fp32;
-  `tuneplex-auto`: the same job at tuneplex's default precision (`auto`);
+  `tuneplex-ac`: the same with activation checkpointing (`full`), as TRL's default;
+  `tuneplex-auto`: the same job as `tuneplex` at tuneplex's default precision (`auto`);
 - `trl`: TRL's `GRPOTrainer`, its defaults for the rest (gradient checkpointing on);
   `trl-no-gc`: the same with gradient checkpointing off, as the others. TRL 1.15 computes
   log-probabilities through a Triton kernel (`trl.trainer.utils._ChunkedLogProbFunction`),
@@ -52,7 +54,7 @@ import peers
 import train_throughput as tt
 
 COMPLETION_TOKENS = {"tiny": 8, "small": 64}
-CONTENDERS = ("trl", "trl-no-gc", "loop", "tuneplex", "tuneplex-auto")
+CONTENDERS = ("trl", "trl-no-gc", "loop", "tuneplex", "tuneplex-ac", "tuneplex-auto")
 SETUPS = {"lora": "lora", "full": "all_weights"}  # --setup -> tuneplex's finetuning_type
 LOGPROB_TOKENS = 512  # tokens per chunk of TorchChunkedLogProb
 REWARD = '''"""The bench's reward: the share of a completion's letters that are a or A."""
@@ -90,11 +92,14 @@ def build_prompts(path: Path, *, rows: int, seed: int = 0) -> None:
     path.write_text("".join(json.dumps({"prompt": sentence(rng, 12)}) + "\n" for _ in range(rows)))
 
 
-def job_dict(work: Path, setup: str, args, *, precision: str = "fp32") -> dict:
+def job_dict(
+    work: Path, setup: str, args, *, precision: str = "fp32", checkpointing: str = "none"
+) -> dict:
     training = {
         "training_type": "grpo",
         "finetuning_type": SETUPS[setup],
         "precision": precision,
+        "activation_checkpointing": checkpointing,
         "max_seq_length": 256,
         "grpo": {
             "environment": {"name": "python", "function": f"{work / 'reward.py'}:a_share"},
@@ -133,8 +138,10 @@ def rendered_prompts(job: dict) -> tuple[list[list[int]], list[str]]:
 
 def run_contender(work: Path, setup: str, contender: str, args) -> dict:
     precision = "auto" if contender == "tuneplex-auto" else "fp32"
+    checkpointing = "full" if contender == "tuneplex-ac" else "none"
     job = work / f"job-{setup}-{contender}.yaml"  # JSON is YAML
-    job.write_text(json.dumps(job_dict(work, setup, args, precision=precision), indent=1))
+    spec = job_dict(work, setup, args, precision=precision, checkpointing=checkpointing)
+    job.write_text(json.dumps(spec, indent=1))
     out = work / f"{contender}-{setup}"
     log = work / f"{contender}-{setup}.log"
     if contender.startswith("tuneplex"):
@@ -256,7 +263,8 @@ def print_table(results: list[dict], args) -> None:
     notes = [
         "TRL: trl.trainer.utils._ChunkedLogProbFunction (Triton) replaced by plain torch "
         "(TorchChunkedLogProb) in its process; trl: TRL's default gradient checkpointing "
-        "(on), trl-no-gc: off (as the loop and tuneplex)",
+        "(on), trl-no-gc: off (as the loop and tuneplex); tuneplex-ac: tuneplex's activation "
+        "checkpointing on (full)",
         "generation s, reward+adv s, update s: seconds per timed step (tuneplex: its "
         "generation_s, scoring_s + reference_s, training_s; TRL: _generate_single_turn, the "
         "rest of _generate_and_score_completions, the rest of the step to on_step_end); "
@@ -321,7 +329,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8, help="completions per prompt")
     ap.add_argument("--completion-tokens", type=int, default=None, help="default: the shape's")
-    ap.add_argument("--micro-batch", type=int, default=None, help="default: a step's samples")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=8,
+        help="completions per training forward and backward (default 8: TRL's "
+        "per_device_train_batch_size and tuneplex's grpo default)",
+    )
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
@@ -341,7 +355,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         ap.error(f"--contenders: {', '.join(sorted(unknown))} not among {', '.join(CONTENDERS)}")
     args.completion_tokens = args.completion_tokens or COMPLETION_TOKENS[args.shape]
-    args.micro_batch = args.micro_batch or args.prompts * args.generations
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.workdir / args.shape
     work.mkdir(parents=True, exist_ok=True)
