@@ -205,10 +205,20 @@ def test_simpo_is_its_paper_and_trls_cpo_simpo():
     torch.testing.assert_close(got.rejected_rewards.float(), rejected)
 
 
-def trl_kto_loss(logps, ref, kl_logps, kl_ref, *, desirable: bool, beta: float) -> float:
-    """TRL's KTOTrainer._compute_loss on completions all labelled `desirable`, with the KL
-    reference point estimated from `kl_logps` − `kl_ref` (its mismatched completions):
-    precomputed reference, one completion token each."""
+def trl_kto_loss(
+    logps,
+    ref,
+    kl_logps,
+    kl_ref,
+    *,
+    desirable,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> float:
+    """TRL's KTOTrainer._compute_loss on completions labelled `desirable` (one bool for all,
+    or one per row), with the KL reference point estimated from `kl_logps` − `kl_ref` (its
+    mismatched completions): precomputed reference, one completion token each."""
     from trl.trainer.kto_trainer import KTOTrainer
 
     n = logps.numel()
@@ -228,8 +238,8 @@ def trl_kto_loss(logps, ref, kl_logps, kl_ref, *, desirable: bool, beta: float) 
         precompute_ref_logps=True,
         loss_type="kto",
         beta=beta,
-        desirable_weight=1.0,
-        undesirable_weight=1.0,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
         aux_loss_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
@@ -244,7 +254,7 @@ def trl_kto_loss(logps, ref, kl_logps, kl_ref, *, desirable: bool, beta: float) 
         "KL_input_ids": torch.tensor([[1, 1]] * n),
         "KL_attention_mask": ones,
         "KL_completion_mask": torch.tensor([[0, 1]] * n),
-        "label": torch.full((n,), desirable),
+        "label": desirable if torch.is_tensor(desirable) else torch.full((n,), desirable),
         "ref_logps": ref.float(),
         "ref_KL_logps": kl_ref.float(),
     }
@@ -266,6 +276,75 @@ def test_kto_pair_is_its_definition_and_trls_kto_halves():
     )
     assert abs(ours32.loss.mean().item() - (chosen_half + rejected_half) / 2) <= 1e-6
     torch.testing.assert_close(got.chosen_rewards, beta * (pc - rc))
+
+
+def paper_kto(p, r, kl_p, kl_r, desirable, beta: float, w_d: float, w_u: float) -> list[float]:
+    """Unpaired KTO per row (Ethayarajh et al. 2024, eq. 7 as TRL computes it), in float64
+    Python arithmetic: z = max(0, mean of the mismatched pairs' log-ratios)."""
+    ratios = [a - b for a, b in zip(kl_p.tolist(), kl_r.tolist(), strict=True)]
+    z = max(0.0, sum(ratios) / len(ratios))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    out = []
+    for a, b, d in zip(p.tolist(), r.tolist(), desirable.tolist(), strict=True):
+        rho = a - b
+        out.append(w_d * (1 - sig(beta * (rho - z))) if d else w_u * (1 - sig(beta * (z - rho))))
+    return out
+
+
+def test_kto_is_its_definition_and_trls_kto_loss():
+    """Unpaired KTO on mixed labels and weights: per row the paper's formula (1e-6), and its
+    mean TRL's KTOTrainer loss on the same numbers (1e-6); z is the clamped mean log-ratio of
+    the mismatched pairs, detached (no gradient flows through it)."""
+    pytest.importorskip("trl")
+    from tuneplex.nn.preference import kto_figures, kto_loss, kto_reference_point, kto_sums
+
+    p, r, kl_p, kl_r = (t / 20 for t in numbers(8))
+    # a positive reference point (the clamp at 0 is tested below), one pair below 0
+    kl_p = kl_r + torch.linspace(-0.1, 0.5, 8, dtype=torch.float64)
+    desirable = torch.tensor([True, False, True, True, False, True, False, False])
+    beta, w_d, w_u = 0.3, 1.33, 0.7
+    p = p.clone().requires_grad_(True)
+    kl_p = kl_p.clone().requires_grad_(True)
+    z = kto_reference_point(kl_p, kl_r)
+    assert z.item() > 0 and not z.requires_grad
+    got = kto_loss(p, r, desirable, kl=z, beta=beta, desirable_weight=w_d, undesirable_weight=w_u)
+    want = paper_kto(p.detach(), r, kl_p.detach(), kl_r, desirable, beta, w_d, w_u)
+    assert max(abs(a - b) for a, b in zip(got.loss.tolist(), want, strict=True)) <= 1e-6
+    theirs = trl_kto_loss(
+        p.detach(), r, kl_p.detach(), kl_r, desirable=desirable, beta=beta,
+        desirable_weight=w_d, undesirable_weight=w_u,
+    )  # fmt: skip
+    z32 = kto_reference_point(kl_p.float(), kl_r.float())
+    ours32 = kto_loss(
+        p.detach().float(), r.float(), desirable, kl=z32, beta=beta,
+        desirable_weight=w_d, undesirable_weight=w_u,
+    )  # fmt: skip
+    assert abs(ours32.loss.mean().item() - theirs) <= 1e-6
+    got.loss.sum().backward()
+    assert kl_p.grad is None  # z is detached, as in TRL
+    figures = kto_figures(kto_sums(got).tolist())
+    rewards = beta * (p.detach() - r)
+    assert math.isclose(figures["rewards/chosen"], rewards[desirable].mean().item(), rel_tol=1e-5)
+    assert math.isclose(
+        figures["rewards/rejected"], rewards[~desirable].mean().item(), rel_tol=1e-5
+    )
+    assert math.isclose(figures["kl"], z.item(), rel_tol=1e-6)
+    below = kto_reference_point(kl_r - 1.0, kl_r)  # the policy below the reference: z = 0
+    assert below.item() == 0.0
+
+
+def test_kto_reference_point_sums_over_ranks():
+    """With `reduce` (the data-parallel sum of [total, count]) z is the mean over every
+    rank's mismatched pairs, a rank with none included; here two ranks by hand."""
+    from tuneplex.nn.preference import kto_reference_point
+
+    a, b = torch.tensor([0.5, 1.5, 1.0]), torch.tensor([3.0])
+    zero = torch.zeros(0)
+    other = {"a": torch.tensor([b.sum().item(), 1.0], dtype=torch.float64)}
+    z = kto_reference_point(a, torch.zeros(3), reduce=lambda t: t + other["a"])
+    assert z.item() == pytest.approx(6.0 / 4)
+    empty = kto_reference_point(zero, zero, reduce=lambda t: t + other["a"])
+    assert empty.item() == pytest.approx(3.0)
 
 
 def test_reference_free_losses_refuse_a_reference():

@@ -101,10 +101,15 @@ class RowTable:
             dataset = dataset.flatten_indices()
             table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
         self._cols: dict[str, tuple[Any, Any]] = {}
+        self.values: dict[str, Any] = {}
+        """Columns of one value per row (e.g. unpaired KTO data's `desirable`), as arrays."""
         for name in table.column_names:
             if name == "seq_lens":
                 continue
             arr = table.column(name).combine_chunks()
+            if not hasattr(arr, "offsets"):
+                self.values[name] = arr.to_numpy(zero_copy_only=False)
+                continue
             offsets = np.asarray(arr.offsets)
             values = np.asarray(arr.values)
             if offsets[0] != 0 or len(values) != offsets[-1]:

@@ -13,7 +13,9 @@ def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
     """The first `n` examples (input_ids, labels) and the stats. For preference data each
     example is a pair: {"chosen": {input_ids, labels}, "rejected": {input_ids, labels}}."""
     split = prepared.train
-    if _paired(split):
+    if _unpaired(split):
+        examples = _unpaired_rows(split, n)
+    elif _paired(split):
         examples = _pairs(split, n)
     elif _prompts(split):
         examples = _prompt_rows(split, n)
@@ -28,6 +30,22 @@ def examples_json(prepared: Prepared, n: int) -> dict[str, Any]:
 
 def _paired(split) -> bool:
     return split.stats.pairs is not None
+
+
+def _unpaired(split) -> bool:
+    return split.stats.desirable is not None
+
+
+def _unpaired_rows(split, n: int) -> list[dict[str, Any]]:
+    """The first `n` unpaired KTO rows: row 2i, its label, and 2i+1 (its completion after
+    the next row's prompt, the KL term's mismatched pair)."""
+    head = split.examples.select(range(min(2 * n, len(split.examples))))
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in head]
+    labels = head["desirable"][::2]
+    return [
+        {"row": a, "desirable": d, "mismatched": b}
+        for a, b, d in zip(rows[::2], rows[1::2], labels, strict=True)
+    ]
 
 
 def _prompts(split) -> bool:
@@ -91,7 +109,12 @@ def render(prepared: Prepared, n: int, *, color: bool) -> str:
                 text += f"⟦{seg}⟧" if is_trained else seg
         lines.extend([text, ""])
 
-    if _paired(split):
+    if _unpaired(split):
+        for i, row in enumerate(_unpaired_rows(split, n)):
+            label = "desirable" if row["desirable"] else "undesirable"
+            show(f"── row {i}, {label}", row["row"])
+            show(f"── row {i}, after the next row's prompt (KL term)", row["mismatched"])
+    elif _paired(split):
         for i, pair in enumerate(_pairs(split, n)):
             show(f"── pair {i}, chosen", pair["chosen"])
             show(f"── pair {i}, rejected", pair["rejected"])
@@ -121,6 +144,15 @@ def _stats_block(name: str, stats: dict[str, Any]) -> str:
         parts = [
             f"{name}: {stats['rows']} rows -> {stats['prompts']} prompts",
             f"prompt tokens {stats['tokens']}",
+        ]
+    elif stats.get("desirable") is not None:
+        parts = [
+            f"{name}: {stats['rows']} rows -> {stats['desirable'] + stats['undesirable']} kto "
+            f"rows ({stats['desirable']} desirable, {stats['undesirable']} undesirable; "
+            f"{stats['examples']} examples with their mismatched pairs)",
+            f"tokens {stats['tokens']}",
+            f"trained {stats['trained_tokens']}",
+            f"truncated rows {stats['truncated']}",
         ]
     elif pairs is None:
         parts = [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneplex.data import formats, preference, sources
+from tuneplex.data import formats, preference, sources, unpaired
 from tuneplex.data.packing import pack
 from tuneplex.data.spec import DataSpec, DataStats
 from tuneplex.data.targets import IGNORE_INDEX
@@ -35,7 +35,8 @@ CHUNK = 1024
 class Split:
     examples: Any
     """datasets.Dataset of input_ids/labels, one example per row (after truncation/drops); for
-    preference data two per pair, interleaved: 2i chosen, 2i+1 rejected."""
+    preference data two per pair, interleaved: 2i chosen, 2i+1 rejected (unpaired KTO data:
+    2i the row, 2i+1 its mismatched pair, see `tuneplex.data.unpaired`)."""
     packed: Any | None
     """datasets.Dataset of packed rows (input_ids/labels/position_ids/seq_lens), if packing."""
     stats: DataStats
@@ -193,6 +194,8 @@ def build(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str) -> Spl
 
     Every row that cannot be read, rendered or masked is found in one pass and reported
     together (or left out and counted, under `spec.skip_invalid_rows`)."""
+    if spec.preference and spec.unpaired:
+        return _build_unpaired(rows, spec, tok, key=key)
     if spec.preference:
         return _build_pairs(rows, spec, tok, key=key)
     if spec.prompts:
@@ -294,6 +297,68 @@ def _build_pairs(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str)
             )
         )
     return Split(examples=_dataset(columns), packed=None, stats=stats)
+
+
+def _build_unpaired(rows: list[tuple[str, dict]], spec: DataSpec, tok, *, key: str):
+    """Unpaired KTO rows (`tuneplex.data.unpaired`) -> [row i, row i's completion after row
+    (i+1) mod n's prompt] encoded as SFT examples and truncated, interleaved, with a
+    `desirable` column. A row that cannot be used is a bad row, as in every format; so is a
+    row of another form than the first one's."""
+    preference.check_spec(spec)
+    stats = DataStats(rows=len(rows), desirable=0, undesirable=0)
+    problems, normalised, row_of = _normalise_all(rows, spec, stats, unpaired.normalise)
+    encoder = Encoder(tok, spec)
+    encoder.calibrate([(fmt, unpaired.example(fmt, r, r)) for _, fmt, r in normalised[:64]])
+    limit = spec.max_seq_length
+    form = normalised[0][1] if normalised else None
+    kept: list[tuple[str, dict, tuple]] = []
+    encoded = _encode_all(encoder, [(w, f, unpaired.example(f, r, r)) for w, f, r in normalised])
+    for index, (where, fmt, row), result in zip(row_of, normalised, encoded, strict=True):
+        bad = result if isinstance(result, Problem) else None
+        if bad is None and fmt != form:
+            bad = Problem(where, unpaired.other_form(fmt, form))
+        if bad is None and not (result[1][:limit] != IGNORE_INDEX).any():
+            bad = Problem(
+                where, f"completion has no trained token after truncation to {limit} tokens"
+            )
+        if bad is not None:
+            problems.append((index, bad))
+            stats.formats[fmt] -= 1
+            continue
+        _count_drops(stats, where, result[2])
+        kept.append((where, row, result))
+    _settle(problems, spec, stats, key)
+    if not kept:
+        raise UsageError(
+            Problem(
+                key, f"no usable kto row ({stats.rows} rows, {stats.skipped_invalid_rows} left out)"
+            )
+        )
+    mismatched = [
+        (where, form, unpaired.example(form, kept[(i + 1) % len(kept)][1], row))
+        for i, (where, row, _) in enumerate(kept)
+    ]
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    desirable: list[bool] = []
+    for (where, row, own), other in zip(kept, _encode_all(encoder, mismatched), strict=True):
+        if isinstance(other, Problem):
+            raise UsageError(
+                Problem(where, f"its completion after the next row's prompt: {other.message}")
+            )
+        stats.truncated += len(own[0]) > limit
+        for ids, lab, _ in (own, other):
+            ids, lab = ids[:limit], lab[:limit]
+            columns["input_ids"].append(ids)
+            columns["labels"].append(lab)
+            stats.tokens += len(ids)
+            stats.trained_tokens += int((lab != IGNORE_INDEX).sum())
+        desirable += [row["label"], row["label"]]
+        stats.desirable += row["label"]
+        stats.undesirable += not row["label"]
+    stats.examples = len(columns["input_ids"])
+    return Split(
+        examples=_dataset(columns).add_column("desirable", desirable), packed=None, stats=stats
+    )
 
 
 PROMPT_COLUMNS = ("input_ids", "prompt", "reference", "columns")

@@ -77,7 +77,7 @@ def normalise(
             )
         )
     formats.messages(prompt, where, "prompt")
-    sides = [_side(row, side, where) for side in SIDES]
+    sides = [side_messages(row, side, where) for side in SIDES]
     _distinct(row, where)
     tools = formats.tools(row, where, spec)
     pair = tuple(
@@ -87,7 +87,8 @@ def normalise(
     return "chat", pair
 
 
-def _side(row: dict[str, Any], side: str, where: str) -> list[dict[str, Any]]:
+def side_messages(row: dict[str, Any], side: str, where: str) -> list[dict[str, Any]]:
+    """The answer messages in column `side` (assistant or tool ones), checked."""
     value = row[side]
     if not isinstance(value, list):
         raise UsageError(

@@ -35,6 +35,10 @@ class DataSpec:
     preference: bool = False
     """Rows are preference pairs (prompt, chosen, rejected; see `tuneplex.data.preference`):
     the examples are their sides, interleaved (2i chosen, 2i+1 rejected), never packed."""
+    unpaired: bool = False
+    """With `preference`: rows are unpaired KTO rows (prompt, completion, label; see
+    `tuneplex.data.unpaired`): example 2i is row i, 2i+1 its completion after the next row's
+    prompt (the KL term's mismatched pair), with a `desirable` column."""
     prompts: bool = False
     """Rows are prompts to generate for (reinforcement learning): each example is the rendered
     prompt with the generation prompt (no answer, nothing trained), its row's answer as the
@@ -83,6 +87,9 @@ class DataStats:
     """Preference data: trained tokens of all chosen sides (`rejected_tokens`: rejected sides);
     their difference over `pairs` says how much longer the chosen answers are."""
     rejected_tokens: int | None = None
+    desirable: int | None = None
+    """Unpaired KTO data only (None otherwise): rows labelled true kept (`undesirable`: false)."""
+    undesirable: int | None = None
     prompts: int | None = None
     """Prompt data only (None otherwise): prompts kept (= examples)."""
 
@@ -91,6 +98,9 @@ class DataStats:
         if self.pairs is None:  # other data's stats read as they always have
             for name in PREFERENCE_STATS:
                 data.pop(name)
+        if self.desirable is None:
+            for name in UNPAIRED_STATS:
+                data.pop(name)
         if self.prompts is None:
             for name in PROMPT_STATS:
                 data.pop(name)
@@ -98,4 +108,5 @@ class DataStats:
 
 
 PREFERENCE_STATS = ("pairs", "chosen_tokens", "rejected_tokens")
+UNPAIRED_STATS = ("desirable", "undesirable")
 PROMPT_STATS = ("prompts",)

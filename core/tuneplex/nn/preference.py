@@ -13,6 +13,10 @@ With a reference (β = `beta`, h = (log π(c) − log π_ref(c)) − (log π(r) 
   batch; here: of the micro-batch), each pair's loss is the mean of its two halves
   1 − σ(β(ρ_c − z_r)) and 1 − σ(β(z_c − ρ_r)) (so the mean over pairs is TRL's mean over the
   2n halves). As in TRL, gradients flow through z.
+Unpaired (`kto_loss`, KTO of Ethayarajh et al. 2024 as TRL's KTOTrainer computes it): each row
+has one completion, desirable or not, with ρ = log π(c) − log π_ref(c) (sums of log-probs) and
+the reference point z = max(0, mean (log π − log π_ref)) over mismatched prompt/completion pairs,
+detached; desirable rows lose w_d (1 − σ(β(ρ − z))), undesirable ones w_u (1 − σ(β(z − ρ))).
 Reference-free, on per-token AVERAGE log-probabilities (length-normalised by definition; the
 caller divides): with a = mean log π over a side's completion tokens,
 - orpo (Hong et al. 2024, eq. 6-7): −a_c + λ · −log σ(log odds(c) − log odds(r)), with
@@ -30,7 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto_pair", "orpo", "simpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto_pair", "orpo", "simpo", "kto")
+UNPAIRED = ("kto",)
+"""Loss types over unpaired rows (`kto_loss`), not pairs (`preference_loss`)."""
 REFERENCE_FREE = ("orpo", "simpo")
 """Loss types that compare the policy with no reference model (and read average log-probs)."""
 
@@ -69,7 +75,7 @@ def preference_loss(
         return _reference_free(
             policy_chosen, policy_rejected, beta=beta, loss_type=loss_type, gamma=simpo_gamma
         )
-    if loss_type not in LOSS_TYPES:
+    if loss_type not in LOSS_TYPES or loss_type in UNPAIRED:
         raise ValueError(f"unknown preference loss {loss_type!r}; known: {', '.join(LOSS_TYPES)}")
     import torch
     import torch.nn.functional as F
@@ -150,3 +156,88 @@ def reward_sums(terms: PreferenceTerms) -> Any:
 
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 """The names of `reward_sums`' entries in metrics."""
+
+
+@dataclass
+class KtoTerms:
+    """Per row: the (weighted) loss and the reward β (log π − log π_ref); which rows are
+    desirable; the reference point z the losses used."""
+
+    loss: Any
+    rewards: Any
+    desirable: Any
+    kl: Any
+
+
+def kto_reference_point(kl_policy, kl_reference, *, reduce=None) -> Any:
+    """z = max(0, mean (log π − log π_ref)) over the mismatched pairs, detached (TRL's KL
+    estimate). `reduce` sums a [total, count] tensor over data-parallel ranks (TRL gathers the
+    ranks' batch means; with equal batches the same mean)."""
+    import torch
+
+    diff = (kl_policy.detach() - kl_reference.detach()).double()
+    parts = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+    if reduce is not None:
+        parts = reduce(parts)
+    return (parts[0] / parts[1].clamp(min=1)).clamp(min=0).to(kl_policy.dtype)
+
+
+def kto_loss(
+    policy,
+    reference,
+    desirable,
+    *,
+    kl,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KtoTerms:
+    """Per-row KTO loss (TRL's KTOTrainer, loss_type kto) of rows with log-probabilities
+    `policy` and `reference` (sums over each completion), labels `desirable` (bool), and the
+    reference point `kl` (`kto_reference_point`)."""
+    import torch
+
+    ratio = policy - reference
+    desirable = desirable.to(device=ratio.device, dtype=torch.bool)
+    loss = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return KtoTerms(loss=loss, rewards=beta * ratio.detach(), desirable=desirable, kl=kl)
+
+
+def kto_sums(terms: KtoTerms) -> Any:
+    """[desirable reward sum, desirable rows, undesirable reward sum, undesirable rows, z ×
+    rows] (float32; sums reduce over ranks and micro-batches; `kto_figures` makes the means)."""
+    import torch
+
+    r, d = terms.rewards.float(), terms.desirable
+    n = float(d.numel())
+    return torch.stack(
+        [
+            r[d].sum(),
+            d.float().sum(),
+            r[~d].sum(),
+            (~d).float().sum(),
+            terms.kl.detach().float().reshape(()) * n,
+        ]
+    )
+
+
+KTO_SUMS = 5
+"""The length of `kto_sums`."""
+
+
+def kto_figures(sums: list[float]) -> dict[str, float]:
+    """TRL's KTO figures from `kto_sums` summed: each label's mean reward (0 with none of it),
+    their margin, and the mean reference point `kl`."""
+    chosen = sums[0] / sums[1] if sums[1] else 0.0
+    rejected = sums[2] / sums[3] if sums[3] else 0.0
+    rows = sums[1] + sums[3]
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margin": chosen - rejected,
+        "kl": sums[4] / rows if rows else 0.0,
+    }

@@ -154,7 +154,7 @@ class DpoConfig(StrictModel):
         default=0.05,
         gt=0,
         description="β, the preference strength of every loss_type (TRL's beta): for sigmoid, "
-        "ipo, hinge and kto_pair how strongly the policy is held to the reference model "
+        "ipo, hinge, kto_pair and kto how strongly the policy is held to the reference model "
         "(higher = closer); for orpo the weight λ of the odds-ratio term against the NLL "
         "term; for simpo the reward scale.",
     )
@@ -182,12 +182,13 @@ class DpoConfig(StrictModel):
         description="The SFT loss as each chosen response's per-token average (every pair "
         "weighs the same) instead of the mean over all chosen tokens.",
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge", "kto_pair", "orpo", "simpo"] = Field(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "kto_pair", "orpo", "simpo", "kto"] = Field(
         default="sigmoid",
         description="sigmoid: DPO (robust DPO with label_smoothing > 0); ipo: IPO; hinge: SLiC; "
         "kto_pair: KTO on the pairs (TRL's former kto_pair); orpo: ORPO, the chosen NLL plus "
         "an odds-ratio term, no reference model; simpo: SimPO, length-normalised with a "
-        "target margin (simpo_gamma), no reference model.",
+        "target margin (simpo_gamma), no reference model; kto: KTO on unpaired rows "
+        "(prompt, completion, label true/false), TRL's KTOTrainer loss.",
     )
     label_smoothing: float = Field(
         default=0.0,
@@ -202,9 +203,33 @@ class DpoConfig(StrictModel):
         "average log-prob) − γ) (simpo only).",
     )
 
+    desirable_weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="KTO's weight of the desirable rows' losses (TRL's desirable_weight; raise "
+        "it when desirable rows are fewer) (kto only).",
+    )
+    undesirable_weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="KTO's weight of the undesirable rows' losses (TRL's undesirable_weight) "
+        "(kto only).",
+    )
+
     @model_validator(mode="after")
     def _rules(self) -> DpoConfig:
         problems = []
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) != 1.0 and self.loss_type != "kto":
+                problems.append((name, f"only used with loss_type kto (got {self.loss_type})"))
+        if self.loss_type == "kto" and self.sft_loss_weight:
+            problems.append(
+                (
+                    "sft_loss_weight",
+                    f"{self.sft_loss_weight:g}: kto rows are not pairs and its loss has no "
+                    "SFT part (TRL's KTOTrainer has none); set it to 0",
+                )
+            )
         if self.label_smoothing and self.loss_type != "sigmoid":
             problems.append(
                 ("label_smoothing", f"only used with loss_type sigmoid (got {self.loss_type})")

@@ -564,6 +564,7 @@ class AutomodelJobInput(JobSchema):
             chat_template=d.prompt_template or d.chat_template,
             packing=self.batch.sequence_packing,
             preference=self.training.training_type == "dpo",
+            unpaired=self.training.dpo is not None and self.training.dpo.loss_type == "kto",
             prompts=self.training.training_type == "grpo",
             reference_column=reference[0],
             reference_required=reference[1],

@@ -177,7 +177,8 @@ class UnslothTraining(StrictModel):
         "losses: preference_average_log_probs must be true for ipo and false for hinge and "
         "label_smoothing, and sft_average_log_probs false. orpo runs TRL's ORPOTrainer and "
         "simpo its CPOTrainer (cpo_alpha = sft_loss_weight), with no reference and "
-        "preference_loss_weight 1; kto_pair, which no TRL trainer computes, is refused.",
+        "preference_loss_weight 1; kto_pair, which no TRL trainer computes, and kto (not "
+        "mapped onto TRL's KTOTrainer yet) are refused.",
     )
     grpo: GrpoConfig | None = Field(
         default=None,
@@ -227,8 +228,8 @@ def trl_loss_type(dpo: DpoConfig) -> str | None:
     simpo CPOTrainer's loss_type simpo (both on averages, as the schema settles them); no TRL
     trainer computes kto_pair."""
     average = dpo.preference_average_log_probs
-    if dpo.loss_type in ("orpo", "simpo", "kto_pair"):
-        return None if dpo.loss_type == "kto_pair" else dpo.loss_type
+    if dpo.loss_type in ("orpo", "simpo", "kto_pair", "kto"):
+        return None if dpo.loss_type in ("kto_pair", "kto") else dpo.loss_type
     if dpo.loss_type == "sigmoid" and dpo.label_smoothing:
         return None if average else "robust"
     if dpo.loss_type == "sigmoid":
@@ -247,6 +248,15 @@ def trl_dpo_problems(dpo: DpoConfig) -> list[tuple[str, str]]:
                 "dpo.loss_type",
                 "kto_pair: no TRL trainer computes KTO on pairs (DPOTrainer dropped it, "
                 "KTOTrainer takes unpaired rows); train it with --backend automodel",
+            )
+        )
+    elif dpo.loss_type == "kto":
+        problems.append(
+            (
+                "dpo.loss_type",
+                "kto: not on this backend yet (TRL's KTOTrainer tokenizes its own rows and "
+                "builds its KL pairs per batch, outside the pre-tokenized seam the other losses "
+                "use); train it with --backend automodel",
             )
         )
     elif dpo.loss_type in ("orpo", "simpo") and dpo.preference_loss_weight != 1:

@@ -1,5 +1,13 @@
-"""Preference tuning (DPO, IPO, hinge, robust DPO, KTO on pairs, ORPO, SimPO): the objective of
-a dpo job; the losses are `tuneplex.nn.preference`'s.
+"""Preference tuning (DPO, IPO, hinge, robust DPO, KTO on pairs, ORPO, SimPO, unpaired KTO): the
+objective of a dpo job; the losses are `tuneplex.nn.preference`'s.
+
+Unpaired KTO (loss_type kto) reads its rows the same way: the pipeline gives row i as side row
+2i and its mismatched prompt/completion pair (`tuneplex.data.unpaired`) as 2i+1, so the
+reference pass and the checkpointed values cover both. KTO's reference point z is each
+micro-batch's mean (log π − log π_ref) over its rows' mismatched pairs, summed over the
+data-parallel ranks (every rank takes part, with no row too), clamped at 0, detached; its
+figures are TRL's: rewards/chosen and rewards/rejected (the mean reward of desirable and of
+undesirable rows), rewards/margin (their difference) and kl (the mean z).
 
 The data pipeline gives each pair as two rows, chosen then rejected (`PairTable` reads them as
 one item each, so the plan, the row order and data parallelism treat a pair as a row). The
@@ -21,7 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 from tuneplex.data.collate import RowTable
 from tuneplex.nn.evaluation import inference_passes, sequence_log_probs
-from tuneplex.nn.preference import REFERENCE_FREE, REWARD_KEYS, preference_loss, reward_sums
+from tuneplex.nn.preference import (
+    KTO_SUMS,
+    REFERENCE_FREE,
+    REWARD_KEYS,
+    kto_figures,
+    kto_loss,
+    kto_reference_point,
+    kto_sums,
+    preference_loss,
+    reward_sums,
+)
 
 from tuneplex_automodel.loop import backward_micro_batches, device_batch
 from tuneplex_automodel.objectives.sft import row_tables
@@ -51,6 +69,9 @@ class PairTable:
         self.lengths = rows.lengths[0::2] + rows.lengths[1::2]
         self.target_counts = rows.target_counts[0::2] + rows.target_counts[1::2]
         self.chosen_counts = rows.target_counts[0::2]
+        desirable = rows.values.get("desirable")
+        self.desirable = desirable[0::2] if desirable is not None else None
+        """Unpaired KTO data: each row's label (its pair is the row and its mismatched pair)."""
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -74,6 +95,9 @@ class Dpo:
     def __init__(self, job: AutomodelJobInput):
         self.config = job.training.dpo
         self.reference_free = self.config.loss_type in REFERENCE_FREE
+        self.unpaired = self.config.loss_type == "kto"
+        if self.unpaired:
+            self.unit = "rows"
         self.reference: dict[str, Any] | None = None
         """{"train": float64 tensor [side rows], "validation": ...}, set before the first step
         (never for a reference-free loss)."""
@@ -113,6 +137,7 @@ class Dpo:
                 step=step_rows,
                 pad_id=parts.pad_id,
                 runtime=parts.runtime,
+                dist=parts.dist,
             )
 
         return backward_micro_batches(parts, micro_batches, loss_of=loss_of)
@@ -174,11 +199,61 @@ class Dpo:
         )
         return terms, (logps[:m], counts[:m])
 
-    def micro_loss(self, model, table: PairTable, pairs, *, step, pad_id, runtime):
+    def kto_terms(self, model, table: PairTable, rows, *, split: str, pad_id, runtime, dist):
+        """(per-row KTO terms, or None for a rank with no row in this pass, and the policy's
+        log-probs). The reference point is reduced over the data-parallel ranks here."""
+        import torch
+
+        batch = device_batch(table, rows, pad_id=pad_id, device=runtime.device)
+        logps = sequence_log_probs(model, batch, autocast=runtime.autocast)
+        m = len(rows)
+        sides = table.side_indices(rows)
+        policy = logps if m else logps[:0]
+        ref = self.reference[split][sides].to(device=logps.device, dtype=torch.float32)
+        if self.config.preference_average_log_probs:
+            counts = torch.as_tensor(
+                table.rows.target_counts[sides], dtype=torch.float32, device=logps.device
+            ).clamp(min=1)
+            policy, ref = policy / counts, ref / counts
+        kl = kto_reference_point(policy[m:], ref[m:], reduce=dist.sum_over_data)
+        if not m:
+            return None, logps
+        c = self.config
+        desirable = torch.as_tensor(table.desirable[[int(i) for i in rows]], device=logps.device)
+        terms = kto_loss(
+            policy[:m],
+            ref[:m],
+            desirable,
+            kl=kl,
+            beta=c.ref_policy_kl_penalty,
+            desirable_weight=c.desirable_weight,
+            undesirable_weight=c.undesirable_weight,
+        )
+        return terms, logps
+
+    def kto_micro_loss(self, model, table: PairTable, rows, *, step, pad_id, runtime, dist):
+        """This micro-batch's share of the mean KTO loss over the step's rows, and of its
+        `kto_sums`."""
+        import torch
+
+        terms, logps = self.kto_terms(
+            model, table, rows, split="train", pad_id=pad_id, runtime=runtime, dist=dist
+        )
+        if terms is None:
+            return 0.0 * logps.sum(), torch.zeros(KTO_SUMS, device=logps.device)
+        n = max(len(step), 1)
+        loss = self.config.preference_loss_weight * terms.loss.sum() / n
+        return loss, kto_sums(terms) / n
+
+    def micro_loss(self, model, table: PairTable, pairs, *, step, pad_id, runtime, dist):
         """This micro-batch's share of the loss of the step's pairs `step` (every rank's): a
         mean over them plus the weighted SFT part; and its share of [SFT loss, *reward means]."""
         import torch
 
+        if self.unpaired:
+            return self.kto_micro_loss(
+                model, table, pairs, step=step, pad_id=pad_id, runtime=runtime, dist=dist
+            )
         c = self.config
         terms, chosen = self.terms(
             model, table, pairs, split="train", pad_id=pad_id, runtime=runtime
@@ -212,6 +287,8 @@ class Dpo:
 
     def figures(self, sums: list[float]) -> dict[str, float]:
         """The step's metrics from the summed parts."""
+        if self.unpaired:
+            return kto_figures(sums)
         out = dict(zip(REWARD_KEYS, sums[1:], strict=True))
         if self.config.sft_loss_weight > 0 or self.config.loss_type == "orpo":
             out[SFT_KEY] = sums[0]
@@ -222,6 +299,10 @@ class Dpo:
         the same number of passes; the model is left in its former mode)."""
         import torch
 
+        if self.unpaired:
+            return self.kto_evaluate(
+                model, table, micro=micro, pad_id=pad_id, runtime=runtime, dist=dist
+            )
         c = self.config
         total = torch.zeros(2 + len(REWARD_KEYS), dtype=torch.float32, device=runtime.device)
         shard = (dist.dp_rank, dist.dp_size)
@@ -243,6 +324,22 @@ class Dpo:
             weight = c.sft_loss_weight
         loss = total[0] / n + weight * sft
         return loss, self.figures([sft, *(x / n for x in total[2:])])
+
+    def kto_evaluate(self, model, table: PairTable, *, micro: int, pad_id: int, runtime, dist):
+        """Mean KTO loss and figures over every validation row (z per pass, as in training)."""
+        import torch
+
+        total = torch.zeros(1 + KTO_SUMS, dtype=torch.float32, device=runtime.device)
+        shard = (dist.dp_rank, dist.dp_size)
+        for rows in inference_passes(model, len(table), micro=micro, shard=shard):
+            terms, _ = self.kto_terms(
+                model, table, rows, split="validation", pad_id=pad_id, runtime=runtime, dist=dist
+            )
+            if terms is not None:
+                loss = self.config.preference_loss_weight * terms.loss.sum()
+                total += torch.cat([loss.float().reshape(1), kto_sums(terms)])
+        total = dist.sum_over_data(total).tolist()
+        return total[0] / max(len(table), 1), kto_figures(total[1:])
 
 
 def reference_log_probs(model, rows: RowTable, *, micro: int, pad_id: int, runtime, dist):
