@@ -94,6 +94,8 @@ def test_schema_yaml_template_has_every_default():
         "alpha": 32,
         "merge": False,
         "target_modules": None,
+        "dropout": 0.0,
+        "use_dora": False,
     }
     assert data["parallelism"]["expert_parallel_size"] is None
     assert "# REQUIRED. Base model to fine-tune" in result.output
@@ -159,7 +161,7 @@ def test_validate_reports_every_problem_one_line_each(capsys, write):
     assert code == 2 and out == ""
     assert err.splitlines() == [
         "training.lora.rnak: unknown key; did you mean 'rank'? (allowed: rank, alpha, merge, "
-        "target_modules)",
+        "target_modules, dropout, use_dora)",
         "schedule.epochs: must be >= 1 (got 0)",
     ]
 

@@ -146,7 +146,7 @@ def test_override_of_unknown_key_reported_by_schema(write):
     path = write("job.yaml", "model: m\ndataset: {training: d}\n")
     assert lines(load_job, AutomodelJobInput, path, ["training.lora.rnak=4"]) == [
         "training.lora.rnak: unknown key; did you mean 'rank'? (allowed: rank, alpha, merge, "
-        "target_modules)"
+        "target_modules, dropout, use_dora)"
     ]
 
 
