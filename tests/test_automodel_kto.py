@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from helpers import preference_rows, train, write_rows  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_same_final,
+    assert_same_run,
+    preference_rows,
+    train,
+    write_rows,
+)
 from tuneplex.runs import read_metrics  # noqa: E402
 from tuneplex_automodel.objectives import dpo as dpo_objective  # noqa: E402
 
@@ -88,6 +95,34 @@ def test_a_tiny_model_learns_which_completions_are_desirable(root, tiny_model, c
     saved = json.loads(state.read_text())[dpo_objective.REFERENCE_KEY]
     assert len(saved["train"]) == 64 and len(saved["validation"]) == 32  # row + mismatched
     assert all(math.isfinite(x) and x < 0 for x in saved["train"])
+
+
+def test_resume_reads_the_reference_from_the_checkpoint(root, tiny_model, capsys, monkeypatch):
+    """Resumed from its step-4 checkpoint, a kto run makes no reference pass (the values of
+    every row and mismatched pair come from the checkpoint) and repeats the whole run."""
+    calls: list[int] = []
+    real = dpo_objective.reference_log_probs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_objective, "reference_log_probs", counted)
+    run = root / "resume"
+    path = job(root, tiny_model, run.name, dpo="{loss_type: kto, ref_policy_kl_penalty: 0.1}")
+    every_4 = ("--set", "output.checkpoint_steps=4")
+    code, _, err = train(capsys, path, "-o", run, *every_4)
+    assert code == 0, err
+    assert len(calls) == 2  # train and validation
+    whole = root / "resume-whole"
+    shutil.copytree(run, whole)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_8")
+    code, _, err = train(capsys, path, "-o", run, "--resume", *every_4)
+    assert code == 0, err
+    assert len(calls) == 2
+    assert_same_run(whole, run)
+    assert_same_final(whole, run)
 
 
 REFUSED = [  # (backend, training.dpo, the one line `tuneplex validate` prints)
