@@ -159,7 +159,6 @@ def test_sigterm_with_async_checkpoints_stops_at_a_complete_one_and_resumes_bit_
 @pytest.mark.parametrize(
     ("procs", "asynchronous"),
     [
-        pytest.param(1, False, id="one", marks=pytest.mark.slow),
         pytest.param(2, False, id="dp2", marks=pytest.mark.slow),
         pytest.param(1, True, id="one-async", marks=pytest.mark.slow),
     ],
