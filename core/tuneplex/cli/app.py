@@ -1,7 +1,7 @@
 """The `tuneplex` command line, assembled from one module per command group.
 
-`backends`, `schema` and `validate` stay on a fast path: no torch, transformers or training
-library is imported. Every input problem is printed as `where: what` lines, exit code 2.
+`backends`, `schema`, `validate` and `plan` stay on a fast path: no torch, transformers or
+training library is imported. Every input problem is printed as `where: what` lines, exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from tuneplex import __version__
-from tuneplex.cli import data, export, jobs, migrate, runs, train, use
+from tuneplex.cli import data, export, jobs, migrate, plan, runs, train, use
 from tuneplex.cli.common import echo_lines
 from tuneplex.errors import EXIT_USAGE, TuneplexError, missing_package
 
@@ -45,6 +45,7 @@ def _root(
 app.command("backends")(jobs.backends_cmd)
 app.command("schema")(jobs.schema_cmd)
 app.command("validate")(jobs.validate_cmd)
+app.command("plan")(plan.plan_cmd)
 app.command("migrate")(migrate.migrate_cmd)
 app.command("train")(train.train_cmd)
 app.command("generate")(use.generate_cmd)

@@ -88,12 +88,17 @@ def validate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check a job without running it; print the resolved job and the values derived from it."""
+    from tuneplex.cli.plan import validate_line, validate_memory
+
     installed, parsed = load_job_for(job, backend, sets, trackers=True)
     backend = installed.backend.name
     resolved = parsed.to_public_dict()
     derived = dict(installed.backend.derived(parsed))
+    memory = validate_memory(backend=installed.backend, parsed=parsed, job=job, sets=sets or ())
     if as_json:
-        typer.echo(json.dumps({"backend": backend, "job": resolved, "derived": derived}, indent=2))
+        memory.pop("line", None)
+        out = {"backend": backend, "job": resolved, "derived": derived, "memory": memory}
+        typer.echo(json.dumps(out, indent=2))
         return
     import yaml
 
@@ -101,3 +106,4 @@ def validate_cmd(
     typer.echo(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None).rstrip())
     typer.echo("# derived")
     typer.echo(yaml.safe_dump({"derived": derived}, sort_keys=False).rstrip())
+    typer.echo(validate_line(memory))

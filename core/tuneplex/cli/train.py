@@ -51,6 +51,7 @@ def train_cmd(
 ) -> None:
     """Validate a job, check this machine can run it, and train."""
     from tuneplex.backend import LaunchOptions
+    from tuneplex.cli.plan import warn_if_short
     from tuneplex.runs import resolve_run_dir
 
     launch = LaunchOptions(
@@ -64,6 +65,8 @@ def train_cmd(
     status = installed.backend.check_environment()
     if not status.ready:
         raise EnvironmentNotReady(f"{installed.backend.name}: {status.detail}")
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, under torchrun too
+        warn_if_short(backend=installed.backend, parsed=parsed, job=job, sets=sets or ())
     run_dir = resolve_run_dir(flag=output, job_output_dir=parsed.output.dir, job_path=job)
     if not _writes_the_run_dir(launch):  # node 0, or rank 0 of the user's torchrun, writes it
         installed.backend.train(parsed, run_dir, resume=resume, launch=launch)

@@ -14,6 +14,7 @@ from tuneplex.backend import (
 )
 from tuneplex.data.spec import DataSpec
 from tuneplex.hardware import visible_cuda_gpus
+from tuneplex.memory import MemoryChange, MemoryJob
 
 from tuneplex_automodel.schema import AutomodelJobInput
 
@@ -96,3 +97,16 @@ class AutomodelBackend:
         from tuneplex_automodel.trainer import train
 
         train(job, run_dir, resume=resume, data_spec=self.data_spec(job), launch_options=launch)
+
+    def memory_job(
+        self, job: AutomodelJobInput, *, base_dir: Path, device: str = "cuda", bf16: bool = True
+    ) -> MemoryJob:
+        """The estimator's inputs (`tuneplex plan`); no torch."""
+        from tuneplex_automodel.memory import memory_job
+
+        return memory_job(job, base_dir=base_dir, device=device, bf16=bf16)
+
+    def memory_changes(self, job: AutomodelJobInput) -> list[MemoryChange]:
+        from tuneplex_automodel.memory import memory_changes
+
+        return memory_changes(job)

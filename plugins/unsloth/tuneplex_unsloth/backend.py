@@ -13,6 +13,7 @@ from tuneplex.backend import (
 )
 from tuneplex.data.spec import DataSpec
 from tuneplex.errors import Problem, UsageError
+from tuneplex.memory import MemoryChange, MemoryJob
 from tuneplex.schema.grpo import reference_setting
 
 from tuneplex_unsloth import env
@@ -115,6 +116,17 @@ class UnslothBackend:
         from tuneplex_unsloth.trainer import train
 
         train(job, run_dir, resume=resume, data_spec=self.data_spec(job))
+
+    def memory_job(self, job: UnslothJobInput, *, base_dir: Path) -> MemoryJob:
+        """The estimator's inputs (`tuneplex plan`); no torch."""
+        from tuneplex_unsloth.memory import memory_job
+
+        return memory_job(job, base_dir=base_dir)
+
+    def memory_changes(self, job: UnslothJobInput) -> list[MemoryChange]:
+        from tuneplex_unsloth.memory import memory_changes
+
+        return memory_changes(job)
 
 
 def refuse_launch_options(launch: LaunchOptions) -> None:

@@ -1,0 +1,190 @@
+"""The peak memory of one training rank, from the job and the model's shape alone.
+
+Each term models what the backend's code holds at its peak (see `MemoryJob` for the inputs a
+backend fills in): the weights in the dtype they are stored in, LoRA's adapters, gradients and
+optimizer states of what trains, the activations autograd keeps for backward, the loss's
+logits chunk, a teacher, a reference copy, a generation KV cache and the runtime's fixed
+overhead. Parallel sizes divide what each rank holds. Standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tuneplex.memory.activations import activation_bytes, logits_bytes
+from tuneplex.memory.shape import PROJECTIONS, ModelShape
+
+GIB = 1 << 30
+CUDA_OVERHEAD = 1 << 30
+"""CUDA context, kernels and the caching allocator's slack: ~1 GiB whatever the model."""
+
+Optimizer = Literal["adamw", "adam", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+"""Bytes of optimizer state per trained parameter: two fp32 moments, two 8-bit ones, none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryJob:
+    """Every input of the estimate; a backend's `memory_job` fills it from a validated job."""
+
+    shape: ModelShape
+    trainable: Literal["full", "lora"] = "lora"
+    weight_bytes: float = 2
+    """Bytes per stored base weight: 4 fp32, 2 bf16/fp16; 4/8-bit loading: see quant_bits."""
+    quant_bits: int | None = None
+    """4 or 8: the decoder's projections loaded through bitsandbytes (embeddings stay 16-bit)."""
+    compute_bytes: int = 2
+    """Bytes per activation element: 2 under bf16/fp16 compute, 4 in fp32."""
+    compute_copies: bool = False
+    """Full weights stored in fp32 and computed in bf16 under autocast: a bf16 copy of each
+    projection weight is cast in forward and kept for backward."""
+    grad_bytes: int = 4
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] | None = None
+    """Projection names LoRA adapts; None: every linear layer but the head."""
+    lora_bytes: int = 4
+    use_dora: bool = False
+    optimizer: Optimizer = "adamw"
+    optimizer_state_bytes: float | None = None
+    """Bytes of state per trained parameter when not the optimizer's usual (moments kept in a
+    16-bit parameter's own dtype)."""
+    micro_batch: int = 1
+    sequences_per_row: int = 1
+    """Sequences one micro-batch row becomes (dpo: chosen and rejected)."""
+    seq_len: int = 2048
+    packing: bool = False
+    checkpointing: Literal["none", "full", "selective", "offload"] = "none"
+    """offload: each layer's input kept in CPU memory (unsloth's own)."""
+    loss: Literal["chunked", "logits"] = "chunked"
+    """chunked: the head and cross-entropy fused over chunks of tokens (automodel); logits: the
+    full-vocabulary logits of the micro-batch are made (TRL), in fp32."""
+    head_chunk_elements: int = 1 << 24
+    teacher: ModelShape | None = None
+    teacher_bytes: int = 2
+    reference: Literal["none", "adapter_off", "copy", "precomputed"] = "none"
+    kv_sequences: int = 0
+    """Sequences a rollout generates together (GRPO); 0: no generation."""
+    kv_length: int = 0
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    fsdp: bool = False
+    """Parameters, gradients and optimizer states sharded over the data(-and-context) ranks."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    gpus: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    breakdown: dict[str, int]
+    """Bytes per rank by what holds them, in the order they are printed."""
+    notes: tuple[str, ...] = ()
+    gpus: int = 1
+
+    @property
+    def per_gpu(self) -> int:
+        return sum(self.breakdown.values())
+
+
+@dataclass(frozen=True)
+class MemoryChange:
+    """One candidate change a user can paste: `--set KEY=VALUE` per override."""
+
+    overrides: tuple[tuple[str, str], ...]
+    summary: str
+
+
+@dataclass
+class _Counts:
+    """Parameter counts of one rank before any dtype: base, trained, adapters."""
+
+    base: int = 0
+    projections: int = 0
+    lora: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(job: MemoryJob) -> MemoryEstimate:
+    """Bytes per rank at the training step's peak, term by term."""
+    s, shard = job.shape, _model_shard(job)
+    base = s.parameters()
+    projections = s.layers * sum(a * b * n for a, b, n in s.linears().values())
+    lora = lora_parameters(job) if job.trainable == "lora" else 0
+    trained = base if job.trainable == "full" else lora
+    state_shard = shard * (job.dp * job.cp if job.fsdp else 1)
+    out: dict[str, int] = {}
+    out["weights"] = int(_weight_bytes(job, base=base, projections=projections) / state_shard)
+    if job.compute_copies and job.trainable == "full":
+        out["compute copies"] = int(2 * projections / shard)
+    if lora:
+        out["lora weights"] = int(lora * job.lora_bytes / state_shard)
+    out["gradients"] = int(trained * job.grad_bytes / state_shard)
+    state = job.optimizer_state_bytes
+    state = OPTIMIZER_STATE_BYTES[job.optimizer] if state is None else state
+    out["optimizer states"] = int(trained * state / state_shard)
+    tokens = job.micro_batch * job.sequences_per_row * job.seq_len
+    out["activations"] = activation_bytes(job, tokens=tokens)
+    out["logits chunk"] = logits_bytes(job, tokens=tokens)
+    if job.teacher is not None:
+        out["teacher"] = int(job.teacher.parameters() * job.teacher_bytes / shard)
+    if job.reference == "copy":
+        out["reference"] = int(_weight_bytes(job, base=base, projections=projections) / shard)
+    if job.kv_sequences:
+        out["kv cache"] = kv_cache_bytes(job)
+    if job.device == "cuda":
+        out["runtime overhead"] = CUDA_OVERHEAD
+    return MemoryEstimate(breakdown=out, notes=_notes(job), gpus=job.gpus)
+
+
+def _model_shard(job: MemoryJob) -> int:
+    """How many ways the model's weights are split by tensor and pipeline parallelism (expert
+    parallelism splits the experts only: counted as a share of the whole)."""
+    shard = job.tp * job.pp
+    s = job.shape
+    if job.ep > 1 and s.experts:
+        experts = s.layers * sum(a * b * n for name, (a, b, n) in s.linears().items() if n > 1)
+        whole = s.parameters()
+        return max(1, round(shard * whole / (whole - experts + experts / job.ep)))
+    return shard
+
+
+def _weight_bytes(job: MemoryJob, *, base: int, projections: int) -> float:
+    if job.quant_bits:
+        # bitsandbytes: 4-bit NF4 with an fp32 absmax per 64 weights; 8-bit int8 with a scale row
+        per = job.quant_bits / 8 + (4 / 64 if job.quant_bits == 4 else 0)
+        return projections * per + (base - projections) * job.weight_bytes
+    return base * job.weight_bytes
+
+
+def lora_parameters(job: MemoryJob) -> int:
+    """r × (in + out) per adapted projection (and DoRA's magnitude per output feature)."""
+    s = job.shape
+    targets = set(job.lora_targets) if job.lora_targets is not None else set(PROJECTIONS)
+    total = 0
+    for name, (a, b, n) in s.linears().items():
+        if name in targets:
+            total += n * (job.lora_rank * (a + b) + (b if job.use_dora else 0))
+    return s.layers * total
+
+
+def kv_cache_bytes(job: MemoryJob) -> int:
+    """Keys and values of every layer for the sequences a rollout generates together."""
+    s = job.shape
+    per_token = 2 * s.layers * s.kv_heads * s.head_dim * job.compute_bytes
+    return int(job.kv_sequences * job.kv_length * per_token / (job.tp * job.pp))
+
+
+def _notes(job: MemoryJob) -> tuple[str, ...]:
+    notes = [f"activation checkpointing: {job.checkpointing}"]
+    notes.append(
+        f"micro batch {job.micro_batch} × {job.seq_len} tokens (the longest a row can be)"
+        + (", packed" if job.packing else "")
+    )
+    layout = [f"{k} {v}" for k, v in (("dp", job.dp), ("tp", job.tp), ("pp", job.pp)) if v > 1]
+    layout += [f"{k} {v}" for k, v in (("cp", job.cp), ("ep", job.ep)) if v > 1]
+    if layout:
+        notes.append("per rank of " + ", ".join(layout) + (" (FSDP2)" if job.fsdp else ""))
+    return tuple(notes)
