@@ -82,7 +82,12 @@ def plan_lines(plan: Plan, *, job: Path) -> list[str]:
 
     est = plan.estimate
     gpus = f"{est.gpus} GPU" + ("s" if est.gpus != 1 else "")
-    lines = [f"{job}: {plan.backend} job on {gpus}"]
+    size = (
+        f"{plan.parameters / 1e9:.2f}B"
+        if plan.parameters >= 1e8
+        else f"{plan.parameters / 1e6:.1f}M"
+    )
+    lines = [f"{job}: {plan.backend} job, {plan.model} ({size} parameters), on {gpus}"]
     lines.append(f"estimated peak memory per GPU: {gib(est.per_gpu):.2f} GiB")
     width = max((len(name) for name in est.breakdown), default=0)
     lines += [f"  {name:<{width}}  {gib(size):>8.2f} GiB" for name, size in est.breakdown.items()]
@@ -103,7 +108,8 @@ def _verdict(plan: Plan) -> str:
     free = f", {gib(gpu.free):.2f} GiB free now" if gpu.free is not None else ""
     card = f"GPU: {gpu.name} ({gib(gpu.total):.2f} GiB{free})"
     if left >= 0:
-        return f"{card}: fits, {gib(left):.2f} GiB to spare"
+        tight = " (tight: estimates are within about 15%)" if left < 0.1 * gpu.total else ""
+        return f"{card}: fits, {gib(left):.2f} GiB to spare{tight}"
     return f"{card}: does not fit, {gib(-left):.2f} GiB over"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from tuneplex.memory.gpus import GIB, Gpu
 
 if TYPE_CHECKING:
     from tuneplex.backend import Backend
-    from tuneplex.memory.estimate import MemoryChange, MemoryEstimate
+    from tuneplex.memory.estimate import MemoryChange, MemoryEstimate, MemoryJob
 
 MAX_SUGGESTIONS = 5
 MAX_COMBINED = 3
@@ -50,6 +50,8 @@ class Plan:
     does not fit, the suggestions, fewest changes first."""
 
     backend: str
+    model: str
+    parameters: int
     estimate: MemoryEstimate
     gpu: Gpu | None
     suggestions: tuple[Suggestion, ...] = ()
@@ -63,6 +65,8 @@ class Plan:
         est, gpu = self.estimate, self.gpu
         return {
             "backend": self.backend,
+            "model": self.model,
+            "parameters": self.parameters,
             "per_gpu_gib": gib(est.per_gpu),
             "gpus": est.gpus,
             "gpu_name": gpu.name if gpu else None,
@@ -98,15 +102,20 @@ def cannot_estimate(backend: Backend) -> UsageError:
     return UsageError(f"backend {backend.name} cannot estimate memory")
 
 
+def memory_job(*, backend: Backend, job: Any, base_dir: Path) -> MemoryJob:
+    """The backend's estimator inputs for a validated job; a UsageError (one line) when the
+    backend has no estimate or the model's config cannot be read."""
+    member = getattr(backend, "memory_job", None)
+    if member is None:
+        raise cannot_estimate(backend)
+    return member(job, base_dir=base_dir)
+
+
 def estimate_job(*, backend: Backend, job: Any, base_dir: Path) -> MemoryEstimate:
-    """The backend's estimate of a validated job; a UsageError (one line) when the backend has
-    no estimate or the model's config cannot be read."""
+    """The backend's estimate of a validated job (errors as `memory_job`'s)."""
     from tuneplex.memory.estimate import estimate
 
-    memory_job = getattr(backend, "memory_job", None)
-    if memory_job is None:
-        raise cannot_estimate(backend)
-    return estimate(memory_job(job, base_dir=base_dir))
+    return estimate(memory_job(backend=backend, job=job, base_dir=base_dir))
 
 
 def make_plan(
@@ -121,9 +130,18 @@ def make_plan(
     """Estimate `job` (validated from `data`, the job file with its `--set` overrides applied)
     and, when it does not fit `gpu`, search the backend's candidate changes for the fewest that
     do: single changes first, pairs only when no single one fits, then triples."""
-    estimate = estimate_job(backend=backend, job=job, base_dir=base_dir)
-    plan = Plan(backend=backend.name, estimate=estimate, gpu=gpu)
-    if gpu is None or fits(estimate, gpu):
+    from tuneplex.memory.estimate import estimate
+
+    inputs = memory_job(backend=backend, job=job, base_dir=base_dir)
+    shape = inputs.shape
+    plan = Plan(
+        backend=backend.name,
+        model=shape.source,
+        parameters=shape.parameters(),
+        estimate=estimate(inputs),
+        gpu=gpu,
+    )
+    if gpu is None or fits(plan.estimate, gpu):
         return plan
     changes = getattr(backend, "memory_changes", None)
     candidates = list(changes(job)) if changes is not None else []
@@ -135,9 +153,7 @@ def make_plan(
             and fits(s.estimate, gpu)
         ]
         if found:  # combinations keep the backend's order: least disruptive first
-            return Plan(
-                backend=backend.name, estimate=estimate, gpu=gpu, suggestions=tuple(found[:limit])
-            )
+            return replace(plan, suggestions=tuple(found[:limit]))
     return plan
 
 
