@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from tuneplex.cli import main
@@ -190,28 +191,31 @@ def answers(tmp_path_factory):
 
 
 def _count(gpus: int | None, gb: int) -> str:
-    return f"{gpus} × {gb} GB" if gpus else f"more than {COUNTS[-1]} × {gb} GB"
+    return f"{gpus} × {gb} GB" if gpus else f"over {COUNTS[-1]} × {gb} GB"
 
 
-def _print(out: dict) -> None:
-    print()
-    print(
-        f"{'size':<5} {'spec LoRA':<10} {'LoRA GiB/GPU (AC none / full)':<32} "
-        f"{'unsloth 4-bit':<14} {'spec full':<11} {'full, FSDP2 (AC none / full)'}"
-    )
+def table_rows(out: dict) -> list[str]:
+    """The README's table rows, from tuneplex's answers."""
+    rows = []
     for size, a in out.items():
         row = TABLE[size]
         spec_lora = (
             f"{row.lora_gpus} × {row.lora_gb} GB" if row.lora_gpus > 1 else f"{row.lora_gb} GB"
         )
-        on = f" on {row.lora_gpus}" if row.lora_gpus > 1 else ""
+        on = f" (on {row.lora_gpus} GPUs)" if row.lora_gpus > 1 else ""
         lora = f"{a['lora']['per_gpu_gib']:.1f} / {a['lora_ac']['per_gpu_gib']:.1f}{on}"
         spec_full = f"{row.full_gpus}{'+' if row.full_most is None else ''} × {row.full_gb} GB"
         if row.full_most not in (None, row.full_gpus):
             spec_full = f"{row.full_gpus}-{row.full_most} × {row.full_gb} GB"
         full = f"{_count(a['full_gpus'], row.full_gb)} / {_count(a['full_gpus_ac'], row.full_gb)}"
         four = f"{a['unsloth_4bit']['per_gpu_gib']:.1f}"
-        print(f"{size:<5} {spec_lora:<10} {lora:<32} {four:<14} {spec_full:<11} {full}")
+        name = "7-8B" if size == "8B" else size
+        rows.append(f"| {name} | {spec_lora} | {lora} | {four} | {spec_full} | {full} |")
+    return rows
+
+
+def _print(out: dict) -> None:
+    print("\n" + "\n".join(table_rows(out)))
 
 
 def test_parameters_match_the_model_cards(answers):
@@ -249,3 +253,13 @@ def test_estimates_grow_with_size_and_full_weights_need_more(answers):
         assert a["full_1"]["per_gpu_gib"] > 2 * a["lora_1"]["per_gpu_gib"], size
         assert a["unsloth_4bit"]["per_gpu_gib"] < a["lora_1"]["per_gpu_gib"], size
         assert a["unsloth_full"]["per_gpu_gib"] > a["unsloth_4bit"]["per_gpu_gib"], size
+
+
+def test_the_readme_shows_these_figures(answers):
+    """The README's table is this test's output (paste the printed rows when the estimator
+    changes)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [row for row in table_rows(answers) if row not in readme.splitlines()]
+    assert missing == [], "README's plan table is stale; its rows now:\n" + "\n".join(
+        table_rows(answers)
+    )
