@@ -108,6 +108,12 @@ def test_text_report_breakdown_notes_and_verdict(capsys, write, model, no_gpu):
     over = float(verdict.split("does not fit, ")[1].split()[0])
     assert verdict.startswith("GPU: 16 GiB (16.00 GiB): does not fit")
     assert over == pytest.approx(total - 16, abs=0.02)
+    # just enough room: it fits, and says it is tight
+    _, out, _ = cli(capsys, "plan", job, "--gpu-memory", f"{total + 0.5:.2f}")
+    spare = out.splitlines()[-1].split(": fits, ")[1]
+    assert spare.startswith(("0.49 ", "0.50 ", "0.51 ")) and spare.endswith(
+        " GiB to spare (tight: under 10% left)"
+    )
 
 
 def test_json_keys_and_types(capsys, write, model, no_gpu):

@@ -49,6 +49,7 @@ def plan_cmd(
 
     card = _card(gpu, gpu_memory)
     installed, parsed = load_job_for(job, backend, sets)
+    # the job as --set left it: each suggestion's overrides go on top, as the user's would
     data = apply_overrides(load_job_file(job), sets or ())
     plan = make_plan(
         backend=installed.backend, job=parsed, data=data, gpu=card, base_dir=Path.cwd()
@@ -82,12 +83,9 @@ def plan_lines(plan: Plan, *, job: Path) -> list[str]:
 
     est = plan.estimate
     gpus = f"{est.gpus} GPU" + ("s" if est.gpus != 1 else "")
-    size = (
-        f"{plan.parameters / 1e9:.2f}B"
-        if plan.parameters >= 1e8
-        else f"{plan.parameters / 1e6:.1f}M"
-    )
-    lines = [f"{job}: {plan.backend} job, {plan.model} ({size} parameters), on {gpus}"]
+    n = plan.parameters
+    count = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+    lines = [f"{job}: {plan.backend} job, {plan.model} ({count} parameters), on {gpus}"]
     lines.append(f"estimated peak memory per GPU: {gib(est.per_gpu):.2f} GiB")
     width = max((len(name) for name in est.breakdown), default=0)
     lines += [f"  {name:<{width}}  {gib(size):>8.2f} GiB" for name, size in est.breakdown.items()]
@@ -108,7 +106,7 @@ def _verdict(plan: Plan) -> str:
     free = f", {gib(gpu.free):.2f} GiB free now" if gpu.free is not None else ""
     card = f"GPU: {gpu.name} ({gib(gpu.total):.2f} GiB{free})"
     if left >= 0:
-        tight = " (tight: estimates are within about 15%)" if left < 0.1 * gpu.total else ""
+        tight = " (tight: under 10% left)" if left < 0.1 * gpu.total else ""
         return f"{card}: fits, {gib(left):.2f} GiB to spare{tight}"
     return f"{card}: does not fit, {gib(-left):.2f} GiB over"
 
