@@ -106,7 +106,7 @@ def test_text_report_breakdown_notes_and_verdict(capsys, write, model, no_gpu):
     code, out, _ = cli(capsys, "plan", job, "--gpu-memory", "16")
     verdict = next(line for line in out.splitlines() if line.startswith("GPU: "))
     over = float(verdict.split("does not fit, ")[1].split()[0])
-    assert verdict.startswith("GPU: 16 GiB (16.00 GiB): does not fit")
+    assert verdict.startswith("GPU: 16.00 GiB (--gpu-memory): does not fit")
     assert over == pytest.approx(total - 16, abs=0.02)
     # just enough room: it fits, and says it is tight
     _, out, _ = cli(capsys, "plan", job, "--gpu-memory", f"{total + 0.5:.2f}")
@@ -125,6 +125,8 @@ def test_json_keys_and_types(capsys, write, model, no_gpu):
     assert isinstance(out["per_gpu_gib"], float) and out["fits"] is True
     assert sum(out["breakdown"].values()) == pytest.approx(out["per_gpu_gib"], abs=0.05)
     assert out["suggestions"] == [] and isinstance(out["notes"], list)
+    out = plan_json(capsys, job, "--gpu-memory", "23.5")
+    assert (out["gpu_name"], out["gpu_gib"], out["fits"]) == (None, 23.5, True)
     # no --gpu and no GPU visible: the job's GPU count, no size, no verdict
     out = plan_json(capsys, job, "--set", "parallelism.num_gpus_per_node=4")
     assert (out["gpu_gib"], out["fits"], out["gpu_name"], out["gpus"]) == (None, None, None, 4)

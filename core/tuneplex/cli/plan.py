@@ -72,7 +72,7 @@ def _card(name: str | None, gib: float | None) -> Gpu | None:
     if gib is not None:
         if not 0 < gib < 1e6:
             raise UsageError(Problem("--gpu-memory", f"expected GiB > 0 (got {gib:g})"))
-        return Gpu(name=f"{gib:g} GiB", total=int(gib * GIB))
+        return Gpu(name="", total=int(gib * GIB))  # a size, no card
     visible = visible_gpus()
     return min(visible, key=lambda g: g.total) if visible else None
 
@@ -105,6 +105,8 @@ def _verdict(plan: Plan) -> str:
     left = gpu.total - plan.estimate.per_gpu
     free = f", {gib(gpu.free):.2f} GiB free now" if gpu.free is not None else ""
     card = f"GPU: {gpu.name} ({gib(gpu.total):.2f} GiB{free})"
+    if not gpu.name:
+        card = f"GPU: {gib(gpu.total):.2f} GiB (--gpu-memory)"
     if left >= 0:
         tight = " (tight: under 10% left)" if left < 0.1 * gpu.total else ""
         return f"{card}: fits, {gib(left):.2f} GiB to spare{tight}"

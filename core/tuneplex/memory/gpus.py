@@ -22,6 +22,7 @@ class Gpu:
     an 80 GB H100 reports 79.6 GiB), `free` when read from a GPU visible now."""
 
     name: str
+    """As the driver or the card table names it; empty for a size given alone."""
     total: int
     """Bytes."""
     free: int | None = None

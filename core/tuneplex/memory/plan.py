@@ -69,7 +69,7 @@ class Plan:
             "parameters": self.parameters,
             "per_gpu_gib": gib(est.per_gpu),
             "gpus": est.gpus,
-            "gpu_name": gpu.name if gpu else None,
+            "gpu_name": gpu.name if gpu and gpu.name else None,
             "gpu_gib": gib(gpu.total) if gpu else None,
             "gpu_free_gib": gib(gpu.free) if gpu and gpu.free is not None else None,
             "fits": self.fits,
