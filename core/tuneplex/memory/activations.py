@@ -1,9 +1,27 @@
 """What autograd keeps between forward and backward, per rank: the decoder layers' saved
-tensors, and the loss head's chunk of logits."""
+tensors, and the transient peak of the fused loss head.
+
+Counted from the tensors a Llama-style decoder layer saves for backward (transformers' eager
+layer with SDPA attention, peft's LoRA layers, under bf16 autocast or in fp32), with the hidden
+states in the dtype of the embeddings (`MemoryJob.hidden_bytes`) and the matmuls in the compute
+dtype (`compute_bytes`):
+
+- attention: q and the attention output, k and v after rotary, SDPA's log-sum-exp per head
+  (fp32) -- 2c(q + kv) + 4 heads;
+- each RMSNorm: its fp32 input and normalised product (fp32 hidden states), or the fp32 upcast
+  and its cast back (16-bit hidden states); its rsqrt per token -- 2 × (4h + 4h or h·hb) + 8;
+- the projections' inputs: four hidden-sized in the compute dtype, one more where autocast
+  casts fp32 hidden states (the attention and MLP inputs cast per op);
+- the MLP: gate, up, the activation and their product (down's input) -- 4c·i per routed
+  expert;
+- LoRA: each adapted projection's low-rank activation -- c·r each.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from tuneplex.memory.shape import PROJECTIONS
 
 if TYPE_CHECKING:
     from tuneplex.memory.estimate import MemoryJob
@@ -11,38 +29,58 @@ if TYPE_CHECKING:
 
 def layer_bytes_per_token(job: MemoryJob) -> float:
     """Bytes one decoder layer saves for backward per token (no checkpointing)."""
-    s, c = job.shape, job.compute_bytes
+    s, c, hb = job.shape, job.compute_bytes, job.hidden_bytes
     h, i = s.hidden, (s.moe_intermediate or s.intermediate)
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    experts = max(s.experts_per_token, 1)
-    attention = 4 * h * 2 + c * (h + q + 2 * kv + q) + 4 * s.heads
-    mlp = 4 * h * 2 + c * (h + experts * 4 * i)
-    return attention + mlp
+    attention = 2 * c * (q + kv) + 4 * s.heads
+    norms = 2 * (4 * h + (4 * h if hb == 4 else hb * h)) + 8
+    inputs = c * h * (5 if hb != c else 4)
+    mlp = 4 * c * i * max(s.experts_per_token, 1)
+    lora = 0
+    if job.trainable == "lora":
+        targets = job.lora_targets if job.lora_targets is not None else PROJECTIONS
+        lora = c * job.lora_rank * sum(1 for t in targets if t in PROJECTIONS)
+    return attention + norms + inputs + mlp + lora
 
 
 def activation_bytes(job: MemoryJob, *, tokens: int) -> int:
-    """The decoder layers' saved tensors over this rank's layers and share of the tokens."""
+    """The decoder layers' saved tensors over this rank's layers and share of the tokens; a
+    checkpointed layer keeps its input only, and one layer is recomputed at a time in backward
+    (unsloth's offloading keeps even the inputs in CPU memory)."""
     s = job.shape
     layers = s.layers / job.pp
     per_token = layer_bytes_per_token(job) / job.tp
-    boundary = 4 * s.hidden  # a checkpointed layer keeps its input only
+    boundary = job.hidden_bytes * s.hidden
+    final_norm = 2 * 4 * s.hidden  # the final RMSNorm, as a layer's
     if job.checkpointing == "offload":
         total = per_token
     elif job.checkpointing == "full":
-        total = layers * boundary + per_token  # one layer recomputed at a time
-    elif job.checkpointing == "selective":
-        total = layers / 2 * (boundary + per_token) + per_token
+        total = layers * boundary + per_token
+    elif job.checkpointing == "selective":  # every second layer, the first included
+        checkpointed = (layers + 1) // 2
+        total = checkpointed * boundary + (layers - checkpointed) * per_token
     else:
         total = layers * per_token
-    return int(total * tokens / job.cp)
+    return int((total + final_norm) * tokens / job.cp)
+
+
+def chunk_tokens(job: MemoryJob, *, tokens: int) -> int:
+    """Tokens per chunk of the fused head (at most `head_chunk_elements` logits)."""
+    return int(min(tokens / job.cp, max(1, job.head_chunk_elements // job.shape.vocab)))
 
 
 def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
-    """The loss head's logits: one fused chunk (fp32 logits and their low-precision copy), or
-    the whole micro-batch's fp32 logits where the loss makes them all."""
-    s = job.shape
+    """The loss head's transient peak. Fused (automodel's `linear_ce`): one chunk's fp32
+    logits and the log-sum-exp's fp32 temporary of the same size; with a trained head, the
+    chunk's softmax in the compute dtype beside its fp32 logits, and the head's compute copy,
+    its weight gradient's matmul output and that output promoted to fp32 (vocabulary × hidden
+    each). Unfused (TRL): the micro-batch's logits in the compute dtype and in fp32."""
+    s, c = job.shape, job.compute_bytes
     vocab = s.vocab / job.tp
     if job.loss == "logits":
-        return int(tokens * vocab * (4 + job.compute_bytes) / job.cp)
-    chunk = min(tokens / job.cp, max(1, job.head_chunk_elements // s.vocab))
-    return int(chunk * vocab * (4 + job.compute_bytes))
+        return int(tokens * vocab * (4 + c) / job.cp)
+    chunk = chunk_tokens(job, tokens=tokens)
+    if job.trainable != "full":
+        return int(8 * chunk * vocab)
+    weight = vocab * s.hidden
+    return int((4 + c) * chunk * vocab + (3 * c + (4 if c != 4 else 0)) * weight)

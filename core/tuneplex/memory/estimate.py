@@ -9,7 +9,7 @@ overhead. Parallel sizes divide what each rank holds. Standard library only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from tuneplex.memory.activations import activation_bytes, logits_bytes
@@ -35,6 +35,9 @@ class MemoryJob:
     quant_bits: int | None = None
     """4 or 8: the decoder's projections loaded through bitsandbytes (embeddings stay 16-bit)."""
     compute_bytes: int = 2
+    hidden_bytes: int = 2
+    """Bytes per element of the hidden states between layers: the embeddings' dtype (fp32 with
+    fp32 master weights under autocast)."""
     """Bytes per activation element: 2 under bf16/fp16 compute, 4 in fp32."""
     compute_copies: bool = False
     """Full weights stored in fp32 and computed in bf16 under autocast: a bf16 copy of each
@@ -50,6 +53,7 @@ class MemoryJob:
     """Bytes of state per trained parameter when not the optimizer's usual (moments kept in a
     16-bit parameter's own dtype)."""
     micro_batch: int = 1
+    grad_accumulation: int = 1
     sequences_per_row: int = 1
     """Sequences one micro-batch row becomes (dpo: chosen and rejected)."""
     seq_len: int = 2048
@@ -97,37 +101,44 @@ class MemoryChange:
     summary: str
 
 
-@dataclass
-class _Counts:
-    """Parameter counts of one rank before any dtype: base, trained, adapters."""
-
-    base: int = 0
-    projections: int = 0
-    lora: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
 def estimate(job: MemoryJob) -> MemoryEstimate:
-    """Bytes per rank at the training step's peak, term by term."""
+    """Bytes per rank at the training step's peak, term by term: what lives throughout (weights,
+    adapters, optimizer states) plus the larger of two moments -- the loss head at the end of
+    the forward pass (every activation saved, the head's chunk in flight; with gradient
+    accumulation the gradients of the earlier micro-batches too) and the end of backward (every
+    gradient made)."""
     s, shard = job.shape, _model_shard(job)
-    base = s.parameters()
-    projections = s.layers * sum(a * b * n for a, b, n in s.linears().values())
+    base, projections = s.parameters(), s.layers * _projection_parameters(s)
     lora = lora_parameters(job) if job.trainable == "lora" else 0
     trained = base if job.trainable == "full" else lora
     state_shard = shard * (job.dp * job.cp if job.fsdp else 1)
     out: dict[str, int] = {}
     out["weights"] = int(_weight_bytes(job, base=base, projections=projections) / state_shard)
-    if job.compute_copies and job.trainable == "full":
-        out["compute copies"] = int(2 * projections / shard)
     if lora:
         out["lora weights"] = int(lora * job.lora_bytes / state_shard)
-    out["gradients"] = int(trained * job.grad_bytes / state_shard)
     state = job.optimizer_state_bytes
     state = OPTIMIZER_STATE_BYTES[job.optimizer] if state is None else state
     out["optimizer states"] = int(trained * state / state_shard)
     tokens = job.micro_batch * job.sequences_per_row * job.seq_len
-    out["activations"] = activation_bytes(job, tokens=tokens)
-    out["logits chunk"] = logits_bytes(job, tokens=tokens)
+    gradients = int(trained * job.grad_bytes / state_shard)
+    head = s.vocab * s.hidden
+    forward = {
+        "gathered weights": _gathered(job, head=head),
+        "compute copies": _compute_copies(job, projections=projections, head=head, lora=lora),
+        "activations": activation_bytes(job, tokens=tokens),
+        "logits chunk": logits_bytes(job, tokens=tokens),
+        # the fused head makes its weight's gradient in forward (fp32, held for backward)
+        "gradients": gradients
+        if job.grad_accumulation > 1
+        else (4 * head // job.tp if job.trainable == "full" and job.loss == "chunked" else 0),
+    }
+    tied_temp = 4 * head // job.tp if job.trainable == "full" and s.tied_embeddings else 0
+    backward = {
+        "gathered weights": forward["gathered weights"],
+        "gradients": gradients + tied_temp,  # a tied embedding's dense gradient, then added
+    }
+    at_head = sum(forward.values()) >= sum(backward.values())
+    out |= {k: v for k, v in (forward if at_head else backward).items() if v}
     if job.teacher is not None:
         out["teacher"] = int(job.teacher.parameters() * job.teacher_bytes / shard)
     if job.reference == "copy":
@@ -136,7 +147,36 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
         out["kv cache"] = kv_cache_bytes(job)
     if job.device == "cuda":
         out["runtime overhead"] = CUDA_OVERHEAD
-    return MemoryEstimate(breakdown=out, notes=_notes(job), gpus=job.gpus)
+    moment = "at the loss head, end of forward" if at_head else "at the end of backward"
+    return MemoryEstimate(breakdown=out, notes=(f"peak {moment}", *_notes(job)), gpus=job.gpus)
+
+
+def _projection_parameters(s: ModelShape) -> int:
+    return sum(a * b * n for a, b, n in s.linears().values())
+
+
+def _compute_copies(job: MemoryJob, *, projections: int, head: int, lora: int) -> int:
+    """16-bit copies autocast makes of fp32 weights and keeps for backward: every projection
+    and the output head (cast for the model's own head call, with no position to compute)
+    with full weights; LoRA's fp32 adapters otherwise."""
+    c = job.compute_bytes
+    if job.trainable == "full" and job.compute_copies:
+        return int(c * (projections / job.pp + head) / job.tp)
+    if lora and job.lora_bytes != c:
+        return int(c * lora / (job.tp * job.pp))
+    return 0
+
+
+def _gathered(job: MemoryJob, *, head: int) -> int:
+    """FSDP2's unsharded weights while they compute: the root (embeddings, head, final norm:
+    kept gathered through the step) and two decoder layers (one computing, one prefetched), in
+    the dtype they are gathered in (bf16 on CUDA, the stored dtype on a CPU)."""
+    if not job.fsdp or job.dp * job.cp == 1:
+        return 0
+    s = job.shape
+    gathered = job.compute_bytes if job.device == "cuda" else job.weight_bytes
+    root = s.embedding_parameters()
+    return int(gathered * (root + 2 * s.layer_parameters()) / (job.tp * job.pp))
 
 
 def _model_shard(job: MemoryJob) -> int:

@@ -33,14 +33,17 @@ def memory_job(
         trainable="full" if full else "lora",
         weight_bytes=2 if mixed and not full else 4,
         compute_bytes=2 if mixed else 4,
+        hidden_bytes=2 if mixed and not full else 4,
         # FSDP2 on CUDA gathers bf16 weights: no autocast copies of fp32 ones
         compute_copies=mixed and full and not (fsdp and cuda),
+        # (peft keeps LoRA's adapters in fp32 over a bf16 base)
         grad_bytes=4,
         lora_rank=t.lora.rank if t.lora else 16,
         lora_targets=tuple(t.lora.target_modules) if t.lora and t.lora.target_modules else None,
         use_dora=bool(t.lora and t.lora.use_dora),
         optimizer=job.optimizer.name,
         micro_batch=job.batch.micro_batch_size,
+        grad_accumulation=dims.grad_accum_steps,
         seq_len=t.max_seq_length,
         packing=job.batch.sequence_packing,
         checkpointing=t.activation_checkpointing,

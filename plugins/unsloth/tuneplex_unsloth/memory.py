@@ -40,6 +40,7 @@ def memory_job(job: UnslothJobInput, *, base_dir: Path) -> MemoryJob:
         weight_bytes=dtype_bytes,
         quant_bits=bits,
         compute_bytes=dtype_bytes,
+        hidden_bytes=dtype_bytes,
         grad_bytes=dtype_bytes if full else 4,
         lora_rank=t.lora.rank if t.lora else 16,
         lora_targets=tuple(t.lora.target_modules) if t.lora else None,
@@ -51,6 +52,7 @@ def memory_job(job: UnslothJobInput, *, base_dir: Path) -> MemoryJob:
         else "adamw",
         optimizer_state_bytes=state,
         micro_batch=b.per_device_train_batch_size,
+        grad_accumulation=b.gradient_accumulation_steps,
         seq_len=m.max_seq_length,
         packing=job.dataset.packing,
         checkpointing="offload"
