@@ -9,10 +9,12 @@ full), in fresh worker processes that run the automodel recipe (`trainer.train_h
 gloo processes for DP=2, started as torchrun starts them). What is measured, per rank:
 
 - CPU: the peak of live tensor bytes of the CPU allocator, from PyTorch's profiler with
-  `profile_memory=True` (every allocation and free with its size). The profiler starts
-  before the model is loaded, so weights count; the peak is taken over the training steps
-  (optimizer steps included, checkpoint saves excluded). Memory outside PyTorch's allocator
-  (the tokenizer, arrow tables, Python objects) is not counted; nor does the estimate claim it.
+  `profile_memory=True` (every allocation and free with its size, on the thread that trains:
+  the weights load on it, `HF_DEACTIVATE_ASYNC_LOAD`). The profiler starts before the model
+  is loaded, so weights count (checked: the peak is at least the parameters' bytes); the
+  peak is taken over the training steps (optimizer steps included, checkpoint saves
+  excluded). Memory outside PyTorch's allocator (the tokenizer, arrow tables, Python
+  objects) is not counted; nor does the estimate claim it.
 - CUDA: `torch.cuda.max_memory_allocated` over the same steps (reset after setup), compared
   with the estimate less its fixed runtime overhead (which the allocator does not see).
 
@@ -65,7 +67,11 @@ CONFIGS = [
     Config("small-lora-dp2-256", "small", "lora", 256, dp=2),
     Config("small-full-dp2-256", "small", "full", 256, dp=2, accumulation=2),
 ]
-BY_NAME = {c.name: c for c in CONFIGS}
+CI_CONFIGS = [  # tests/test_memory_measured.py: seconds each
+    Config("tiny-lora-512", "tiny", "lora", 512, micro=4),
+    Config("tiny-full-ac-512", "tiny", "full", 512, micro=4, checkpointing="full"),
+]
+BY_NAME = {c.name: c for c in CONFIGS + CI_CONFIGS}
 
 
 def job_dict(work: Path, c: Config, *, precision: str = "auto") -> dict:
@@ -113,6 +119,8 @@ def worker(job_json: Path, run_dir: Path, out: Path) -> None:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             trainer.train_here(job, run_dir, resume=False, data_spec=backend.data_spec(job))
         peak = peak_in_steps(prof.profiler.kineto_results.events())
+        if peak < windows["weights"]:  # allocated where the profiler did not look
+            raise SystemExit(f"measured {peak} bytes, below the weights' {windows['weights']}")
     device = torch.device("cuda" if cuda else "cpu")
     result = {"peak": peak, "device": device.type, "bf16": trainer.native_bf16(device)}
     out.write_text(json.dumps(result))
@@ -129,6 +137,9 @@ def _mark_steps(cls, *, cuda: bool) -> dict:
     step, save = cls._train_step, cls._checkpoint
 
     def train_step(self, *args, **kwargs):
+        if "weights" not in seen:
+            storages = {p.untyped_storage().data_ptr(): p for p in self.parts.model.parameters()}
+            seen["weights"] = sum(p.untyped_storage().nbytes() for p in storages.values())
         if cuda and not seen.get("reset"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -192,7 +203,8 @@ def measure(work: Path, c: Config, *, precision: str = "auto") -> dict:
     run.mkdir(parents=True)
     job_json = work / f"job-{c.name}.json"
     job_json.write_text(json.dumps(job_dict(work, c, precision=precision)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the weights load on the main thread: the profiler records that thread's allocations
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DEACTIVATE_ASYNC_LOAD": "1"}
     if c.dp > 1:
         env |= {
             "WORLD_SIZE": str(c.dp),
@@ -284,7 +296,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.stdout.flush()
         os._exit(0)  # as the automodel worker: no teardown race with torch's threads
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=",".join(BY_NAME), help="comma-separated names")
+    ap.add_argument(
+        "--configs", default=",".join(c.name for c in CONFIGS), help="comma-separated names"
+    )
     ap.add_argument("--workdir", type=Path, default=Path("runs/bench-memory"))
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     ap.add_argument("--json", action="store_true", help="also print each row as JSON")

@@ -44,18 +44,18 @@ def layer_bytes_per_token(job: MemoryJob) -> float:
 
 
 def activation_bytes(job: MemoryJob, *, tokens: int) -> int:
-    """The decoder layers' saved tensors over this rank's layers and share of the tokens; a
-    checkpointed layer keeps its input only, and one layer is recomputed at a time in backward
-    (unsloth's offloading keeps even the inputs in CPU memory)."""
+    """The decoder layers' saved tensors at the end of forward, over this rank's layers and
+    share of the tokens: a checkpointed layer keeps its input only (unsloth's offloading not
+    even that: it goes to CPU memory)."""
     s = job.shape
     layers = s.layers / job.pp
     per_token = layer_bytes_per_token(job) / job.tp
     boundary = job.hidden_bytes * s.hidden
     final_norm = 2 * 4 * s.hidden  # the final RMSNorm, as a layer's
     if job.checkpointing == "offload":
-        total = per_token
+        total = 0.0
     elif job.checkpointing == "full":
-        total = layers * boundary + per_token
+        total = layers * boundary
     elif job.checkpointing == "selective":  # every second layer, the first included
         checkpointed = (layers + 1) // 2
         total = checkpointed * boundary + (layers - checkpointed) * per_token
@@ -64,23 +64,37 @@ def activation_bytes(job: MemoryJob, *, tokens: int) -> int:
     return int((total + final_norm) * tokens / job.cp)
 
 
+def recompute_bytes(job: MemoryJob, *, tokens: int) -> int:
+    """In backward, a checkpointed layer's activations made again (one layer at a time)."""
+    if job.checkpointing == "none":
+        return 0
+    return int(layer_bytes_per_token(job) / job.tp * tokens / job.cp)
+
+
 def chunk_tokens(job: MemoryJob, *, tokens: int) -> int:
     """Tokens per chunk of the fused head (at most `head_chunk_elements` logits)."""
     return int(min(tokens / job.cp, max(1, job.head_chunk_elements // job.shape.vocab)))
 
 
 def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
-    """The loss head's transient peak. Fused (automodel's `linear_ce`): one chunk's fp32
-    logits and the log-sum-exp's fp32 temporary of the same size; with a trained head, the
-    chunk's softmax in the compute dtype beside its fp32 logits, and the head's compute copy,
-    its weight gradient's matmul output and that output promoted to fp32 (vocabulary × hidden
-    each). Unfused (TRL): the micro-batch's logits in the compute dtype and in fp32."""
+    """The loss head's transient peak. Fused (automodel's `linear_ce`): the counted hidden
+    states gathered and their gradient (made in forward, held for backward); each chunk's
+    logits in the compute dtype, then in fp32, its softmax cast back (the previous chunk's
+    logits and softmax are still referenced while the next is made); a trained head adds
+    its compute copy (fp32 weights), its gradient's matmul output and that output promoted
+    to fp32 (vocabulary × hidden each). Unfused (TRL): the micro-batch's logits in the
+    compute dtype and in fp32."""
     s, c = job.shape, job.compute_bytes
     vocab = s.vocab / job.tp
     if job.loss == "logits":
         return int(tokens * vocab * (4 + c) / job.cp)
     chunk = chunk_tokens(job, tokens=tokens)
+    per = (4 + (c if c != 4 else 0)) * chunk * vocab  # one chunk's logits and softmax
+    made = 2 * per if tokens / job.cp > chunk else per  # the previous chunk's still held
+    states = 2 * job.hidden_bytes * s.hidden * tokens / job.cp
     if job.trainable != "full":
-        return int(8 * chunk * vocab)
-    weight = vocab * s.hidden
-    return int((4 + c) * chunk * vocab + (3 * c + (4 if c != 4 else 0)) * weight)
+        return int(made + states)
+    head = vocab * s.hidden
+    copy = c * head if job.weight_bytes != c else 0
+    grad = per + (c + (4 if c != 4 else 0)) * head  # the weight gradient's matmul, in fp32
+    return int(states + copy + max(made, grad))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tuneplex.memory.activations import activation_bytes, logits_bytes
+from tuneplex.memory.activations import activation_bytes, logits_bytes, recompute_bytes
 from tuneplex.memory.shape import PROJECTIONS, ModelShape
 
 GIB = 1 << 30
@@ -106,7 +106,7 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
     adapters, optimizer states) plus the larger of two moments -- the loss head at the end of
     the forward pass (every activation saved, the head's chunk in flight; with gradient
     accumulation the gradients of the earlier micro-batches too) and the end of backward (every
-    gradient made)."""
+    gradient made; with checkpointing, a layer's activations made again)."""
     s, shard = job.shape, _model_shard(job)
     base, projections = s.parameters(), s.layers * _projection_parameters(s)
     lora = lora_parameters(job) if job.trainable == "lora" else 0
@@ -135,6 +135,7 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
     tied_temp = 4 * head // job.tp if job.trainable == "full" and s.tied_embeddings else 0
     backward = {
         "gathered weights": forward["gathered weights"],
+        "activations": recompute_bytes(job, tokens=tokens),
         "gradients": gradients + tied_temp,  # a tied embedding's dense gradient, then added
     }
     at_head = sum(forward.values()) >= sum(backward.values())
