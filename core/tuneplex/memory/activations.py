@@ -71,6 +71,16 @@ def recompute_bytes(job: MemoryJob, *, tokens: int) -> int:
     return int(layer_bytes_per_token(job) / job.tp * tokens / job.cp)
 
 
+def uncheckpointed_layers(job: MemoryJob) -> float:
+    """This rank's decoder layers that keep their activations (and weight casts) in forward."""
+    layers = job.shape.layers / job.pp
+    if job.checkpointing in ("full", "offload"):
+        return 0.0
+    if job.checkpointing == "selective":
+        return layers - (layers + 1) // 2
+    return layers
+
+
 def chunk_tokens(job: MemoryJob, *, tokens: int) -> int:
     """Tokens per chunk of the fused head (at most `head_chunk_elements` logits)."""
     return int(min(tokens / job.cp, max(1, job.head_chunk_elements // job.shape.vocab)))
@@ -81,8 +91,8 @@ def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
     states gathered and their gradient (made in forward, held for backward); each chunk's
     logits in the compute dtype, then in fp32, its softmax cast back (the previous chunk's
     logits and softmax are still referenced while the next is made); a trained head adds
-    its compute copy (fp32 weights), its gradient's matmul output and that output promoted
-    to fp32 (vocabulary × hidden each). Unfused (TRL): the micro-batch's logits in the
+    its compute copy (fp32 weights) and its weight gradient's slice of bf16 products and
+    their fp32 cast. Unfused (TRL): the micro-batch's logits in the
     compute dtype and in fp32."""
     s, c = job.shape, job.compute_bytes
     vocab = s.vocab / job.tp
@@ -96,5 +106,11 @@ def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
         return int(made + states)
     head = vocab * s.hidden
     copy = c * head if job.weight_bytes != c else 0
-    grad = per + (c + (4 if c != 4 else 0)) * head  # the weight gradient's matmul, in fp32
+    # the weight gradient: in place in fp32, or bf16 products added over vocabulary slices
+    grad = per + ((c + 4) * min(head, WEIGHT_GRAD_SLICE) if c != 4 else 0)
     return int(states + copy + max(made, grad))
+
+
+WEIGHT_GRAD_SLICE = 1 << 22
+"""Elements of the head's weight gradient `linear_ce` makes per matmul in a 16-bit compute
+dtype."""

@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tuneplex.memory.activations import activation_bytes, logits_bytes, recompute_bytes
+from tuneplex.memory.activations import (
+    activation_bytes,
+    logits_bytes,
+    recompute_bytes,
+    uncheckpointed_layers,
+)
 from tuneplex.memory.shape import PROJECTIONS, ModelShape
 
 GIB = 1 << 30
@@ -157,14 +162,15 @@ def _projection_parameters(s: ModelShape) -> int:
 
 
 def _compute_copies(job: MemoryJob, *, projections: int, head: int, lora: int) -> int:
-    """16-bit copies autocast makes of fp32 weights and keeps for backward: every projection
-    and the output head (cast for the model's own head call, with no position to compute)
-    with full weights; LoRA's fp32 adapters otherwise."""
+    """16-bit copies autocast makes of fp32 weights, kept for backward by each projection of a
+    layer that is not checkpointed (a checkpointed layer casts them again in backward); LoRA's
+    fp32 adapters likewise over a 16-bit base. The output head's copy is the loss head's."""
     c = job.compute_bytes
+    kept = uncheckpointed_layers(job) / max(job.shape.layers / job.pp, 1)
     if job.trainable == "full" and job.compute_copies:
-        return int(c * (projections / job.pp + head) / job.tp)
+        return int(c * projections * kept / (job.tp * job.pp))
     if lora and job.lora_bytes != c:
-        return int(c * lora / (job.tp * job.pp))
+        return int(c * lora * kept / (job.tp * job.pp))
     return 0
 
 
