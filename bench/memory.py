@@ -196,8 +196,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(work: Path, c: Config, *, precision: str = "auto") -> dict:
-    """Train `c` in fresh worker process(es); the largest peak over the ranks."""
+def start(work: Path, c: Config, *, precision: str = "auto") -> list:
+    """Start the worker process(es) of `c`: (process, result file) per rank."""
     run = work / f"run-{c.name}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -206,35 +206,36 @@ def measure(work: Path, c: Config, *, precision: str = "auto") -> dict:
     # the weights load on the main thread: the profiler records that thread's allocations
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DEACTIVATE_ASYNC_LOAD": "1"}
     if c.dp > 1:
-        env |= {
-            "WORLD_SIZE": str(c.dp),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-        }
+        port = str(_free_port())
+        env |= {"WORLD_SIZE": str(c.dp), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     procs = []
     for rank in range(c.dp):
         out = work / f"peak-{c.name}-{rank}.json"
         out.unlink(missing_ok=True)
         rank_env = env | ({"RANK": str(rank), "LOCAL_RANK": str(rank)} if c.dp > 1 else {})
         cmd = [sys.executable, __file__, "--worker", str(job_json), str(run), str(out)]
-        procs.append(
-            (
-                subprocess.Popen(
-                    cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-                ),
-                out,
-            )
+        proc = subprocess.Popen(
+            cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        procs.append((proc, out))
+    return procs
+
+
+def finish(c: Config, procs: list) -> dict:
+    """Wait for `c`'s workers; the largest peak over the ranks."""
     results = []
     for proc, out in procs:
         log, _ = proc.communicate()
         if proc.returncode != 0 or not out.is_file():
             raise SystemExit(f"{c.name}: the worker failed:\n{log[-4000:]}")
         results.append(json.loads(out.read_text()))
-    return {
-        "peak": max(r["peak"] for r in results),
-        **{k: results[0][k] for k in ("device", "bf16")},
-    }
+    peak = max(r["peak"] for r in results)
+    return {"peak": peak, **{k: results[0][k] for k in ("device", "bf16")}}
+
+
+def measure(work: Path, c: Config, *, precision: str = "auto") -> dict:
+    """Train `c` in fresh worker process(es); the largest peak over the ranks."""
+    return finish(c, start(work, c, precision=precision))
 
 
 def estimated(work: Path, c: Config, *, device: str, bf16: bool, precision: str = "auto"):
