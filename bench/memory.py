@@ -137,9 +137,9 @@ def _mark_steps(cls, *, cuda: bool) -> dict:
     step, save = cls._train_step, cls._checkpoint
 
     def train_step(self, *args, **kwargs):
-        if "weights" not in seen:
-            storages = {p.untyped_storage().data_ptr(): p for p in self.parts.model.parameters()}
-            seen["weights"] = sum(p.untyped_storage().nbytes() for p in storages.values())
+        if "weights" not in seen:  # this rank's parameters (its shards under FSDP2)
+            local = [getattr(p, "_local_tensor", p) for p in self.parts.model.parameters()]
+            seen["weights"] = sum(t.numel() * t.element_size() for t in local)
         if cuda and not seen.get("reset"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

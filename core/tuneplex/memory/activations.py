@@ -12,6 +12,8 @@ dtype (`compute_bytes`):
   and its cast back (16-bit hidden states); its rsqrt per token -- 2 × (4h + 4h or h·hb) + 8;
 - the projections' inputs: four hidden-sized in the compute dtype, one more where autocast
   casts fp32 hidden states (the attention and MLP inputs cast per op);
+- in fp32 throughout (no autocast) nothing is cast: two hidden-sized tensors per norm in all
+  (measured: 16h bytes per token fewer than the mixed-precision count);
 - the MLP: gate, up, the activation and their product (down's input) -- 4c·i per routed
   expert;
 - LoRA: each adapted projection's low-rank activation -- c·r each.
@@ -33,8 +35,11 @@ def layer_bytes_per_token(job: MemoryJob) -> float:
     h, i = s.hidden, (s.moe_intermediate or s.intermediate)
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     attention = 2 * c * (q + kv) + 4 * s.heads
-    norms = 2 * (4 * h + (4 * h if hb == 4 else hb * h)) + 8
-    inputs = c * h * (5 if hb != c else 4)
+    if c == 4:  # fp32 throughout: no casts; each norm's product is the projections' input
+        norms, inputs = 2 * 4 * h + 8, 2 * 4 * h
+    else:
+        norms = 2 * (4 * h + (4 * h if hb == 4 else hb * h)) + 8
+        inputs = c * h * (5 if hb != c else 4)
     mlp = 4 * c * i * max(s.experts_per_token, 1)
     lora = 0
     if job.trainable == "lora":
@@ -65,10 +70,15 @@ def activation_bytes(job: MemoryJob, *, tokens: int) -> int:
 
 
 def recompute_bytes(job: MemoryJob, *, tokens: int) -> int:
-    """In backward, a checkpointed layer's activations made again (one layer at a time)."""
+    """In backward, a checkpointed layer's activations made again (one layer at a time) and
+    the gradients its MLP's backward makes (gate's and up's, intermediate-sized), beside the
+    checkpointed inputs still held."""
     if job.checkpointing == "none":
         return 0
-    return int(layer_bytes_per_token(job) / job.tp * tokens / job.cp)
+    s = job.shape
+    i = (s.moe_intermediate or s.intermediate) * max(s.experts_per_token, 1)
+    layer = layer_bytes_per_token(job) + 2 * job.compute_bytes * i
+    return int(layer / job.tp * tokens / job.cp) + activation_bytes(job, tokens=tokens)
 
 
 def uncheckpointed_layers(job: MemoryJob) -> float:
@@ -88,9 +98,9 @@ def chunk_tokens(job: MemoryJob, *, tokens: int) -> int:
 
 def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
     """The loss head's transient peak. Fused (automodel's `linear_ce`): the counted hidden
-    states gathered and their gradient (made in forward, held for backward); each chunk's
-    logits in the compute dtype, then in fp32, its softmax cast back (the previous chunk's
-    logits and softmax are still referenced while the next is made); a trained head adds
+    states gathered and their gradient (made in forward, held for backward); one chunk's
+    logits in the compute dtype, then in fp32, its softmax cast back (each chunk's freed
+    before the next is made); a trained head adds
     its compute copy (fp32 weights) and its weight gradient's slice of bf16 products and
     their fp32 cast. Unfused (TRL): the micro-batch's logits in the
     compute dtype and in fp32."""
@@ -100,15 +110,14 @@ def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
         return int(tokens * vocab * (4 + c) / job.cp)
     chunk = chunk_tokens(job, tokens=tokens)
     per = (4 + (c if c != 4 else 0)) * chunk * vocab  # one chunk's logits and softmax
-    made = 2 * per if tokens / job.cp > chunk else per  # the previous chunk's still held
     states = 2 * job.hidden_bytes * s.hidden * tokens / job.cp
     if job.trainable != "full":
-        return int(made + states)
+        return int(per + states)
     head = vocab * s.hidden
     copy = c * head if job.weight_bytes != c else 0
     # the weight gradient: in place in fp32, or bf16 products added over vocabulary slices
     grad = per + ((c + 4) * min(head, WEIGHT_GRAD_SLICE) if c != 4 else 0)
-    return int(states + copy + max(made, grad))
+    return int(states + copy + grad)
 
 
 WEIGHT_GRAD_SLICE = 1 << 22
