@@ -210,3 +210,57 @@ def test_token_log_probs_equal_the_full_logits_values_and_gradients(
 def _counting(apply, calls, *args):
     calls.append(1)
     return apply(*args)
+
+
+def allocator_peak(fn) -> int:
+    """Bytes allocated at most while `fn` runs, beyond what was allocated before it: the CPU
+    allocator's events as torch's profiler records them (its memory timeline reads the same)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation:
+            sizes.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    now = peak = 0
+    for _, size in sorted(sizes):
+        now += size
+        peak = max(peak, now)
+    return peak
+
+
+def test_under_bf16_autocast_a_tied_head_weight_is_held_once_in_bf16(monkeypatch):
+    """Full weights, tied embeddings, bf16 autocast: the loss's forward holds the fp32 weight
+    gradient and one bf16 copy of the head's weight, and nothing else the vocabulary's size
+    (autocast's cache kept a second bf16 copy, made by the model's head call on no position;
+    the weight gradient's bf16 product and its fp32 cast were vocabulary-sized)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab, hidden, n = 16384, 64, 64
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    monkeypatch.setattr(linear_ce, "HEAD_CHUNK_ELEMENTS", vocab * 2)  # 2 tokens a chunk
+    monkeypatch.setattr(linear_ce, "WEIGHT_GRAD_SLICE_ELEMENTS", vocab * hidden // 8)
+    ids = torch.randint(0, vocab, (1, n))
+    batch = {"input_ids": ids, "position_ids": torch.arange(n)[None], "targets": ids.roll(-1)}
+    losses = []
+    peak = allocator_peak(
+        lambda: losses.append(evaluation.chunked_loss_sum(model, batch, autocast=torch.bfloat16))
+    )
+    weight = vocab * hidden
+    chunk_logits = 2 * vocab * 4
+    held = weight * 4 + weight * 2  # the fp32 gradient, one bf16 copy
+    assert weight * 4 >= 32 * chunk_logits  # the head's weight dominates what a chunk makes
+    print(peak / weight)
+    assert peak <= held + weight * 4 // 8 * 2 + 6 * chunk_logits, (peak / weight, held / weight)
+    losses[0].backward()
+    assert model.lm_head.weight.grad is not None

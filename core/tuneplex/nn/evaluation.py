@@ -22,16 +22,18 @@ def loss_sum(model, batch: dict[str, Any], *, autocast=None):
     return summed_cross_entropy(logits=out.logits, targets=batch["targets"])
 
 
-def autocast_context(device, dtype):
+def autocast_context(device, dtype, *, cache: bool = True):
     """torch.autocast to `dtype` on `device`'s kind, or nothing when `dtype` is None: the one
-    way every forward pass takes a runtime's compute dtype."""
+    way every forward pass takes a runtime's compute dtype. `cache=False`: no weight cast is
+    kept for the rest of the context (each is cast where it is used, as a plain forward does
+    once per weight anyway)."""
     import contextlib
 
     import torch
 
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +113,12 @@ def _through_head(model, batch: dict[str, Any], autocast, head_fn, *, fallback):
     base = unwrap_peft(model)
     if not _keeps_logits(type(base)):
         return fallback(model, batch, autocast=autocast)
-    with autocast_context(batch["input_ids"].device, autocast):
+    device = batch["input_ids"].device
+    # Uncached: the forward's head call on no position casts the (tied, trained) head weight
+    # too, and autocast's cache would keep that copy through head_fn, beside head_fn's own.
+    with autocast_context(device, autocast, cache=False):
         hidden = decoder_output(model, batch)
+    with autocast_context(device, autocast):
         return head_fn(
             hidden, batch["targets"], head=base.get_output_embeddings(), config=base.config
         )

@@ -88,9 +88,10 @@ def _fused():
                     if need_states:
                         g_states[part] = g @ w
                     if need_weight:
-                        g_weight += g.t() @ h
+                        _add_outer_(g_weight, g, h)
                     if need_bias:
                         g_bias.add_(g.sum(0, dtype=torch.float32))
+                    z = g = t = None  # this chunk's logits freed before the next chunk's are made
             ctx.save_for_backward(g_states, g_weight, g_bias)
             ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
             return total
@@ -183,6 +184,23 @@ def _chunk_log_probs(head, states, wanted, config, temperature: float = 1.0):
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
+WEIGHT_GRAD_SLICE_ELEMENTS = 1 << 22
+"""Elements of the head's weight gradient made per matmul when the compute dtype is not the
+accumulator's (16 MiB in fp32)."""
+
+
+def _add_outer_(acc, g, h):
+    """`acc += g.t() @ h` ([vocab, hidden]) without a vocabulary-sized temporary: in the
+    accumulator's dtype by addmm_ in place; else (bf16 products, a float32 sum) over slices of
+    the vocabulary, so neither the bf16 product nor its float32 cast for the add is whole."""
+    if acc.dtype == g.dtype:
+        acc.addmm_(g.t(), h)
+        return
+    rows = max(1, WEIGHT_GRAD_SLICE_ELEMENTS // acc.shape[1])
+    for start in range(0, acc.shape[0], rows):
+        acc[start : start + rows].add_(g[:, start : start + rows].t() @ h)
 
 
 def _chunk_logits(h, w, b, scaling, cap, temperature):
@@ -290,7 +308,7 @@ def _fused_log_probs():
                     if g_states is not None:
                         g_states[part] = (g @ w).to(states.dtype)
                     if g_weight is not None:
-                        g_weight += g.t() @ h
+                        _add_outer_(g_weight, g, h)
                     if g_bias is not None:
                         g_bias.add_(g.sum(0, dtype=torch.float32))
             out_weight = g_weight.to(weight.dtype) if g_weight is not None else None
