@@ -116,7 +116,7 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
     base, projections = s.parameters(), s.layers * _projection_parameters(s)
     lora = lora_parameters(job) if job.trainable == "lora" else 0
     trained = base if job.trainable == "full" else lora
-    state_shard = shard * (job.dp * job.cp if job.fsdp else 1)
+    state_shard = _state_shard(job, shard)
     out: dict[str, int] = {}
     out["weights"] = int(_weight_bytes(job, base=base, projections=projections) / state_shard)
     if lora:
@@ -132,10 +132,7 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
         "compute copies": _compute_copies(job, projections=projections, head=head, lora=lora),
         "activations": activation_bytes(job, tokens=tokens),
         "logits chunk": logits_bytes(job, tokens=tokens),
-        # the fused head makes its weight's gradient in forward (fp32, held for backward)
-        "gradients": gradients
-        if job.grad_accumulation > 1
-        else (4 * head // job.tp if job.trainable == "full" and job.loss == "chunked" else 0),
+        "gradients": _gradients_in_forward(job, trained=trained, head=head, shard=shard),
     }
     tied_temp = 4 * head // job.tp if job.trainable == "full" and s.tied_embeddings else 0
     backward = {
@@ -155,6 +152,22 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
         out["runtime overhead"] = CUDA_OVERHEAD
     moment = "at the loss head, end of forward" if at_head else "at the end of backward"
     return MemoryEstimate(breakdown=out, notes=(f"peak {moment}", *_notes(job)), gpus=job.gpus)
+
+
+def _gradients_in_forward(job: MemoryJob, *, trained: int, head: int, shard: int) -> int:
+    """Gradients alive at the loss head: the earlier micro-batches' with accumulation
+    (unsharded under FSDP2, which reduce-scatters after the last micro-batch only), and the
+    fused head's weight gradient, made in forward (fp32) beside them."""
+    held = 0
+    if job.grad_accumulation > 1:
+        held = trained * job.grad_bytes / (shard if job.fsdp else _state_shard(job, shard))
+    if job.trainable == "full" and job.loss == "chunked":
+        held += 4 * head / job.tp
+    return int(held)
+
+
+def _state_shard(job: MemoryJob, shard: int) -> int:
+    return shard * (job.dp * job.cp if job.fsdp else 1)
 
 
 def _projection_parameters(s: ModelShape) -> int:
