@@ -213,7 +213,7 @@ def test_backends_fill_the_job_and_offer_changes_that_apply(tmp_path):
         },
     )
     umj = uns.memory_job(ujob, base_dir=tmp_path)
-    assert (umj.quant_bits, umj.checkpointing, umj.loss) == (None, "none", "logits")
+    assert (umj.quant_bits, umj.checkpointing, umj.loss) == (None, "none", "budget")
     overrides = [o for c in uns.memory_changes(ujob) for o in c.overrides]
     assert ("model.load_in_4bit", "true") in overrides
     assert ("training.use_gradient_checkpointing", "unsloth") in overrides

@@ -108,6 +108,8 @@ def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
     vocab = s.vocab / job.tp
     if job.loss == "logits":
         return int(tokens * vocab * (4 + c) / job.cp)
+    if job.loss == "budget":  # unsloth's fused loss: chunks sized to 16 bytes a logit, ≤ 4 GiB
+        return int(min(16 * tokens * vocab, UNSLOTH_HEAD_BUDGET))
     chunk = chunk_tokens(job, tokens=tokens)
     per = (4 + (c if c != 4 else 0)) * chunk * vocab  # one chunk's logits and softmax
     states = 2 * job.hidden_bytes * s.hidden * tokens / job.cp
@@ -119,6 +121,9 @@ def logits_bytes(job: MemoryJob, *, tokens: int) -> int:
     grad = per + ((c + 4) * min(head, WEIGHT_GRAD_SLICE) if c != 4 else 0)
     return int(states + copy + grad)
 
+
+UNSLOTH_HEAD_BUDGET = 4 << 30
+"""unsloth_zoo's fused cross-entropy budget (`_CE_TARGET_GB_CAP`), the most its chunks take."""
 
 WEIGHT_GRAD_SLICE = 1 << 22
 """Elements of the head's weight gradient `linear_ce` makes per matmul in a 16-bit compute

@@ -65,9 +65,10 @@ class MemoryJob:
     packing: bool = False
     checkpointing: Literal["none", "full", "selective", "offload"] = "none"
     """offload: each layer's input kept in CPU memory (unsloth's own)."""
-    loss: Literal["chunked", "logits"] = "chunked"
+    loss: Literal["chunked", "logits", "budget"] = "chunked"
     """chunked: the head and cross-entropy fused over chunks of tokens (automodel); logits: the
-    full-vocabulary logits of the micro-batch are made (TRL), in fp32."""
+    micro-batch's full-vocabulary logits (context parallelism's loss); budget: unsloth's fused
+    loss, its chunks sized to a memory budget."""
     head_chunk_elements: int = 1 << 24
     teacher: ModelShape | None = None
     teacher_bytes: int = 2

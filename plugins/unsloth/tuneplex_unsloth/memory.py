@@ -3,8 +3,8 @@
 Mirrors what unsloth and TRL hold on one GPU: the base in 4-bit (NF4) / 8-bit through
 bitsandbytes or 16-bit, fp32 LoRA adapters; full weights train the 16-bit weights themselves
 (gradients and torch AdamW's moments in their dtype); 8-bit optimizers keep two 1-byte moments;
-unsloth's own gradient checkpointing offloads each layer's input to CPU memory; the loss makes
-the micro-batch's logits. No torch here.
+unsloth's own gradient checkpointing offloads each layer's input to CPU memory; its fused
+loss sizes its chunks to a budget (unsloth_zoo). No torch here.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def memory_job(job: UnslothJobInput, *, base_dir: Path) -> MemoryJob:
         else "full"
         if checkpointing
         else "none",
-        loss="logits",
+        loss="budget",
         device="cuda",
         gpus=1,
     )
