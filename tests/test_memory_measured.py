@@ -1,8 +1,8 @@
 """The memory estimate (`tuneplex plan`) within 15% of the measured peak of real training
 steps on this CPU: bench/memory.py's measurement (the CPU allocator's live tensor bytes from
-PyTorch's profiler, weights included, over three steps of the automodel recipe) for a LoRA
-and a full-weight, activation-checkpointed configuration of the tiny shape, trained at once in
-two worker processes. The bench's own table covers the small and bigvocab shapes and DP=2."""
+PyTorch's profiler, weights included, over three steps of the automodel recipe) for LoRA on
+the tiny shape and full weights on the small shape (256 tokens), trained at once in two worker
+processes. The bench's own table covers the small and bigvocab shapes and DP=2."""
 
 from __future__ import annotations
 
