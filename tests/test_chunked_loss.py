@@ -260,7 +260,6 @@ def test_under_bf16_autocast_a_tied_head_weight_is_held_once_in_bf16(monkeypatch
     chunk_logits = 2 * vocab * 4
     held = weight * 4 + weight * 2  # the fp32 gradient, one bf16 copy
     assert weight * 4 >= 32 * chunk_logits  # the head's weight dominates what a chunk makes
-    print(peak / weight)
     assert peak <= held + weight * 4 // 8 * 2 + 6 * chunk_logits, (peak / weight, held / weight)
     losses[0].backward()
     assert model.lm_head.weight.grad is not None
