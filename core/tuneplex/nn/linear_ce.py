@@ -74,11 +74,12 @@ def _fused():
                     if cap is not None:
                         t = torch.tanh(z / cap)
                         z = t * cap
-                    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-                    total += (lse - z.gather(1, y)).sum()
+                    picked = z.gather(1, y)
+                    lse, sums = _lse_(z)
+                    total += (lse - picked).sum()
                     if not need_any:
                         continue
-                    g = z.sub_(lse).exp_()  # softmax, in place of the logits
+                    g = z.div_(sums)  # softmax, in place of the logits
                     g.scatter_add_(1, y, torch.full_like(y, -1, dtype=g.dtype))
                     if cap is not None:
                         g.mul_(1 - t * t)
@@ -186,6 +187,18 @@ def _chunk_log_probs(head, states, wanted, config, temperature: float = 1.0):
     return logits.gather(1, wanted.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 
+def _lse_(z):
+    """(log-sum-exp over the last dimension of `z`, sum of exp(z - max)), leaving exp(z - max)
+    in `z`: torch.logsumexp would make a temporary of z's size (a second chunk of logits at
+    the head's peak)."""
+    import torch
+
+    top = z.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    return top + sums.log(), sums
+
+
 WEIGHT_GRAD_SLICE_ELEMENTS = 1 << 22
 """Elements of the head's weight gradient made per matmul when the compute dtype is not the
 accumulator's (16 MiB in fp32)."""
@@ -264,13 +277,14 @@ def _fused_log_probs():
                     part = slice(start, start + size)
                     y = wanted[part].unsqueeze(1)
                     z, t = _chunk_logits(states[part].to(dtype), w, b, scaling, cap, temperature)
-                    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-                    out[part] = (z.gather(1, y) - lse).squeeze(1)
+                    picked = z.gather(1, y)
+                    lse, sums = _lse_(z)
+                    out[part] = (picked - lse).squeeze(1)
                     if lse_all is not None:
                         lse_all[part] = lse.squeeze(1)
                     if g_states is not None:
                         ones = torch.ones(y.shape[0], dtype=z.dtype, device=z.device)
-                        g = _logit_grad_(z.sub_(lse).exp_(), y, ones, t, scaling, cap, temperature)
+                        g = _logit_grad_(z.div_(sums), y, ones, t, scaling, cap, temperature)
                         g_states[part] = (g.to(dtype) @ w).to(states.dtype)
             ctx.rule = rule
             if recompute:
