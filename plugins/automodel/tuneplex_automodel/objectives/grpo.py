@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from tuneplex.data.collate import EMPTY_ROW, collate
 from tuneplex.data.targets import IGNORE_INDEX
 
+from tuneplex_automodel.heap import release_freed
 from tuneplex_automodel.loop import gradient_scale
 
 if TYPE_CHECKING:
@@ -355,6 +356,7 @@ class Grpo:
                 batch.old = self._log_probs(parts, batch, reference=False)
         if p.dist.is_main and (step == 0 or (step + 1) % c.rollout_log_steps == 0):
             self._log_rollouts(parts, step + 1, rows, completions, scored, adv, truncated)
+        release_freed(p.runtime.device)  # generation's KV caches, before training's passes
         self.times["reference_s"] = time.perf_counter() - t2
         return batch
 
@@ -441,6 +443,7 @@ class Grpo:
                 samples=batch.samples,
             )
             (loss * scale if scale > 1 else loss).backward()
+            release_freed(device)  # this pass's activations, before the next one's
             total += loss.detach()
             figures += torch.stack([parts_["kl"].float(), parts_["clip_fraction"].float()])
             at += len(indices)
