@@ -170,6 +170,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "numpy": ("reading data", ("data",)),
     "transformers": ("tokenizing", ("data",)),
     "tokenizers": ("tokenizing", ("data",)),
+    "huggingface_hub": ("fetching a model's config.json from the Hub", ("data",)),
     "torch": ("training", ("automodel", "unsloth")),
     "peft": ("training", ("automodel", "unsloth")),
     "safetensors": ("training", ("automodel",)),
