@@ -235,19 +235,25 @@ def test_lora_fits_the_tables_gpu(answers):
 
 def test_full_weights_need_the_tables_gpu_counts(answers):
     """tuneplex's fewest GPUs for full weights (the better of no and full activation
-    checkpointing) is the table's count within a factor of two; 70B never fits one 80 GB GPU."""
+    checkpointing) is the table's count within a factor of two (of 8 to 4 × 8 for its "8+");
+    70B never fits one 80 GB GPU."""
     for size, a in answers.items():
         row = TABLE[size]
         ours = min(n for n in (a["full_gpus"], a["full_gpus_ac"]) if n is not None)
-        assert row.full_gpus / 2 <= ours <= 2 * (row.full_most or row.full_gpus), size
+        most = 2 * row.full_most if row.full_most else 4 * row.full_gpus
+        assert row.full_gpus / 2 <= ours <= most, size
     assert answers["70B"]["full_gpus_ac"] >= 8
     assert answers["70B"]["full_gpus"] is None  # at 2048 tokens, only with checkpointing
 
 
 def test_estimates_grow_with_size_and_full_weights_need_more(answers):
+    """Per parameter count; unsloth's 4-bit LoRA among the 128k-vocabulary models only (its
+    loss's logits and the 16-bit embeddings outweigh 4-bit layers: Llama 2 13B's 32k
+    vocabulary puts it below Llama 3.1 8B)."""
     sizes = list(CONFIGS)
-    for key in ("lora_1", "full_1", "unsloth_4bit"):
-        figures = [answers[s][key]["per_gpu_gib"] for s in sizes]
+    same_vocab = [s for s in sizes if CONFIGS[s]["vocab_size"] == CONFIGS["8B"]["vocab_size"]]
+    for key, among in (("lora_1", sizes), ("full_1", sizes), ("unsloth_4bit", same_vocab)):
+        figures = [answers[s][key]["per_gpu_gib"] for s in among]
         assert figures == sorted(figures) and len(set(figures)) == len(figures), key
     for size, a in answers.items():
         assert a["full_1"]["per_gpu_gib"] > 2 * a["lora_1"]["per_gpu_gib"], size

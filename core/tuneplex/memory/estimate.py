@@ -157,11 +157,11 @@ def estimate(job: MemoryJob) -> MemoryEstimate:
 
 def _gradients_in_forward(job: MemoryJob, *, trained: int, head: int, shard: int) -> int:
     """Gradients alive at the loss head: the earlier micro-batches' with accumulation
-    (unsharded under FSDP2, which reduce-scatters after the last micro-batch only), and the
-    fused head's weight gradient, made in forward (fp32) beside them."""
+    (this rank's shard under FSDP2, which reduce-scatters each micro-batch's), and the fused
+    head's weight gradient, made in forward (fp32) beside them."""
     held = 0
     if job.grad_accumulation > 1:
-        held = trained * job.grad_bytes / (shard if job.fsdp else _state_shard(job, shard))
+        held = trained * job.grad_bytes / _state_shard(job, shard)
     if job.trainable == "full" and job.loss == "chunked":
         held += 4 * head / job.tp
     return int(held)

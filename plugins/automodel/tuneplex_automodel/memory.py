@@ -99,8 +99,7 @@ def memory_changes(job: AutomodelJobInput) -> list[MemoryChange]:
                 "activation checkpointing (recomputes each layer in backward)",
             )
         )
-    if b.micro_batch_size > 1:
-        micro = b.micro_batch_size // 2
+    for micro in sorted({b.micro_batch_size // 2, 1} - {0, b.micro_batch_size}, reverse=True):
         out.append(
             MemoryChange(
                 (("batch.micro_batch_size", str(micro)),),
@@ -114,22 +113,24 @@ def memory_changes(job: AutomodelJobInput) -> list[MemoryChange]:
                 "LoRA instead of full weights (frozen bf16 base, small adapters)",
             )
         )
-    if t.training_type in ("sft", "dpo"):
-        gpus = p.num_gpus_per_node * 2
+    if t.training_type not in ("sft", "dpo"):
+        return out
+    for gpus in (n for n in (2, 4, 8) if n > p.num_gpus_per_node):
         out.append(
             MemoryChange(
                 (("parallelism.num_gpus_per_node", str(gpus)),),
                 f"{gpus} GPUs per node (FSDP2 shards weights, gradients and optimizer states)",
             )
         )
-        if p.tensor_parallel_size == 1:
-            out.append(
-                MemoryChange(
-                    (
-                        ("parallelism.num_gpus_per_node", str(gpus)),
-                        ("parallelism.tensor_parallel_size", "2"),
-                    ),
-                    f"{gpus} GPUs per node with tensor parallelism 2 (each layer split in two)",
-                )
+    gpus = p.num_gpus_per_node * 2
+    if gpus <= 8 and p.tensor_parallel_size == 1:
+        out.append(
+            MemoryChange(
+                (
+                    ("parallelism.num_gpus_per_node", str(gpus)),
+                    ("parallelism.tensor_parallel_size", "2"),
+                ),
+                f"{gpus} GPUs per node with tensor parallelism 2 (each layer split in two)",
             )
+        )
     return out

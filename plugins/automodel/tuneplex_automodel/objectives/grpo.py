@@ -414,12 +414,8 @@ class Grpo:
         device = p.runtime.device
         total = torch.zeros((), dtype=torch.float32, device=device)
         figures = torch.zeros(2, dtype=torch.float32, device=device)
-        sharded = hasattr(p.model, "set_requires_gradient_sync")
-        chunks = self._micro_batches(batch)
         at = 0
-        for k, indices in enumerate(chunks):
-            if sharded:
-                p.model.set_requires_gradient_sync(k == len(chunks) - 1)
+        for indices in self._micro_batches(batch):  # FSDP2 reduce-scatters each pass
             logps, mask = self._forward(p.model, batch, indices, p.runtime, pad_id=p.pad_id)
             if not indices:  # keeps every rank's collectives (and the graph) in step
                 (0.0 * logps.sum()).backward()
