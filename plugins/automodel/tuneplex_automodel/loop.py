@@ -24,6 +24,7 @@ from tuneplex.errors import Interrupted, Problem, TrainingStopped, UsageError
 from tuneplex.runs import resume_checkpoint
 
 from tuneplex_automodel.checkpoint import LAYOUT_KEY, Checkpointer, layout_of
+from tuneplex_automodel.heap import release_freed
 from tuneplex_automodel.model import compile_seconds
 from tuneplex_automodel.parallel.mesh import clip_grad_norm
 from tuneplex_automodel.plan import learning_rate
@@ -210,6 +211,7 @@ class Loop:
                 raise p.recorder.diverged(step=step, what=what, value=value)
             p.optimizer.step()
             p.optimizer.zero_grad(set_to_none=True)
+            release_freed(p.runtime.device)  # the step's temporaries, before the next forward
         self.step = step
         extra = p.objective.figures(figures)
         tokens = extra.pop("tokens", tokens)
@@ -318,6 +320,7 @@ def backward_micro_batches(
     for indices in micro_batches:
         loss, share = loss_of(indices)
         (loss * scale if scale > 1 else loss).backward()
+        release_freed(p.runtime.device)  # this pass's activations, before the next one's
         total += loss.detach()
         if share is not None:
             if figures is None:
