@@ -8,33 +8,12 @@ import shlex
 import stat
 
 import pytest
+from test_plan_spec_table import CONFIGS
 from tuneplex.cli import main
 from tuneplex.testing import imported_heavy_modules
 
-# Llama 3.2 1B's config.json (the sizes that matter)
-LLAMA_1B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 131072,
-    "torch_dtype": "bfloat16",
-}
-# Llama 3.1 8B's
-LLAMA_8B = {
-    **LLAMA_1B,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "head_dim": 128,
-    "tie_word_embeddings": False,
-}
+LLAMA_1B = CONFIGS["1B"]  # the public configs, as the spec-table test writes them
+LLAMA_8B = CONFIGS["8B"]
 
 
 @pytest.fixture
