@@ -58,16 +58,22 @@ def echo_lines(exc: TuneplexError) -> None:
         typer.echo(line, err=True)
 
 
-def load_job_for(job: Path, backend: str | None, sets: list[str] | None, *, trackers: bool = False):
-    """The backend (`--backend`, else `Registry.choose`'s pick) and the validated job; with
-    `trackers`, a tracker the job configures but whose package is missing is refused here,
-    before anything heavy loads."""
+def load_job_data_for(job: Path, backend: str | None, sets: list[str] | None):
+    """The backend, the validated job, and the job's plain data as `--set` left it (what
+    further overrides go on top of)."""
     from tuneplex.plugins import registry
     from tuneplex.schema.loading import apply_overrides, load_job_file, validate_job
 
     data = apply_overrides(load_job_file(job), sets or ())
     installed = registry().choose(backend, data)
-    parsed = validate_job(installed.backend.job_schema, data)
+    return installed, validate_job(installed.backend.job_schema, data), data
+
+
+def load_job_for(job: Path, backend: str | None, sets: list[str] | None, *, trackers: bool = False):
+    """The backend (`--backend`, else `Registry.choose`'s pick) and the validated job; with
+    `trackers`, a tracker the job configures but whose package is missing is refused here,
+    before anything heavy loads."""
+    installed, parsed, _ = load_job_data_for(job, backend, sets)
     if trackers:
         from tuneplex.runs.trackers import missing_packages
 

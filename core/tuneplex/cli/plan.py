@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tuneplex.cli.common import BackendOpt, JobArg, SetOpt, load_job_for, reported
+from tuneplex.cli.common import BackendOpt, JobArg, SetOpt, load_job_data_for, reported
 from tuneplex.errors import Problem, TuneplexError, UsageError, first_line
 
 if TYPE_CHECKING:
@@ -45,12 +45,10 @@ def plan_cmd(
 ) -> None:
     """Estimate peak memory per GPU and, when the job does not fit, the changes that do."""
     from tuneplex.memory.plan import make_plan
-    from tuneplex.schema.loading import apply_overrides, load_job_file
 
     card = _card(gpu, gpu_memory)
-    installed, parsed = load_job_for(job, backend, sets)
-    # the job as --set left it: each suggestion's overrides go on top, as the user's would
-    data = apply_overrides(load_job_file(job), sets or ())
+    # data: the job as --set left it; each suggestion's overrides go on top, as the user's would
+    installed, parsed, data = load_job_data_for(job, backend, sets)
     plan = make_plan(
         backend=installed.backend, job=parsed, data=data, gpu=card, base_dir=Path.cwd()
     )
