@@ -223,7 +223,7 @@ def print_table(results: list[dict], args) -> None:
         f"{args.generations} generations × at most {args.completion_tokens} tokens per step, "
         f"training micro-batch {args.micro_batch}; {args.warmup + args.steps} steps, speed over "
         f"steps {args.warmup + 1}-{args.warmup + args.steps}; {threads}; "
-        f"peak memory: process max RSS; tuneplex {tuneplex_version()}\n"
+        f"peak memory: process max RSS; tuneplex {tuneplex_version()}; {versions()}\n"
     )
     head = (
         "| setup | contender | precision | steps/s | s/step | generation s | reward+adv s | "
@@ -382,6 +382,13 @@ def tuneplex_version() -> str:
     git = ["git", "-C", str(where), "describe", "--always", "--dirty", "--exclude", "*"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     return f"from {where}" + (f" at {commit}" if commit else "")
+
+
+def versions() -> str:
+    """The peers' versions: TRL's speed and memory move between its releases."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{d} {version(d)}" for d in ("torch", "transformers", "peft", "trl"))
 
 
 def torch_threads() -> int:

@@ -34,34 +34,29 @@ def pad_rows(rows: Sequence[dict[str, Any]], *, length: int, pad_id: int, device
     The one padding rule of every layout: a row is followed by a padding tail that is a sample
     of its own (pad tokens, labels IGNORE_INDEX, position ids from 0), so no real token
     attends to padding, padding never becomes a target, and a row without position ids gets
-    0, 1, ... Rows may be lists, numpy arrays or tensors (e.g. the rows of a collated batch,
-    padded further to a fixed shape: their tails then gain one more padding sample).
+    0, 1, ... Rows may be lists, numpy arrays or CPU tensors (e.g. the rows of a collated
+    batch, padded further to a fixed shape: their tails then gain one more padding sample).
     """
+    import numpy as np
     import torch
 
     n = len(rows)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long, device=device)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long, device=device)
-    position_ids = torch.zeros((n, length), dtype=torch.long, device=device)
-    tail = torch.arange(length, device=device)
+    # filled in numpy and made a tensor once: per-row tensor writes cost more than the rows
+    input_ids = np.full((n, length), pad_id, dtype=np.int64)
+    labels = np.full((n, length), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.empty((n, length), dtype=np.int64)
+    tail = np.arange(length, dtype=np.int64)
     for i, r in enumerate(rows):
         k = len(r["input_ids"])
         if k > length:
             raise ValueError(f"a row of {k} tokens does not fit a length of {length}")
-        input_ids[i, :k] = _tensor(r["input_ids"], device=device)
-        labels[i, :k] = _tensor(r["labels"], device=device)
+        input_ids[i, :k] = np.asarray(r["input_ids"])
+        labels[i, :k] = np.asarray(r["labels"])
         pos = r.get("position_ids")
-        position_ids[i, :k] = _tensor(pos, device=device) if pos is not None else tail[:k]
+        position_ids[i, :k] = np.asarray(pos) if pos is not None else tail[:k]
         position_ids[i, k:] = tail[: length - k]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
-
-def _tensor(values, *, device):
-    import torch
-
-    if isinstance(values, torch.Tensor):
-        return values.to(device)
-    return torch.tensor(values, device=device)  # a copy: Arrow's numpy views are read-only
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {key: torch.from_numpy(v).to(device) for key, v in out.items()}
 
 
 def collate(rows: Sequence[dict[str, Any]], *, pad_id: int, pad_to_multiple_of: int = 1):

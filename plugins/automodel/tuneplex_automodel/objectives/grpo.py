@@ -505,14 +505,16 @@ class Grpo:
         from tuneplex_automodel.parallel.fsdp import gathered
 
         modes = [m.training for m in self.modules]
+        # the flag written into each module's __dict__: Module.__setattr__'s checks of
+        # parameters, buffers and submodules cost milliseconds over a LoRA model's modules
         for m in self.modules:
-            m.training = False
+            m.__dict__["training"] = False
         try:
             with gathered(model, self.units):
                 yield
         finally:
             for m, mode in zip(self.modules, modes, strict=True):
-                m.training = mode
+                m.__dict__["training"] = mode
 
     def state(self) -> dict[str, Any]:
         return {ROLLOUT_SEED_KEY: self.seed}

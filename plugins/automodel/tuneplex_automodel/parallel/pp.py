@@ -158,18 +158,18 @@ class Pipeline:
         for i in range(self.n_microbatches):
             mb = micro_batches[i] if i < len(micro_batches) else []
             rows += list(mb) + [EMPTY_ROW] * (self.micro - len(mb))
-        return self._fill({k: v.to(device) for k, v in collate(rows, pad_id=self.pad_id).items()})
+        return self._fill(collate(rows, pad_id=self.pad_id), device=device)
 
-    def _fill(self, batch):
-        """A collated batch grown to the schedule's (rows, length) shape by `pad_rows`: the
-        added columns and rows are padding samples that count for nothing."""
+    def _fill(self, batch, *, device=None):
+        """A collated batch grown to the schedule's (rows, length) shape by `pad_rows` (on the
+        host), on `device` (default: the batch's): the added columns and rows are padding
+        samples that count for nothing."""
+        device = batch["input_ids"].device if device is None else device
         n = batch["input_ids"].shape[0]
         keys = ("input_ids", "labels", "position_ids")
-        rows = [{k: batch[k][i] for k in keys} for i in range(n)]
+        rows = [{k: batch[k][i].cpu() for k in keys} for i in range(n)]
         rows += [{"input_ids": (), "labels": ()}] * (self.rows_per_step - n)
-        out = pad_rows(
-            rows, length=self.length, pad_id=self.pad_id, device=batch["input_ids"].device
-        )
+        out = pad_rows(rows, length=self.length, pad_id=self.pad_id, device=device)
         targets = next_token_targets(labels=out.pop("labels"), position_ids=out["position_ids"])
         return {**out, "targets": targets}
 
