@@ -22,7 +22,7 @@ deviation as scale, β = 0 (no reference model), one policy update per batch of 
   `tuneplex-ac`: the same with activation checkpointing (`full`), as TRL's default;
   `tuneplex-auto`: the same job as `tuneplex` at tuneplex's default precision (`auto`);
 - `trl`: TRL's `GRPOTrainer`, its defaults for the rest (gradient checkpointing on);
-  `trl-no-gc`: the same with gradient checkpointing off, as the others. TRL 1.15 computes
+  `trl-no-gc`: the same with gradient checkpointing off, as the others. TRL (1.15, 1.16) computes
   log-probabilities through a Triton kernel (`trl.trainer.utils._ChunkedLogProbFunction`),
   which fails on a CPU ("0 active drivers"); in its process it is replaced by
   `TorchChunkedLogProb`, the same outputs in plain torch (chunks of 512 tokens, each chunk's
