@@ -123,6 +123,28 @@ def test_overrides_set_nested_values_parsed_as_yaml():
     assert data == {"model": "m", "training": {"lora": {"rank": 8}}}  # input untouched
 
 
+def test_overrides_address_list_items_by_number():
+    data = {"env": {"rewards": [{"function": "a.py:f"}, {"function": "b.py:g"}], "weights": [1, 2]}}
+    out = apply_overrides(data, ["env.rewards.1.function=c.py:h", "env.weights.0=0.5"])
+    assert out["env"] == {
+        "rewards": [{"function": "a.py:f"}, {"function": "c.py:h"}],
+        "weights": [0.5, 2],
+    }
+    assert lines(apply_overrides, data, ["env.weights.2=1"]) == [
+        "--set env.weights.2: 'env.weights' has 2 items; there is no item 2"
+    ]
+    assert lines(apply_overrides, data, ["env.rewards.first.function=x"]) == [
+        "--set env.rewards.first.function: 'env.rewards' is a list: address its items by "
+        "number (0-1)"
+    ]
+    assert lines(apply_overrides, {"tags": []}, ["tags.0=x"]) == [
+        "--set tags.0: 'tags' is an empty list: set it whole (tags=[...])"
+    ]
+    assert lines(apply_overrides, data, ["env.weights.0.x=1"]) == [
+        "--set env.weights.0.x: 'env.weights.0' is a value, not a section"
+    ]
+
+
 def test_override_of_null_section_creates_it():
     assert apply_overrides({"integrations": {"wandb": None}}, ["integrations.wandb.project=p"]) == {
         "integrations": {"wandb": {"project": "p"}}

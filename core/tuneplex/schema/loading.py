@@ -340,16 +340,32 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
-    """Put `value` at `parts` in `data`, creating sections; or say why it cannot go there."""
-    node = data
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
+    """Put `value` at `parts` in `data`, creating sections; or say why it cannot go there. A
+    part that is a number addresses an item of a list (`environment.rewards.0.function`, the
+    paths validation names)."""
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            where = one_line(".".join(parts[:depth]))
+            if not node:
+                return f"'{where}' is an empty list: set it whole ({where}=[...])"
+            if not part.isdecimal():
+                return f"'{where}' is a list: address its items by number (0-{len(node) - 1})"
+            if int(part) >= len(node):
+                return f"'{where}' has {len(node)} items; there is no item {int(part)}"
+            key: Any = int(part)
+        else:
+            key = part
+        if last:
+            node[key] = value
+            return None
+        child = node[key] if isinstance(node, list) else node.get(key)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            child = node[key] = {}
+        if not isinstance(child, dict | list):
             return f"'{one_line('.'.join(parts[: depth + 1]))}' is a value, not a section"
         node = child
-    node[parts[-1]] = value
     return None
 
 
