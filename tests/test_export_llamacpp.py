@@ -54,6 +54,23 @@ PROMPT = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _plain_cpu_buffers(monkeypatch):
+    """llama.cpp without its extra CPU buffer types (weight repacking, AMX): its AMX kernels
+    fault on some virtual machines that report AMX (`tilezero`: illegal instruction), and the
+    plain buffers compute the same on every x86 CPU the tests run on."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def plain():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(low, "llama_model_default_params", plain)
+
+
 def llama(path: Path, **kw):
     """llama.cpp on `path`: f32 KV cache, two threads, quiet."""
     return llama_cpp.Llama(
