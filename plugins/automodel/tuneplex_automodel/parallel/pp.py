@@ -166,8 +166,8 @@ class Pipeline:
         samples that count for nothing."""
         device = batch["input_ids"].device if device is None else device
         n = batch["input_ids"].shape[0]
-        keys = ("input_ids", "labels", "position_ids")
-        rows = [{k: batch[k][i].cpu() for k in keys} for i in range(n)]
+        host = {k: batch[k].cpu() for k in ("input_ids", "labels", "position_ids")}
+        rows = [{k: v[i] for k, v in host.items()} for i in range(n)]
         rows += [{"input_ids": (), "labels": ()}] * (self.rows_per_step - n)
         out = pad_rows(rows, length=self.length, pad_id=self.pad_id, device=device)
         targets = next_token_targets(labels=out.pop("labels"), position_ids=out["position_ids"])
